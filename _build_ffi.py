@@ -1,0 +1,36 @@
+"""Build recipe for ``pkeys._pkeys_cffi`` (cffi out-of-line API mode).
+
+The declarations come from ``csrc/pkeys_api.h``, the same header the C
+sources include, so the two can never disagree.  All paths are relative to
+this file's directory, which is where setuptools runs the build.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import cffi
+
+CSRC = "csrc"
+SOURCES = [
+    f"{CSRC}/cpu.c",
+    f"{CSRC}/sys.c",
+    f"{CSRC}/glibc.c",
+    f"{CSRC}/safe.c",
+]
+HEADERS = [f"{CSRC}/pkeys_api.h", f"{CSRC}/pkeys_internal.h"]
+
+ffibuilder = cffi.FFI()
+ffibuilder.cdef(pathlib.Path(__file__).with_name(CSRC).joinpath("pkeys_api.h").read_text())
+ffibuilder.set_source(
+    "pkeys._pkeys_cffi",
+    '#include "pkeys_internal.h"\n',
+    sources=SOURCES,
+    depends=HEADERS,
+    include_dirs=[CSRC],
+    libraries=["dl"],
+    extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

@@ -1,0 +1,53 @@
+/*
+ * CPU feature detection and the raw PKRU register.
+ */
+#include "pkeys_internal.h"
+
+#if PK_X86
+#include <cpuid.h>
+#endif
+
+int pk_ospke_enabled;
+static int pku_present;
+
+/* Leaf 7 exists only when the maximum basic leaf reaches it; asking a CPU
+ * for an unsupported leaf returns the highest leaf's data, not zeros. */
+static unsigned int cpuid7_ecx(void)
+{
+#if PK_X86
+    unsigned int eax, ebx, ecx, edx;
+    if (__get_cpuid_max(0, NULL) < 7)
+        return 0;
+    __cpuid_count(7, 0, eax, ebx, ecx, edx);
+    (void)eax, (void)ebx, (void)edx;
+    return ecx;
+#else
+    return 0;
+#endif
+}
+
+__attribute__((constructor)) static void pk_detect_cpu(void)
+{
+    unsigned int ecx = cpuid7_ecx();
+    pku_present = (ecx >> 3) & 1;
+    pk_ospke_enabled = (ecx >> 4) & 1;
+}
+
+int pk_cpu_has_pku(void) { return pku_present; }
+int pk_cpu_has_ospke(void) { return pk_ospke_enabled; }
+int pk_arch_is_x86(void) { return PK_X86; }
+
+int64_t pk_rdpkru(void)
+{
+    if (!pk_ospke_enabled)
+        return -1;
+    return pk_rdpkru_unchecked();
+}
+
+int pk_wrpkru(uint32_t value)
+{
+    if (!pk_ospke_enabled)
+        return -1;
+    pk_wrpkru_unchecked(value);
+    return 0;
+}

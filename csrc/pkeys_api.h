@@ -1,0 +1,58 @@
+/*
+ * The shim's public surface: every declaration Python can reach.
+ *
+ * This file is read twice: by the C compiler (through pkeys_internal.h)
+ * and by cffi's cdef parser (through _build_ffi.py).  It must therefore
+ * stay free of preprocessor logic and of any type cffi does not know.
+ */
+
+/* Status codes of the validating (pk_hw_*) entry points.  Negative so that
+ * a single int return carries either a result (>= 0) or one of these. */
+#define PK_OK 0
+#define PK_E_UNSUPPORTED -1    /* OSPKE is off: no PKU instruction may run */
+#define PK_E_KEY_RANGE -2      /* key outside 0..15 */
+#define PK_E_NOT_ALLOCATED -3  /* key not allocated through the package */
+#define PK_E_KEY_ZERO -4       /* rights of key 0 must never change */
+#define PK_E_RIGHTS -5         /* rights outside 0..3 */
+#define PK_E_ERRNO -6          /* the kernel refused; see errno */
+
+/* ---- cpu.c: what the processor and the OS enable ---------------------- */
+int pk_cpu_has_pku(void);     /* CPUID.(EAX=7,ECX=0):ECX[bit 3] */
+int pk_cpu_has_ospke(void);   /* CPUID.(EAX=7,ECX=0):ECX[bit 4]: CR4.PKE is set */
+int pk_arch_is_x86(void);
+
+/* Raw register access.  Both check OSPKE first and refuse (-1) without it,
+ * so that no call from Python can reach a SIGILL. */
+int64_t pk_rdpkru(void);
+int pk_wrpkru(uint32_t value);
+
+/* ---- sys.c: the kernel's syscalls, any libc --------------------------- */
+int pk_sys_pkey_alloc(unsigned int flags, unsigned int access_rights);
+int pk_sys_pkey_free(int pkey);
+int pk_sys_pkey_mprotect(uintptr_t addr, size_t len, int prot, int pkey);
+int pk_sys_mprotect(uintptr_t addr, size_t len, int prot);
+
+/* ---- glibc.c: glibc's pkey_* functions, found at run time ------------- */
+#define PK_GLIBC_ALLOC 1
+#define PK_GLIBC_FREE 2
+#define PK_GLIBC_MPROTECT 4
+#define PK_GLIBC_GET 8
+#define PK_GLIBC_SET 16
+int pk_glibc_available(void);  /* bitmask of the PK_GLIBC_* found */
+const char *pk_glibc_version(void);
+int pk_glibc_pkey_alloc(unsigned int flags, unsigned int access_rights);
+int pk_glibc_pkey_free(int pkey);
+int pk_glibc_pkey_mprotect(uintptr_t addr, size_t len, int prot, int pkey);
+int pk_glibc_pkey_get(int pkey);
+int pk_glibc_pkey_set(int pkey, unsigned int access_rights);
+
+/* ---- safe.c: the validating hardware backend -------------------------- */
+int pk_hw_alloc(unsigned int flags, unsigned int access_rights);
+int pk_hw_free(int pkey);
+int pk_hw_get(int pkey);
+int pk_hw_set(int pkey, int access_rights);
+int pk_hw_wrpkru(uint32_t value);
+int64_t pk_hw_enter(uint32_t mask, uint32_t bits);
+int pk_hw_leave(uint32_t mask, uint32_t saved);
+uint32_t pk_allocated_mask(void);
+int64_t pk_shadow_pkru(void);

@@ -1,0 +1,61 @@
+/*
+ * Shared by the shim's C files; never seen by cffi.
+ */
+#ifndef PKEYS_INTERNAL_H
+#define PKEYS_INTERNAL_H
+
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <stddef.h>
+#include <stdint.h>
+
+#include "pkeys_api.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#define PK_X86 1
+#else
+#define PK_X86 0
+#endif
+
+/* Set once by a constructor in cpu.c, before Python can call anything, and
+ * never written again: OSPKE cannot change while the process runs. */
+extern int pk_ospke_enabled;
+
+/*
+ * The PKRU instructions, for callers that have already checked
+ * pk_ospke_enabled.  Without OSPKE both raise #UD (SIGILL).
+ *
+ * RDPKRU is 0f 01 ee: ECX must be 0; PKRU lands in EAX, EDX is zeroed.
+ * WRPKRU is 0f 01 ef: EAX is the new value, ECX and EDX must be 0.
+ *
+ * The "memory" clobber on the write is what makes it a compiler barrier:
+ * without it, loads and stores of protected memory could be moved across
+ * the instruction that opens or closes access to them.  The CPU itself
+ * does not execute WRPKRU speculatively, so no fence is needed.
+ */
+#if PK_X86
+static inline uint32_t pk_rdpkru_unchecked(void)
+{
+    uint32_t eax, edx;
+    __asm__ volatile(".byte 0x0f, 0x01, 0xee" : "=a"(eax), "=d"(edx) : "c"(0));
+    (void)edx;
+    return eax;
+}
+
+static inline void pk_wrpkru_unchecked(uint32_t value)
+{
+    __asm__ volatile(".byte 0x0f, 0x01, 0xef" : : "a"(value), "c"(0), "d"(0) : "memory");
+}
+#else
+/* Unreachable: pk_ospke_enabled is always 0 off x86. */
+static inline uint32_t pk_rdpkru_unchecked(void) { return 0; }
+static inline void pk_wrpkru_unchecked(uint32_t value) { (void)value; }
+#endif
+
+/* Two bits per key: bit 2k is access-disable, bit 2k+1 write-disable. */
+#define PK_NKEYS 16
+#define PK_KEY_SHIFT(k) (2u * (unsigned)(k))
+#define PK_KEY_MASK(k) (3u << PK_KEY_SHIFT(k))
+
+#endif

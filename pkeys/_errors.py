@@ -1,0 +1,52 @@
+"""The package's exceptions.
+
+Each one also subclasses the builtin it resembles, so callers that do not
+know pkeys can still catch ``ValueError`` or ``OSError``.  Failures reported
+by the kernel or libc are plain ``OSError`` (its constructor picks the
+subclass from errno), never wrapped.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+__all__ = [
+    "PkeysError",
+    "UnsupportedError",
+    "ArgumentError",
+    "InvalidKeyError",
+    "KeyInUseError",
+    "os_error",
+]
+
+
+class PkeysError(Exception):
+    """Base class of every error raised by pkeys itself."""
+
+
+class UnsupportedError(PkeysError, OSError):
+    """The operation needs protection keys that this CPU, OS or libc lacks."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EOPNOTSUPP, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class ArgumentError(PkeysError, ValueError):
+    """An argument was refused before any call reached the kernel."""
+
+
+class InvalidKeyError(ArgumentError):
+    """A key outside 0..15, not allocated, already freed, or key 0 misused."""
+
+
+class KeyInUseError(InvalidKeyError):
+    """The key still guards memory that the package tracks."""
+
+
+def os_error(err: int) -> OSError:
+    """The exception for a failed kernel or libc call with this errno."""
+    return OSError(err, os.strerror(err))

@@ -1,0 +1,58 @@
+"""Choosing the backend, once, at import.
+
+``PKEYS_BACKEND`` may be ``auto`` (the default), ``hardware`` or
+``software``.  ``auto`` takes the hardware where the OS has enabled PKU and
+the software emulation elsewhere.  Asking for ``hardware`` where it is
+absent does not break the import: the first operation raises
+UnsupportedError saying why.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+from ._binding import lib
+
+__all__ = ["hardware_supported", "hardware_absence_reason", "choose"]
+
+CHOICES = ("auto", "hardware", "software")
+
+
+def hardware_supported() -> bool:
+    """True when PKU instructions can run: the CPU has PKU and the OS set CR4.PKE."""
+    return bool(lib.pk_cpu_has_pku() and lib.pk_cpu_has_ospke())
+
+
+def hardware_absence_reason() -> str:
+    if not lib.pk_arch_is_x86():
+        return "not an x86 CPU: protection keys here are x86 PKU only"
+    if not lib.pk_cpu_has_pku():
+        return "the CPU does not have PKU (CPUID.7.0:ECX bit 3 is 0)"
+    if not lib.pk_cpu_has_ospke():
+        return "the OS has not enabled PKU (CPUID.7.0:ECX bit 4, OSPKE, is 0)"
+    return ""
+
+
+def choose(environ: os._Environ[str] | dict[str, str] = os.environ) -> tuple[ModuleType, str]:
+    """The backend module and a sentence saying why it was chosen."""
+    from . import _hardware, _software, _unavailable
+
+    requested = environ.get("PKEYS_BACKEND", "").strip().lower() or "auto"
+    if requested not in CHOICES:
+        _unavailable.reason = (
+            f"PKEYS_BACKEND={requested!r} is not one of {', '.join(CHOICES)}"
+        )
+        return _unavailable, _unavailable.reason
+    if requested == "software":
+        return _software, "PKEYS_BACKEND=software asked for the mprotect emulation"
+    if hardware_supported():
+        how = "asked for by PKEYS_BACKEND" if requested == "hardware" else "detected"
+        return _hardware, f"PKU and OSPKE present ({how})"
+    if requested == "hardware":
+        _unavailable.reason = (
+            f"PKEYS_BACKEND=hardware, but {hardware_absence_reason()}; "
+            "unset it to use the software backend"
+        )
+        return _unavailable, _unavailable.reason
+    return _software, f"{hardware_absence_reason()}, so the mprotect emulation is used"

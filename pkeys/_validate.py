@@ -1,0 +1,94 @@
+"""Argument checks shared by every layer, so all of them refuse alike.
+
+Each check raises before anything reaches the kernel or the register, so a
+refused call changes nothing.
+"""
+
+from __future__ import annotations
+
+import operator
+
+from ._binding import ffi, lib
+from ._errors import ArgumentError, InvalidKeyError, UnsupportedError, os_error
+from ._rights import NUM_KEYS, PKRU_MAX
+
+__all__ = [
+    "require_int",
+    "check_pkru",
+    "check_key_range",
+    "check_rights",
+    "check_alloc_args",
+    "raise_status",
+]
+
+
+def require_int(value: object, name: str) -> int:
+    """``value`` as an int: ints and objects with ``__index__`` (such as
+    :class:`pkeys.Key`); bools and everything else are a TypeError."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not bool")
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
+
+
+def check_pkru(value: object) -> int:
+    value = require_int(value, "PKRU value")
+    if not 0 <= value <= PKRU_MAX:
+        raise ArgumentError(f"PKRU value {value:#x} is outside 0..0xffffffff")
+    return value
+
+
+def check_key_range(pkey: object) -> int:
+    pkey = require_int(pkey, "pkey")
+    if not 0 <= pkey < NUM_KEYS:
+        raise InvalidKeyError(f"pkey {pkey} is outside 0..15")
+    return pkey
+
+
+def check_rights(rights: object) -> int:
+    rights = require_int(rights, "access rights")
+    if not 0 <= rights <= 3:
+        raise ArgumentError(
+            f"access rights {rights} are outside 0..3 "
+            "(PKEY_DISABLE_ACCESS=1 | PKEY_DISABLE_WRITE=2)"
+        )
+    return rights
+
+
+def check_alloc_args(flags: object, access_rights: object) -> tuple[int, int]:
+    flags = require_int(flags, "flags")
+    if flags != 0:
+        raise ArgumentError(f"flags must be 0 (the kernel defines none), not {flags}")
+    return flags, check_rights(access_rights)
+
+
+UNSUPPORTED_MESSAGE = (
+    "hardware protection keys are not available: the CPU lacks PKU or the OS "
+    "has not enabled it (CPUID.7.0:ECX.OSPKE is 0); run `pkeys doctor`"
+)
+
+_KEY_ZERO_MESSAGE = (
+    "the rights of key 0 never change: it tags all ordinary memory, the "
+    "interpreter's included, and it is never freed"
+)
+
+
+def raise_status(status: int, pkey: object = None, rights: object = None) -> None:
+    """Raise the exception for a negative ``PK_E_*`` status from the shim."""
+    if status == lib.PK_E_ERRNO:
+        raise os_error(ffi.errno)
+    if status == lib.PK_E_UNSUPPORTED:
+        raise UnsupportedError(UNSUPPORTED_MESSAGE)
+    if status == lib.PK_E_KEY_ZERO:
+        raise InvalidKeyError(_KEY_ZERO_MESSAGE)
+    if status == lib.PK_E_RIGHTS:
+        check_rights(rights)
+    if status == lib.PK_E_KEY_RANGE:
+        check_key_range(pkey)
+    if status == lib.PK_E_NOT_ALLOCATED:
+        raise InvalidKeyError(
+            f"pkey {pkey} is not allocated: never allocated through pkeys, or already freed"
+        )
+    raise InvalidKeyError(f"pkey {pkey!r} refused (status {status})")
