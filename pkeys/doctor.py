@@ -1,0 +1,140 @@
+"""``pkeys doctor``: what this machine offers, and what pkeys does with it."""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+from typing import Any
+
+from . import _key, glibc
+from ._binding import lib
+from ._rights import NUM_KEYS
+from ._select import hardware_absence_reason, hardware_supported
+
+__all__ = ["collect", "main"]
+
+SOFTWARE_DIFFERENCES = [
+    "rights are process-wide, not per thread: allowing a key in one thread allows it in all",
+    "each rights change costs an mprotect syscall per region, not one instruction",
+    "a denied access faults with SEGV_ACCERR, not SEGV_PKUERR",
+]
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _limit(value: int) -> int | None:
+    return None if value == resource.RLIM_INFINITY else value
+
+
+def collect() -> dict[str, Any]:
+    """Everything ``pkeys doctor`` reports, as plain data."""
+    backend = _key._backend
+    try:
+        pkru: int | None = backend.rdpkru()
+    except Exception:
+        pkru = None
+    memlock_soft, memlock_hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    shadow = backend.shadow_pkru()
+    report: dict[str, Any] = {
+        "cpu": {
+            "model": _cpu_model(),
+            "arch": platform.machine(),
+            "pku": bool(lib.pk_cpu_has_pku()),
+            "ospke": bool(lib.pk_cpu_has_ospke()),
+        },
+        "kernel": platform.release(),
+        "glibc": {"version": glibc.version() or None, "functions": glibc.available()},
+        "hardware_supported": hardware_supported(),
+        "hardware_absence_reason": hardware_absence_reason() or None,
+        "backend": {
+            "name": backend.NAME,
+            "reason": _key._reason,
+            "differences_from_hardware": SOFTWARE_DIFFERENCES if backend.NAME == "software" else [],
+        },
+        "pkru": None
+        if pkru is None
+        else {
+            "value": f"{pkru:#010x}",
+            "scope": "this thread" if backend.NAME == "hardware" else "process (emulated)",
+            "keys": {str(k): _rights_name((pkru >> (2 * k)) & 3) for k in range(NUM_KEYS)},
+            "matches_package_record": None if shadow is None else shadow == pkru,
+        },
+        "allocated_keys": backend.allocated_keys(),
+        "rlimit_memlock": {"soft": _limit(memlock_soft), "hard": _limit(memlock_hard)},
+    }
+    return report
+
+
+def _rights_name(bits: int) -> str:
+    return ("read/write", "no access", "read-only", "no access")[bits]
+
+
+def _render(report: dict[str, Any]) -> str:
+    cpu = report["cpu"]
+    glibc_info = report["glibc"]
+    missing = [name for name, found in glibc_info["functions"].items() if not found]
+    lines = [
+        f"CPU            {cpu['model']} ({cpu['arch']})",
+        f"  PKU          {'yes' if cpu['pku'] else 'no'}",
+        f"  OSPKE        {'yes' if cpu['ospke'] else 'no'}",
+        f"kernel         {report['kernel']}",
+        f"glibc          {glibc_info['version'] or 'not glibc'}; pkey_* functions: "
+        + ("all present" if not missing else "missing " + ", ".join(missing)),
+        f"backend        {report['backend']['name']}: {report['backend']['reason']}",
+    ]
+    for difference in report["backend"]["differences_from_hardware"]:
+        lines.append(f"  unlike PKU:  {difference}")
+    pkru = report["pkru"]
+    if pkru is None:
+        lines.append("PKRU           unavailable")
+    else:
+        lines.append(f"PKRU           {pkru['value']} ({pkru['scope']})")
+        row = "  ".join(f"{k:>2}:{_short(v)}" for k, v in pkru["keys"].items())
+        lines.append(f"  per key      {row}")
+        lines.append("               (rw = read/write, r- = read-only, -- = no access)")
+        if pkru["matches_package_record"] is False:
+            lines.append("  warning      PKRU differs from what pkeys last wrote: something else wrote it")
+    keys = report["allocated_keys"]
+    lines.append(f"allocated keys {', '.join(map(str, keys)) if keys else 'none'}")
+    memlock = report["rlimit_memlock"]
+    lines.append(
+        f"RLIMIT_MEMLOCK soft {_bytes(memlock['soft'])}, hard {_bytes(memlock['hard'])}"
+    )
+    for extra in report.get("extra_lines", []):
+        lines.append(extra)
+    lines.append(
+        "verdict        "
+        + ("hardware protection keys are usable" if report["hardware_supported"] else
+           f"no hardware protection keys: {report['hardware_absence_reason']}")
+    )
+    return "\n".join(lines)
+
+
+def _short(name: str) -> str:
+    return {"read/write": "rw", "read-only": "r-", "no access": "--"}[name]
+
+
+def _bytes(value: int | None) -> str:
+    return "unlimited" if value is None else f"{value} bytes"
+
+
+def main(as_json: bool = False) -> int:
+    """Print the report; 0 when hardware PKU is usable, 1 otherwise."""
+    report = collect()
+    if as_json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(_render(report))
+    return 0 if report["hardware_supported"] else 1
