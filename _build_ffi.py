@@ -17,6 +17,7 @@ SOURCES = [
     f"{CSRC}/sys.c",
     f"{CSRC}/glibc.c",
     f"{CSRC}/safe.c",
+    f"{CSRC}/guard.c",
 ]
 HEADERS = [f"{CSRC}/pkeys_api.h", f"{CSRC}/pkeys_internal.h"]
 

@@ -56,3 +56,21 @@ int64_t pk_hw_enter(uint32_t mask, uint32_t bits);
 int pk_hw_leave(uint32_t mask, uint32_t saved);
 uint32_t pk_allocated_mask(void);
 int64_t pk_shadow_pkru(void);
+
+/* ---- guard.c: guarded accesses and the package's SIGSEGV handler ------ */
+struct pk_fault {
+    int signo;       /* SIGSEGV */
+    int code;        /* si_code: SEGV_PKUERR (4) on PKU, SEGV_ACCERR (2) on mprotect */
+    int pkey;        /* si_pkey for SEGV_PKUERR, else -1 */
+    uintptr_t addr;  /* si_addr */
+    int64_t handler_pkru; /* PKRU the handler ran with (-1 without PKU) */
+};
+#define PK_MAX_LABELS 1024
+#define PK_LABEL_LEN 64
+int pk_guard_install(void);
+int pk_probe(uintptr_t addr, int write, struct pk_fault *fault);
+void pk_sw_mirror_pkru(uint32_t value);
+int pk_label_add(uintptr_t start, uintptr_t end, int pkey, const char *label);
+void pk_label_remove(int slot);
+int pk_pkru_xstate_offset(void);
+int pk_signal_pkru(int64_t *in_handler, int64_t *after_return);

@@ -19,6 +19,7 @@ from ._errors import (
     PkeysError,
     UnsupportedError,
 )
+from ._fault import Fault, FaultKind, probe
 from ._key import Key, Scope, _backend, _reason, allow
 from ._rights import (
     PKEY_DISABLE_ACCESS,
@@ -31,6 +32,7 @@ from ._rights import (
     PkeyRights,
 )
 from ._select import hardware_supported
+from . import glibc, pkru, sys  # noqa: E402  (the raw layers, as attributes)
 
 __version__ = "0.1.0"
 
@@ -57,6 +59,9 @@ __all__ = [
     "Key",
     "Scope",
     "allow",
+    "probe",
+    "Fault",
+    "FaultKind",
     "PkeysError",
     "UnsupportedError",
     "ArgumentError",

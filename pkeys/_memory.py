@@ -65,7 +65,7 @@ def resolve(target: object, length: object) -> tuple[int, int, object, Any]:
     else:
         try:
             pin = ffi.from_buffer(target, require_writable=True)
-        except TypeError:
+        except (TypeError, BufferError):
             raise TypeError(
                 "target must be an int address or a writable buffer over "
                 f"page-aligned memory (such as mmap.mmap), not {type(target).__name__}"

@@ -184,6 +184,7 @@ def _apply(new_pkru: int) -> None:
                 rights = (new_pkru >> (2 * pkey)) & 3
                 for region in list(regions):
                     _reprotect(region, rights)
+        lib.pk_sw_mirror_pkru(new_pkru)
     _pkru = new_pkru
 
 

@@ -1,0 +1,58 @@
+"""Test-only access to libc calls Python's mmap module does not offer
+(MAP_FIXED, mremap), through cffi's ABI mode."""
+
+from __future__ import annotations
+
+import cffi
+
+ffi = cffi.FFI()
+ffi.cdef(
+    """
+    void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset);
+    int munmap(void *addr, size_t length);
+    void *mremap(void *old_address, size_t old_size, size_t new_size, int flags, ...);
+    """
+)
+libc = ffi.dlopen(None)
+
+PROT_READ, PROT_WRITE = 1, 2
+MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x02, 0x10, 0x20
+MREMAP_MAYMOVE = 1
+MAP_FAILED = 2**64 - 1
+
+
+def _address(pointer) -> int:
+    value = int(ffi.cast("uintptr_t", pointer))
+    if value == MAP_FAILED:
+        raise OSError(ffi.errno, "mmap/mremap failed")
+    return value
+
+
+def map_anonymous(length: int, address: int = 0, fixed: bool = False) -> int:
+    flags = MAP_PRIVATE | MAP_ANONYMOUS | (MAP_FIXED if fixed else 0)
+    return _address(
+        libc.mmap(ffi.cast("void *", address), length, PROT_READ | PROT_WRITE, flags, -1, 0)
+    )
+
+
+def unmap(address: int, length: int) -> None:
+    if libc.munmap(ffi.cast("void *", address), length) != 0:
+        raise OSError(ffi.errno, "munmap failed")
+
+
+def remap(address: int, old_length: int, new_length: int) -> int:
+    return _address(libc.mremap(ffi.cast("void *", address), old_length, new_length, MREMAP_MAYMOVE))
+
+
+def smaps_pkey(address: int) -> int:
+    """The ProtectionKey that /proc/self/smaps shows for the mapping at ``address``."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0] if line.strip() else ""
+            if "-" in head and ":" not in head:
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start <= address < end
+            elif inside and line.startswith("ProtectionKey:"):
+                return int(line.split()[1])
+    raise LookupError(f"no ProtectionKey line for {address:#x}")

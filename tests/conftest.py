@@ -1,0 +1,115 @@
+"""Shared fixtures and the two test tiers.
+
+* ``pku`` tests need real protection keys: PKU hardware, or the emulated
+  CPU of ``python -m pkeys vm``.  Elsewhere they are skipped with a reason,
+  unless ``PKEYS_REQUIRE_PKU=1`` (set by CI inside the VM) turns the skip
+  into a failure, so the tier can never be skipped silently.
+* ``software`` tests exercise the mprotect emulation and run wherever it is
+  the active backend.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+import pytest
+
+import pkeys
+
+HARDWARE = pkeys.hardware_supported() and pkeys.backend() == "hardware"
+REQUIRE_PKU = os.environ.get("PKEYS_REQUIRE_PKU") == "1"
+PAGE = mmap.PAGESIZE
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if REQUIRE_PKU and not HARDWARE:
+        raise pytest.UsageError(
+            "PKEYS_REQUIRE_PKU=1 but hardware protection keys are not active here "
+            f"(backend {pkeys.backend()}: {pkeys.backend_reason()})"
+        )
+    skip_pku = pytest.mark.skip(
+        reason=f"needs PKU ({pkeys.backend_reason()}); "
+        "run `python -m pkeys vm -- python -m pytest -m pku`"
+    )
+    skip_software = pytest.mark.skip(reason="the active backend is not the software emulation")
+    for item in items:
+        if "pku" in item.keywords and not HARDWARE:
+            item.add_marker(skip_pku)
+        if "software" in item.keywords and pkeys.backend() != "software":
+            item.add_marker(skip_software)
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_keys():
+    """Every test must free what it allocates through the safe layer."""
+    before = pkeys.allocated_keys()
+    yield
+    leaked = sorted(set(pkeys.allocated_keys()) - set(before))
+    assert not leaked, f"test leaked keys {leaked}"
+
+
+@pytest.fixture
+def page():
+    """One fresh anonymous read/write page."""
+    memory = mmap.mmap(-1, PAGE)
+    yield memory
+    memory.close()
+
+
+@pytest.fixture
+def pages():
+    """A factory of fresh anonymous mappings, unmapped after the test."""
+    made: list[mmap.mmap] = []
+
+    def make(count: int = 1) -> mmap.mmap:
+        memory = mmap.mmap(-1, count * PAGE)
+        made.append(memory)
+        return memory
+
+    yield make
+    for memory in made:
+        memory.close()
+
+
+@pytest.fixture
+def key():
+    """A Key with access disabled; any memory tagged with it is released first."""
+    k = pkeys.Key()
+    yield k
+    if not k.closed:
+        try:
+            k.close()
+        except pkeys.KeyInUseError:
+            from pkeys import _state
+
+            with _state.lock:
+                _state.regions.by_key.pop(k.pkey, None)
+            k.close()
+
+
+class ShadowPKRU:
+    """The PKRU this test expects, as in the kernel's pkey selftests: every
+    operation updates it, and :meth:`check` compares it with the register
+    and with the package's own record of what it last wrote."""
+
+    def __init__(self) -> None:
+        self.value = pkeys.rdpkru()
+
+    def set(self, pkey: int, rights: int) -> None:
+        shift = 2 * int(pkey)
+        self.value = (self.value & ~(3 << shift)) | (int(rights) << shift)
+
+    def check(self) -> None:
+        actual = pkeys.rdpkru()
+        assert actual == self.value, f"PKRU {actual:#010x}, expected {self.value:#010x}"
+        from pkeys import _key
+
+        recorded = _key._backend.shadow_pkru()
+        if recorded is not None:
+            assert recorded == actual, f"package record {recorded:#010x} != PKRU {actual:#010x}"
+
+
+@pytest.fixture
+def shadow():
+    return ShadowPKRU()

@@ -1,0 +1,214 @@
+"""Key objects, scoped access and key tracking, on whichever backend is active."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+import pkeys
+from pkeys import _key, _state
+from pkeys._child import run_in_child
+
+
+def rights_bits(pkey: int) -> int:
+    return (pkeys.rdpkru() >> (2 * int(pkey))) & 3
+
+
+def test_key_context_manager_allocates_and_frees():
+    with pkeys.Key() as k:
+        assert 1 <= k.pkey <= 15
+        assert k.pkey in pkeys.allocated_keys()
+        assert int(k) == k.pkey == k.__index__()
+        assert k.rights == pkeys.PKEY_DISABLE_ACCESS
+        assert repr(k).startswith(f"<pkeys.Key {k.pkey} rights=DISABLE_ACCESS")
+        number = k.pkey
+    assert k.closed and number not in pkeys.allocated_keys()
+    assert repr(k) == "<pkeys.Key closed>"
+
+
+def test_key_is_accepted_wherever_a_key_number_is(key, page, shadow):
+    pkeys.pkey_set(key, pkeys.PKEY_DISABLE_WRITE)
+    shadow.set(key, 2)
+    shadow.check()
+    assert pkeys.pkey_get(key) == pkeys.PKEY_DISABLE_WRITE
+    key.rights = 0
+    shadow.set(key, 0)
+    shadow.check()
+    pkeys.pkey_mprotect(page, None, pkeys.PROT_READ, key)
+    pkeys.pkey_mprotect(page, None, pkeys.PROT_READ | pkeys.PROT_WRITE, 0)
+
+
+def test_allow_and_deny_restore_the_previous_rights(key, shadow):
+    with key.allow():
+        shadow.set(key, 0)
+        shadow.check()
+        with key.deny():
+            shadow.set(key, 1)
+            shadow.check()
+            with key.allow(write=False):
+                shadow.set(key, 2)
+                shadow.check()
+            shadow.set(key, 1)
+            shadow.check()
+        shadow.set(key, 0)
+        shadow.check()
+    shadow.set(key, 1)
+    shadow.check()
+
+
+def test_rights_come_back_after_an_exception(key, shadow):
+    with pytest.raises(RuntimeError):
+        with key.allow():
+            raise RuntimeError("boom")
+    shadow.check()
+    assert key.rights == pkeys.PKEY_DISABLE_ACCESS
+
+
+def test_scope_restores_only_its_own_keys(shadow):
+    with pkeys.Key() as a, pkeys.Key() as b:
+        shadow.set(a, 1)
+        shadow.set(b, 1)
+        with a.allow():
+            pkeys.pkey_set(b, 0)  # changed inside the block, on purpose
+        shadow.set(b, 0)
+        shadow.check()
+        pkeys.pkey_set(b, 1)
+
+
+def test_allow_several_keys_uses_one_register_write(monkeypatch, shadow):
+    with pkeys.Key() as a, pkeys.Key() as b, pkeys.Key(rights=2) as c:
+        shadow.set(a, 1), shadow.set(b, 1), shadow.set(c, 2)
+        calls = []
+        real_enter = _key._enter
+        monkeypatch.setattr(_key, "_enter", lambda m, bits: calls.append(m) or real_enter(m, bits))
+        with pkeys.allow(a, b, c.pkey):
+            assert rights_bits(a) == rights_bits(b) == rights_bits(c) == 0
+        assert len(calls) == 1
+        shadow.check()
+        with pkeys.allow(a, b, write=False):
+            assert rights_bits(a) == rights_bits(b) == 2
+        shadow.check()
+
+
+def test_freeing_leaves_the_number_access_disabled():
+    pkey = pkeys.pkey_alloc(0, 0)
+    assert rights_bits(pkey) == 0
+    pkeys.pkey_free(pkey)
+    assert rights_bits(pkey) == pkeys.PKEY_DISABLE_ACCESS
+    # A reuse of the number starts from what pkey_alloc asks, not the old rights.
+    again = pkeys.pkey_alloc(0, pkeys.PKEY_DISABLE_WRITE)
+    try:
+        assert pkeys.pkey_get(again) == pkeys.PKEY_DISABLE_WRITE
+    finally:
+        pkeys.pkey_free(again)
+
+
+def test_freeing_inside_a_scope_does_not_reopen_the_number():
+    k = pkeys.Key()
+    number = k.pkey
+    with k.allow():
+        k.close()
+    assert rights_bits(number) == pkeys.PKEY_DISABLE_ACCESS
+
+
+def test_freeing_a_key_that_guards_memory_is_refused(page):
+    k = pkeys.Key()
+    k.protect(page)
+    before = pkeys.allocated_keys()
+    with pytest.raises(pkeys.KeyInUseError, match=f"pkey {k.pkey} still guards"):
+        k.close()
+    with pytest.raises(pkeys.KeyInUseError):
+        pkeys.pkey_free(k.pkey)
+    assert pkeys.allocated_keys() == before
+    pkeys.pkey_mprotect(page, None, pkeys.PROT_READ | pkeys.PROT_WRITE, 0)
+    k.close()
+
+
+def test_unclosed_key_is_freed_with_a_resource_warning():
+    k = pkeys.Key()
+    number = k.pkey
+    with pytest.warns(ResourceWarning, match="unclosed"):
+        del k
+        import gc
+
+        gc.collect()
+    assert number not in pkeys.allocated_keys()
+
+
+def test_tracking_is_consistent_under_eight_threads():
+    errors: list[BaseException] = []
+    held: set[int] = set()
+    held_lock = threading.Lock()
+    start = threading.Barrier(8)
+
+    def worker(seed: int) -> None:
+        try:
+            start.wait()
+            for round_ in range(60):
+                pkey = pkeys.pkey_alloc(0, (seed + round_) % 4)
+                with held_lock:
+                    assert pkey not in held, f"key {pkey} handed out twice"
+                    held.add(pkey)
+                for rights in (0, 1, 2, 3):
+                    pkeys.pkey_set(pkey, rights)
+                    if pkeys.backend() == "hardware":
+                        assert pkeys.pkey_get(pkey) == rights
+                with held_lock:
+                    held.discard(pkey)
+                pkeys.pkey_free(pkey)
+                with pytest.raises(pkeys.InvalidKeyError):
+                    pkeys.pkey_free(pkey)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert pkeys.allocated_keys() == []
+
+
+def test_forked_child_inherits_keys_and_may_free_them():
+    with pkeys.Key(rights=pkeys.PKEY_DISABLE_WRITE) as k:
+
+        def child() -> None:
+            assert k.pkey in pkeys.allocated_keys()
+            assert pkeys.pkey_get(k) == pkeys.PKEY_DISABLE_WRITE
+            k.close()
+            assert k.pkey if not k.closed else True
+            assert pkeys.allocated_keys() == []
+
+        result = run_in_child(child)
+        assert result.exitcode == 0, result.stderr
+        assert k.pkey in pkeys.allocated_keys()  # the parent's copy is untouched
+
+
+def test_fork_while_another_thread_holds_the_lock():
+    acquired, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with _state.lock:
+            acquired.set()
+            release.wait()
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    acquired.wait()
+    try:
+        result = run_in_child(lambda: pkeys.pkey_free(pkeys.pkey_alloc()))
+    finally:
+        release.set()
+        thread.join()
+    assert result.exitcode == 0, result.stderr
+
+
+def test_backend_choice_is_reported():
+    assert pkeys.backend() in ("hardware", "software")
+    assert pkeys.backend_reason()
+    assert pkeys.hardware_supported() == (pkeys.backend() == "hardware") or os.environ.get(
+        "PKEYS_BACKEND"
+    )

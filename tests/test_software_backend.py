@@ -1,0 +1,203 @@
+"""The mprotect emulation: same API, enforced with page protections."""
+
+from __future__ import annotations
+
+import errno
+import gc
+import mmap
+import threading
+
+import pytest
+
+import pkeys
+from pkeys import _software, _state
+from pkeys._binding import ffi
+from pkeys._child import run_in_child
+from pkeys._fault import FaultKind
+
+pytestmark = pytest.mark.software
+PAGE = mmap.PAGESIZE
+
+
+def address_of(memory) -> int:
+    pin = ffi.from_buffer(memory)
+    try:
+        return int(ffi.cast("uintptr_t", pin))
+    finally:
+        ffi.release(pin)
+
+
+def test_initial_register_is_the_kernels_init_value():
+    assert pkeys.rdpkru() & ~sum(3 << 2 * k for k in pkeys.allocated_keys()) == 0x55555554
+
+
+def test_rights_are_enforced_with_mprotect(key, page):
+    page[0] = 42
+    key.protect(page)
+    fault = pkeys.probe(page)
+    assert fault is not None and fault.kind is FaultKind.PROTECTION and fault.si_code == 2
+    assert fault.address == address_of(page)
+    with key.allow(write=False):
+        assert pkeys.probe(page) is None
+        assert page[0] == 42
+        assert pkeys.probe(page, write=True).kind is FaultKind.PROTECTION
+    with key.allow():
+        assert pkeys.probe(page, write=True) is None
+        page[0] = 43
+    assert pkeys.probe(page) is not None
+    with key.allow():
+        assert page[0] == 43
+
+
+def test_denied_access_kills_a_child_with_sigsegv(key, page):
+    key.protect(page)
+    result = run_in_child(lambda: page[0])
+    assert result.segfaulted, result
+    with key.allow():
+        assert run_in_child(lambda: page[0]).exitcode == 0
+
+
+def test_effective_prot_keeps_exec_and_drops_what_the_rights_deny():
+    rwx = pkeys.PROT_READ | pkeys.PROT_WRITE | pkeys.PROT_EXEC
+    assert _software.effective_prot(rwx, 0) == rwx
+    assert _software.effective_prot(rwx, pkeys.PKEY_DISABLE_WRITE) == pkeys.PROT_READ | pkeys.PROT_EXEC
+    assert _software.effective_prot(rwx, pkeys.PKEY_DISABLE_ACCESS) == pkeys.PROT_EXEC
+    assert _software.effective_prot(pkeys.PROT_READ, 3) == pkeys.PROT_NONE
+
+
+def test_rights_are_process_wide(key, page):
+    key.protect(page)
+    seen = []
+    with key.allow():
+        worker = threading.Thread(target=lambda: seen.append(pkeys.probe(page)))
+        worker.start()
+        worker.join()
+    assert seen == [None]  # unlike PKU, where the other thread stays denied
+
+
+def test_keys_run_out_with_enospc():
+    allocated = []
+    try:
+        while True:
+            try:
+                allocated.append(pkeys.pkey_alloc())
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+                break
+        assert len(allocated) == 15 - len(set(pkeys.allocated_keys()) - set(allocated))
+        assert 0 not in allocated and len(set(allocated)) == len(allocated)
+    finally:
+        for pkey in allocated:
+            pkeys.pkey_free(pkey)
+
+
+def test_initial_rights_come_from_pkey_alloc():
+    pkey = pkeys.pkey_alloc(0, pkeys.PKEY_DISABLE_WRITE)
+    try:
+        assert pkeys.pkey_get(pkey) == pkeys.PKEY_DISABLE_WRITE
+    finally:
+        pkeys.pkey_free(pkey)
+
+
+def test_register_is_rewritten_only_when_the_value_changes(key, page, monkeypatch):
+    key.protect(page)
+    calls = []
+    real = _software._mprotect
+    monkeypatch.setattr(_software, "_mprotect", lambda *a: calls.append(a) or real(*a))
+    pkeys.pkey_set(key, pkeys.PKEY_DISABLE_ACCESS)
+    assert calls == []
+    pkeys.pkey_set(key, 0)
+    assert len(calls) == 1
+    pkeys.pkey_set(key, 0)
+    assert len(calls) == 1
+    pkeys.pkey_set(key, pkeys.PKEY_DISABLE_ACCESS)
+
+
+def test_memory_released_by_its_owner_is_never_mprotected(key, monkeypatch):
+    memory = mmap.mmap(-1, PAGE)
+    address = address_of(memory)
+    key.protect(memory)
+    memory.close()  # the owner releases it: the kernel may reuse the range
+    reused = mmap.mmap(-1, PAGE)
+    calls = []
+    real = _software._mprotect
+    monkeypatch.setattr(_software, "_mprotect", lambda *a: calls.append(a) or real(*a))
+    pkeys.pkey_set(key, 0)
+    pkeys.pkey_set(key, pkeys.PKEY_DISABLE_ACCESS)
+    assert all(call[0] != address for call in calls)
+    assert pkeys.probe(reused, write=True) is None  # whoever got the range keeps its access
+    reused.close()
+    key.close()  # nothing live is guarded any more
+
+
+def test_garbage_collected_owner_releases_the_key():
+    k = pkeys.Key()
+    memory = mmap.mmap(-1, PAGE)
+    k.protect(memory)
+    with pytest.raises(pkeys.KeyInUseError, match="still guards 1 tracked region"):
+        k.close()
+    assert not k.closed
+    del memory
+    gc.collect()
+    k.close()
+    assert k.closed
+
+
+def test_close_is_blocked_while_the_package_reprotects(key, page):
+    # While the software backend changes a region's protection it holds an
+    # export of the owner, so close() from elsewhere cannot unmap it then.
+    key.protect(page)
+    region = _state.regions.by_key[key.pkey][0]
+    usable, export = region.pin()
+    assert usable
+    with pytest.raises(BufferError):
+        page.close()
+    ffi.release(export)
+
+
+def test_raw_address_regions_stay_until_retagged(key, page):
+    address = address_of(page)
+    key.protect(address, PAGE)
+    assert pkeys.probe(address) is not None
+    with pytest.raises(pkeys.KeyInUseError):
+        key.close()
+    pkeys.pkey_mprotect(address, PAGE, pkeys.PROT_READ | pkeys.PROT_WRITE, 0)
+    assert pkeys.probe(address, write=True) is None
+    key.close()
+
+
+def test_retagging_part_of_a_region_splits_it(pages):
+    memory = pages(3)
+    base = address_of(memory)
+    with pkeys.Key() as outer, pkeys.Key() as middle:
+        outer.protect(memory)
+        middle.protect(base + PAGE, PAGE)
+        with outer.allow():
+            assert pkeys.probe(base) is None and pkeys.probe(base + 2 * PAGE) is None
+            assert pkeys.probe(base + PAGE) is not None
+        with middle.allow():
+            assert pkeys.probe(base + PAGE) is None
+            assert pkeys.probe(base) is not None
+        pkeys.pkey_mprotect(memory, None, pkeys.PROT_READ | pkeys.PROT_WRITE, 0)
+
+
+def test_wrpkru_reapplies_every_changed_key(pages):
+    memory = pages(2)
+    base = address_of(memory)
+    with pkeys.Key() as first, pkeys.Key() as second:
+        first.protect(base, PAGE)
+        second.protect(base + PAGE, PAGE)
+        saved = pkeys.rdpkru()
+        opened = pkeys.pkru.granting(saved, [first, second])
+        pkeys.wrpkru(opened)
+        assert pkeys.probe(base, write=True) is None and pkeys.probe(base + PAGE, write=True) is None
+        pkeys.wrpkru(saved)
+        assert pkeys.probe(base) is not None and pkeys.probe(base + PAGE) is not None
+        pkeys.pkey_mprotect(memory, None, pkeys.PROT_READ | pkeys.PROT_WRITE, 0)
+
+
+def test_exec_is_kept_when_access_is_denied(key, page):
+    key.protect(page, prot=pkeys.PROT_READ | pkeys.PROT_EXEC)
+    with open("/proc/self/maps") as maps:
+        line = next(l for l in maps if l.startswith(f"{address_of(page):x}-"))
+    assert line.split()[1].startswith("--x")
