@@ -400,6 +400,13 @@ class _ConsoleFilter:
         self.out.flush()
 
 
+def _isatty(stream) -> bool:  # type: ignore[no-untyped-def]
+    try:
+        return os.isatty(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
 def run(
     argv: list[str],
     *,
@@ -425,6 +432,8 @@ def run(
     with tempfile.TemporaryDirectory(prefix="pkeys-vm-") as control_dir:
         control = Path(control_dir)
         (control / "cwd").write_text(cwd)
+        if _isatty(out):
+            (control / "tty").write_text("")
         (control / "run.sh").write_text(
             guest_script(argv, cwd, dict(os.environ if environ is None else environ))
         )

@@ -53,7 +53,15 @@ mount --bind /ctl /newroot/tmp/.pkeys-vm-ctl
 
 stty -F /dev/console -onlcr 2>/dev/null
 echo "@@pkeys-vm-start@@" > /dev/console
-chroot /newroot /bin/sh /tmp/.pkeys-vm-ctl/run.sh < /dev/null > /dev/console 2>&1
-echo $? > /ctl/status
+if [ -e /ctl/tty ]; then
+    chroot /newroot /bin/sh /tmp/.pkeys-vm-ctl/run.sh < /dev/null > /dev/console 2>&1
+    echo $? > /ctl/status
+else
+    # The host's output is not a terminal, so the command's must not be
+    # one either (colours, progress bars): pipe it.
+    set -o pipefail
+    chroot /newroot /bin/sh /tmp/.pkeys-vm-ctl/run.sh < /dev/null 2>&1 | cat > /dev/console
+    echo $? > /ctl/status
+fi
 sync
 poweroff -f

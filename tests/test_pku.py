@@ -279,11 +279,8 @@ def test_keys_survive_mprotect_madvise_and_mremap_but_not_map_fixed(key):
         assert _libc.smaps_pkey(address) == key.pkey
         pkeys.sys.mprotect(address, 2 * PAGE, mmap.PROT_READ)
         assert _libc.smaps_pkey(address) == key.pkey
-        view = (ffi.cast("char *", address))
-        assert view is not None
-        mm_advice = getattr(mmap, "MADV_DONTNEED", 4)
-        assert lib.pk_sys_mprotect(address, 2 * PAGE, mmap.PROT_READ | mmap.PROT_WRITE) == 0
-        _madvise(address, 2 * PAGE, mm_advice)
+        pkeys.sys.mprotect(address, 2 * PAGE, mmap.PROT_READ | mmap.PROT_WRITE)
+        _madvise(address, 2 * PAGE, mmap.MADV_DONTNEED)
         assert _libc.smaps_pkey(address) == key.pkey
         moved = _libc.remap(address, 2 * PAGE, 8 * PAGE)
         address = moved
@@ -297,10 +294,7 @@ def test_keys_survive_mprotect_madvise_and_mremap_but_not_map_fixed(key):
 
 
 def _madvise(address: int, length: int, advice: int) -> None:
-    libc = ffi.dlopen(None) if False else None  # noqa: F841 - documented below
-    # mmap.mmap.madvise needs an mmap object; use libc through the test helper.
-    _libc.ffi.cdef("int madvise(void *addr, size_t length, int advice);", override=True)
-    if _libc.ffi.dlopen(None).madvise(_libc.ffi.cast("void *", address), length, advice) != 0:
+    if _libc.libc.madvise(_libc.ffi.cast("void *", address), length, advice) != 0:
         raise OSError(_libc.ffi.errno, "madvise failed")
 
 
@@ -403,11 +397,12 @@ def test_python_signal_handlers_see_the_threads_rights(key, page, shadow):
 def test_probe_restores_pkru_after_the_handler_jumps_out(key, page, shadow):
     key.protect(page)
     with pkeys.Key(rights=0) as open_key:
-        shadow.set(open_key, 0)
+        number = open_key.pkey
+        shadow.set(number, 0)
         fault = pkeys.probe(page)
         assert fault is not None and fault.handler_pkru == INIT_PKRU
         shadow.check()  # not left at the handler's 0x55555554
-    shadow.set(open_key, 1)
+    shadow.set(number, 1)
     untag(page)
 
 
@@ -448,6 +443,7 @@ def test_pkey_set_round_trips_through_rdpkru(key, shadow):
 # 17 --------------------------------------------------------------------------
 def test_shadow_tracks_every_safe_operation(page, shadow):
     with pkeys.Key() as a, pkeys.Key(rights=2) as b:
+        numbers = a.pkey, b.pkey
         shadow.set(a, 1)
         shadow.set(b, 2)
         shadow.check()
@@ -467,5 +463,6 @@ def test_shadow_tracks_every_safe_operation(page, shadow):
         shadow.set(b, 0)
         shadow.check()
         untag(page)
-    shadow.set(a, 1), shadow.set(b, 1)
+    for number in numbers:
+        shadow.set(number, 1)
     shadow.check()
