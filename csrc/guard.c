@@ -47,8 +47,13 @@
  * allocate in a thread that never touched these variables before. */
 #define PK_TLS __thread __attribute__((tls_model("initial-exec")))
 
-static PK_TLS sigjmp_buf *guard_env;
-static PK_TLS struct pk_fault *guard_fault;
+/* volatile: the handler reads them, so the stores around the guarded access
+ * must happen when written, not be merged away as dead. */
+static PK_TLS sigjmp_buf *volatile guard_env;
+static PK_TLS struct pk_fault *volatile guard_fault;
+
+/* Keeps the compiler from moving memory accesses across the guard edges. */
+#define PK_COMPILER_BARRIER() __asm__ volatile("" ::: "memory")
 
 static struct sigaction displaced;       /* what we replaced when installing */
 static atomic_int installed;
@@ -70,7 +75,7 @@ static struct label_slot labels[PK_MAX_LABELS];
  * after si_addr and si_addr_lsb's padding, at offset 0x20 on x86-64. */
 static int siginfo_pkey(const siginfo_t *info)
 {
-#if defined(__x86_64__)
+#if PK_X86 && defined(__x86_64__)
     int pkey;
     memcpy(&pkey, (const char *)info + 0x20, sizeof pkey);
     return pkey;
@@ -101,7 +106,7 @@ int pk_pkru_xstate_offset(void) { return pkru_xstate_offset; }
  * value, the interrupted one is saved in the signal frame's XSAVE area. */
 static int64_t interrupted_pkru(void *ucontext)
 {
-#if defined(__x86_64__)
+#if PK_X86 && defined(__x86_64__)
     ucontext_t *uc = ucontext;
     if (pkru_xstate_offset > 0 && uc && uc->uc_mcontext.fpregs) {
         uint32_t value;
@@ -215,18 +220,19 @@ static void handler(int signo, siginfo_t *info, void *ucontext)
 {
     int saved_errno = errno;
     sigjmp_buf *env = guard_env;
+    struct pk_fault *record = guard_fault;
     struct sigaction reset;
 
     /* Only a genuine fault (si_code > 0) of the guarded access is caught;
      * a signal sent by kill/raise is never a fault we own. */
     if (env && info && info->si_code > 0) {
         guard_env = NULL;
-        if (guard_fault) {
-            guard_fault->signo = signo;
-            guard_fault->code = info->si_code;
-            guard_fault->pkey = info->si_code == SEGV_PKUERR ? siginfo_pkey(info) : -1;
-            guard_fault->addr = (uintptr_t)info->si_addr;
-            guard_fault->handler_pkru = pk_ospke_enabled ? (int64_t)pk_rdpkru_unchecked() : -1;
+        if (record) {
+            record->signo = signo;
+            record->code = info->si_code;
+            record->pkey = info->si_code == SEGV_PKUERR ? siginfo_pkey(info) : -1;
+            record->addr = (uintptr_t)info->si_addr;
+            record->handler_pkru = pk_ospke_enabled ? (int64_t)pk_rdpkru_unchecked() : -1;
         }
         siglongjmp(*env, 1);
     }
@@ -317,6 +323,7 @@ int pk_probe(uintptr_t addr, int write, struct pk_fault *fault)
      * siglongjmp must unblock it again, or the next fault would kill. */
     if (sigsetjmp(env, 1) == 0) {
         guard_env = &env;
+        PK_COMPILER_BARRIER();
         if (write) {
 #if PK_X86
             __asm__ volatile("lock orb $0, (%0)" : : "r"(addr) : "memory");
@@ -327,6 +334,7 @@ int pk_probe(uintptr_t addr, int write, struct pk_fault *fault)
         } else {
             (void)*(volatile unsigned char *)addr;
         }
+        PK_COMPILER_BARRIER();
         guard_env = NULL;
     } else {
         faulted = 1;

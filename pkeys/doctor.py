@@ -72,8 +72,16 @@ def collect() -> dict[str, Any]:
         },
         "allocated_keys": backend.allocated_keys(),
         "rlimit_memlock": {"soft": _limit(memlock_soft), "hard": _limit(memlock_hard)},
+        "vm": _vm_status(),
     }
     return report
+
+
+def _vm_status() -> dict[str, Any]:
+    from . import vm
+
+    ready = vm.status()
+    return {"ready": ready.ready, "missing": ready.missing(), "cache": str(vm.cache_dir())}
 
 
 def _rights_name(bits: int) -> str:
@@ -111,8 +119,12 @@ def _render(report: dict[str, Any]) -> str:
     lines.append(
         f"RLIMIT_MEMLOCK soft {_bytes(memlock['soft'])}, hard {_bytes(memlock['hard'])}"
     )
-    for extra in report.get("extra_lines", []):
-        lines.append(extra)
+    vm = report["vm"]
+    lines.append(
+        "emulated PKU VM "
+        + ("ready: `python -m pkeys vm -- CMD` runs CMD on an emulated PKU CPU" if vm["ready"] else
+           f"not ready (missing {', '.join(vm['missing'])}): run `python -m pkeys vm setup`")
+    )
     lines.append(
         "verdict        "
         + ("hardware protection keys are usable" if report["hardware_supported"] else
