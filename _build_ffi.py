@@ -18,6 +18,7 @@ SOURCES = [
     f"{CSRC}/glibc.c",
     f"{CSRC}/safe.c",
     f"{CSRC}/guard.c",
+    f"{CSRC}/secret.c",
 ]
 HEADERS = [f"{CSRC}/pkeys_api.h", f"{CSRC}/pkeys_internal.h"]
 

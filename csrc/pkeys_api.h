@@ -74,3 +74,14 @@ int pk_label_add(uintptr_t start, uintptr_t end, int pkey, const char *label);
 void pk_label_remove(int slot);
 int pk_pkru_xstate_offset(void);
 int pk_signal_pkru(int64_t *in_handler, int64_t *after_return);
+
+/* ---- secret.c: memory hygiene for protected buffers ------------------- */
+int pk_mlock(uintptr_t addr, size_t len);
+int pk_munlock(uintptr_t addr, size_t len);
+int pk_madvise(uintptr_t addr, size_t len, int advice);
+void pk_wipe(uintptr_t addr, size_t len);
+/* Copy or wipe with access to the keys under `mask` set to `bits` for the
+ * duration, and restored before returning: no Python code ever runs with
+ * the access open.  Same validation and status codes as pk_hw_enter. */
+int pk_hw_copy(uintptr_t dst, uintptr_t src, size_t len, uint32_t mask, uint32_t bits);
+int pk_hw_wipe(uintptr_t addr, size_t len, uint32_t mask, uint32_t bits);

@@ -12,8 +12,12 @@ Raw layers without validation: :mod:`pkeys.sys` (the syscalls),
 
 from __future__ import annotations
 
+from ._buffer import ProtectedBuffer
 from ._errors import (
     ArgumentError,
+    BufferCorruptedError,
+    MemoryLockWarning,
+    PkeysWarning,
     InvalidKeyError,
     KeyInUseError,
     PkeysError,
@@ -58,6 +62,7 @@ __all__ = [
     "backend_reason",
     "Key",
     "Scope",
+    "ProtectedBuffer",
     "allow",
     "probe",
     "Fault",
@@ -67,6 +72,9 @@ __all__ = [
     "ArgumentError",
     "InvalidKeyError",
     "KeyInUseError",
+    "BufferCorruptedError",
+    "PkeysWarning",
+    "MemoryLockWarning",
 ]
 
 # The backend's functions themselves, not wrappers: dispatch costs nothing

@@ -17,6 +17,9 @@ __all__ = [
     "ArgumentError",
     "InvalidKeyError",
     "KeyInUseError",
+    "BufferCorruptedError",
+    "PkeysWarning",
+    "MemoryLockWarning",
     "os_error",
 ]
 
@@ -45,6 +48,19 @@ class InvalidKeyError(ArgumentError):
 
 class KeyInUseError(InvalidKeyError):
     """The key still guards memory that the package tracks."""
+
+
+class BufferCorruptedError(PkeysError, RuntimeError):
+    """A protected buffer's canary was overwritten: something wrote before
+    its start.  The buffer has been wiped and unmapped all the same."""
+
+
+class PkeysWarning(UserWarning):
+    """Base class of the package's warnings."""
+
+
+class MemoryLockWarning(PkeysWarning):
+    """A protected buffer could not be locked in memory (RLIMIT_MEMLOCK)."""
 
 
 def os_error(err: int) -> OSError:

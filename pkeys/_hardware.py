@@ -126,4 +126,20 @@ __all__ = [
     "is_allocated",
     "allocated_keys",
     "shadow_pkru",
+    "copy",
+    "wipe",
 ]
+
+
+def copy(dst: int, src: int, length: int, mask: int, bits: int) -> None:
+    """memcpy with the keys under ``mask`` opened to ``bits`` only for the copy."""
+    status = lib.pk_hw_copy(dst, src, length, mask, bits)
+    if status:
+        raise_status(status)
+
+
+def wipe(address: int, length: int, mask: int, bits: int) -> None:
+    """Zero memory that the compiler cannot skip, with the same temporary access."""
+    status = lib.pk_hw_wipe(address, length, mask, bits)
+    if status:
+        raise_status(status)

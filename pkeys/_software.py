@@ -220,5 +220,31 @@ __all__ = [
     "is_allocated",
     "allocated_keys",
     "shadow_pkru",
+    "copy",
+    "wipe",
     "effective_prot",
 ]
+
+
+def copy(dst: int, src: int, length: int, mask: int, bits: int) -> None:
+    """memcpy with the keys under ``mask`` opened to ``bits`` only for the copy.
+
+    The emulated register is process-wide, so the window is open to every
+    thread, but no user code runs inside it."""
+    saved = enter(mask, bits)
+    if saved < 0:
+        raise_status(saved)
+    try:
+        ffi.memmove(ffi.cast("void *", dst), ffi.cast("void *", src), length)
+    finally:
+        leave(mask, saved)
+
+
+def wipe(address: int, length: int, mask: int, bits: int) -> None:
+    saved = enter(mask, bits)
+    if saved < 0:
+        raise_status(saved)
+    try:
+        lib.pk_wipe(address, length)
+    finally:
+        leave(mask, saved)

@@ -8,7 +8,7 @@ import threading
 from ._errors import KeyInUseError
 from ._memory import RegionTable
 
-__all__ = ["lock", "regions", "refuse_if_guarding"]
+__all__ = ["lock", "regions", "refuse_if_guarding", "forget"]
 
 # Serialises allocation, freeing, tagging and (software backend) rights
 # changes.  The hot hardware paths (get, set, scopes) do not take it: their
@@ -37,3 +37,9 @@ def refuse_if_guarding(pkey: int) -> None:
             f"pkey {pkey} still guards {len(live)} tracked region(s) ({spans}); "
             "re-tag them with key 0 or release their memory first"
         )
+
+
+def forget(start: int, length: int) -> None:
+    """Drop the tracking of a range its owner is about to unmap."""
+    with lock:
+        regions.tag(start, length, 0, 0, None)

@@ -62,3 +62,11 @@ def allocated_keys() -> list[int]:
 
 def shadow_pkru() -> int | None:
     return None
+
+
+def copy(dst: int, src: int, length: int, mask: int, bits: int) -> None:
+    _refuse()
+
+
+def wipe(address: int, length: int, mask: int, bits: int) -> None:
+    _refuse()

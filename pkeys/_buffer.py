@@ -1,0 +1,375 @@
+"""``ProtectedBuffer``: memory for secrets that the rest of the program
+cannot read or overwrite by accident, even from another thread.
+
+The lifecycle, after libsodium's ``sodium_malloc`` and memguard:
+
+Creation
+  1. Map ``2 + n`` anonymous private pages as one Python ``mmap`` (CPython
+     counts the buffer exports of an mmap; that is how ``close()`` knows
+     whether a view is still alive).
+  2. Make the first and last page ``PROT_NONE`` guards.
+  3. Place the data at the very end of the inner pages, so the byte after
+     it is in the trailing guard page and an overrun faults at once.  A
+     random canary sits just before the data and catches underruns.
+  4. ``mlock`` the inner pages so they never reach swap; best effort: when
+     ``RLIMIT_MEMLOCK`` refuses, ``locked`` is False and a warning says so.
+  5. ``MADV_DONTDUMP`` keeps them out of core dumps, and
+     ``MADV_WIPEONFORK`` makes a forked child see zeros.
+  6. Tag the inner pages with the buffer's key (its own, allocated with
+     access disabled, unless a shared ``key=`` is given).  From here on no
+     thread can touch them without opening the key.
+  7. Register a label so that an unguarded fault names the buffer.
+
+Access
+  ``unlocked()`` opens the key (this thread only, on hardware) for a
+  block and yields a memoryview that is released on exit.  ``readinto``
+  and ``write`` copy in C with access open only for the copy.
+
+Close (also run by the finalizer)
+  1. Refuse, with BufferError, while a view is still exported.
+  2. Check the canary, remembering a mismatch.
+  3. Wipe every inner byte with a write the compiler cannot drop.
+  4. ``munlock``, unregister the label, unmap.
+  5. Free the key if the buffer owns it.
+  6. Only then report a canary mismatch, as BufferCorruptedError.
+"""
+
+from __future__ import annotations
+
+import hmac
+import mmap
+import os
+import warnings
+import weakref
+from types import TracebackType
+from typing import Any
+
+from . import _key, _state
+from ._binding import ffi, lib
+from ._errors import ArgumentError, BufferCorruptedError, MemoryLockWarning, PkeysError
+from ._key import Key
+from ._rights import PAGE_SIZE, PROT_NONE, PROT_READ, PROT_WRITE
+from ._validate import require_int
+
+__all__ = ["ProtectedBuffer"]
+
+CANARY_SIZE = 16
+MAX_SIZE = 1 << 40
+_WRITE_DISABLE_BITS = 0xAAAAAAAA
+
+
+def _address(memory: object) -> int:
+    pin = ffi.from_buffer(memory)
+    try:
+        return int(ffi.cast("uintptr_t", pin))
+    finally:
+        ffi.release(pin)
+
+
+class _Mapping:
+    """The resources of one buffer; closed by ProtectedBuffer.close() or
+    the finalizer, never both."""
+
+    def __init__(self, size: int, key: Key | None, label: str, lock: bool) -> None:
+        self.closed = False
+        self.size = size
+        self.owns_key = key is None
+        self.label_slot = -1
+        self.locked = False
+        inner_pages = (size + CANARY_SIZE + PAGE_SIZE - 1) // PAGE_SIZE
+        self.inner_length = inner_pages * PAGE_SIZE
+        self.map = mmap.mmap(-1, self.inner_length + 2 * PAGE_SIZE)
+        try:
+            self.base = _address(self.map)
+            self.inner = self.base + PAGE_SIZE
+            self.data = self.inner + self.inner_length - size
+            self.data_offset = self.data - self.base
+            self.canary_address = self.data - CANARY_SIZE
+            self._guard_pages()
+            if lock:
+                self._lock()
+            self._advise()
+            self.canary = os.urandom(CANARY_SIZE)
+            # Written while the pages are still key 0, before they are tagged.
+            ffi.memmove(ffi.cast("void *", self.canary_address), self.canary, CANARY_SIZE)
+            self.key = key if key is not None else Key()
+            self.pkey = self.key.pkey
+            self.mask = 3 << (2 * self.pkey)
+            self.key.protect(self.inner, self.inner_length, PROT_READ | PROT_WRITE)
+            self.label_slot = lib.pk_label_add(
+                self.base, self.base + len(self.map), self.pkey, label.encode()[:63]
+            )
+        except BaseException:
+            self.close(check_views=False, check_canary=False)
+            raise
+
+    def _guard_pages(self) -> None:
+        for page in (self.base, self.inner + self.inner_length):
+            if lib.pk_sys_mprotect(page, PAGE_SIZE, PROT_NONE) != 0:
+                raise OSError(ffi.errno, os.strerror(ffi.errno))
+
+    def _lock(self) -> None:
+        if lib.pk_mlock(self.inner, self.inner_length) == 0:
+            self.locked = True
+            return
+        err = ffi.errno
+        warnings.warn(
+            f"could not mlock a protected buffer ({os.strerror(err)}); its pages may "
+            "be swapped out. Raise RLIMIT_MEMLOCK (ulimit -l) to lock them.",
+            MemoryLockWarning,
+            stacklevel=4,
+        )
+
+    def _advise(self) -> None:
+        for advice in ("MADV_DONTDUMP", "MADV_WIPEONFORK"):
+            value = getattr(mmap, advice, None)
+            if value is not None:
+                # Older kernels lack WIPEONFORK (EINVAL): the rest still holds.
+                lib.pk_madvise(self.inner, self.inner_length, value)
+
+    def views_exported(self) -> bool:
+        # CPython refuses to resize an mmap with live exports; resizing to
+        # the same size changes nothing otherwise.
+        try:
+            self.map.resize(len(self.map))
+        except BufferError:
+            return True
+        return False
+
+    def close(self, check_views: bool = True, check_canary: bool = True) -> None:
+        if self.closed:
+            return
+        if check_views and self.views_exported():
+            raise BufferError(
+                "a view of the protected buffer is still alive (a memoryview or array made "
+                "inside unlocked()); release it before close()"
+            )
+        corrupted = False
+        backend = _key._backend
+        if hasattr(self, "key") and not self.key.closed:
+            if check_canary:
+                seen = ffi.new("char[]", CANARY_SIZE)
+                backend.copy(int(ffi.cast("uintptr_t", seen)), self.canary_address, CANARY_SIZE,
+                             self.mask, 0)
+                corrupted = not hmac.compare_digest(ffi.buffer(seen)[:], self.canary)
+            backend.wipe(self.inner, self.inner_length, self.mask, 0)
+        elif hasattr(self, "inner"):
+            lib.pk_wipe(self.inner, self.inner_length)  # never tagged: plain access
+        if self.locked:
+            lib.pk_munlock(self.inner, self.inner_length)
+            self.locked = False
+        if self.label_slot >= 0:
+            lib.pk_label_remove(self.label_slot)
+            self.label_slot = -1
+        self._unmap()
+        self.closed = True
+        if self.owns_key and hasattr(self, "key"):
+            self.key.close()
+        if corrupted:
+            raise BufferCorruptedError(
+                "the canary before the protected buffer's data was overwritten: something "
+                "wrote before its start. The buffer was wiped and unmapped all the same."
+            )
+
+    def _unmap(self) -> None:
+        if hasattr(self, "inner"):
+            _state.forget(self.inner, self.inner_length)
+        self.map.close()
+
+
+def _finalize(mapping: _Mapping) -> None:
+    try:
+        mapping.close(check_canary=False)
+    except Exception:  # noqa: BLE001 - a finalizer must not raise
+        pass
+
+
+class ProtectedBuffer:
+    """``size`` bytes of guarded, locked, key-protected memory for a secret.
+
+    ``key``: a shared :class:`Key` (not freed on close); by default the
+    buffer allocates its own, so each buffer costs one of the 15 keys.
+    ``label`` names the buffer in fault messages.  ``lock_memory=False``
+    skips ``mlock``.  See the module documentation for the lifecycle.
+    """
+
+    __slots__ = ("_mapping", "_label", "_finalizer", "__weakref__")
+
+    def __init__(
+        self,
+        size: int,
+        *,
+        key: Key | None = None,
+        label: str = "secret",
+        lock_memory: bool = True,
+    ) -> None:
+        size = require_int(size, "size")
+        if not 0 < size <= MAX_SIZE:
+            raise ArgumentError(f"size must be in 1..2**40 bytes, not {size}")
+        if key is not None and not isinstance(key, Key):
+            raise TypeError(f"key must be a pkeys.Key, not {type(key).__name__}")
+        if not isinstance(label, str):
+            raise TypeError(f"label must be a str, not {type(label).__name__}")
+        lib.pk_guard_install()
+        self._label = label
+        self._mapping = _Mapping(size, key, label, bool(lock_memory))
+        self._finalizer = weakref.finalize(self, _finalize, self._mapping)
+
+    # -- properties -----------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self._mapping.size
+
+    @property
+    def label(self) -> str:
+        return self._label
+
+    @property
+    def key(self) -> Key:
+        return self._open().key
+
+    @property
+    def locked(self) -> bool:
+        """Whether ``mlock`` succeeded (False when RLIMIT_MEMLOCK refused)."""
+        return self._mapping.locked
+
+    @property
+    def closed(self) -> bool:
+        return self._mapping.closed
+
+    @property
+    def address(self) -> int:
+        """Address of the first data byte, for native code that runs inside
+        :meth:`unlocked`."""
+        return self._open().data
+
+    def __len__(self) -> int:
+        return self._mapping.size
+
+    # -- access ---------------------------------------------------------
+    def unlocked(self, write: bool = False) -> _Unlocked:
+        """A block with access open (for this thread, on hardware): yields a
+        memoryview of the data, read-only unless ``write``.  The view is
+        released on exit."""
+        return _Unlocked(self._open(), write)
+
+    def readinto(self, dest: Any, offset: int = 0) -> int:
+        """Copy ``len(dest)`` bytes from ``offset`` into the writable buffer
+        ``dest``; returns the count.  Access is open only for the copy."""
+        mapping = self._open()
+        target = ffi.from_buffer(dest, require_writable=True)
+        try:
+            length = len(target)
+            offset = self._check_span(offset, length)
+            mapping.key  # noqa: B018 - raises if the key was closed
+            _key._backend.copy(int(ffi.cast("uintptr_t", target)), mapping.data + offset, length,
+                               mapping.mask, mapping.mask & _WRITE_DISABLE_BITS)
+        finally:
+            ffi.release(target)
+        return length
+
+    def write(self, data: Any, offset: int = 0) -> int:
+        """Copy the bytes-like ``data`` in at ``offset``; returns the count."""
+        mapping = self._open()
+        source = ffi.from_buffer(data)
+        try:
+            length = len(source)
+            offset = self._check_span(offset, length)
+            _key._backend.copy(mapping.data + offset, int(ffi.cast("uintptr_t", source)), length,
+                               mapping.mask, 0)
+        finally:
+            ffi.release(source)
+        return length
+
+    def _check_span(self, offset: object, length: int) -> int:
+        offset = require_int(offset, "offset")
+        if offset < 0 or offset + length > self._mapping.size:
+            raise ArgumentError(
+                f"{length} bytes at offset {offset} do not fit a {self._mapping.size}-byte buffer"
+            )
+        return offset
+
+    def _open(self) -> _Mapping:
+        if self._mapping.closed:
+            raise PkeysError("the protected buffer is closed")
+        return self._mapping
+
+    # -- lifetime -------------------------------------------------------
+    def close(self) -> None:
+        """Wipe, check the canary, unlock, unmap and free the owned key.
+        Idempotent.  Raises BufferError (and does nothing) while a view is
+        alive, and BufferCorruptedError after closing if the canary was hit."""
+        if self._mapping.closed:
+            return
+        try:
+            self._mapping.close()
+        finally:
+            if self._mapping.closed:
+                self._finalizer.detach()
+
+    def __enter__(self) -> ProtectedBuffer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mapping = self._mapping
+        if mapping.closed:
+            return f"<ProtectedBuffer {self._label!r} closed>"
+        return (
+            f"<ProtectedBuffer {self._label!r} size={mapping.size} pkey={mapping.pkey} "
+            f"locked={mapping.locked}>"
+        )
+
+    def __reduce_ex__(self, protocol: object) -> Any:
+        raise TypeError("a ProtectedBuffer cannot be pickled or copied: its contents are secret")
+
+    __reduce__ = __reduce_ex__  # type: ignore[assignment]
+
+    def __copy__(self) -> Any:
+        raise TypeError("a ProtectedBuffer cannot be copied")
+
+    def __deepcopy__(self, memo: object) -> Any:
+        raise TypeError("a ProtectedBuffer cannot be copied")
+
+
+class _Unlocked:
+    __slots__ = ("_mapping", "_write", "_scope", "_view")
+
+    def __init__(self, mapping: _Mapping, write: bool) -> None:
+        self._mapping = mapping
+        self._write = write
+
+    def __enter__(self) -> memoryview:
+        mapping = self._mapping
+        lib.pk_guard_install()  # stay first in line if a handler was installed since
+        self._scope = mapping.key.allow(write=self._write)
+        self._scope.__enter__()
+        try:
+            view = memoryview(mapping.map)[mapping.data_offset:mapping.data_offset + mapping.size]
+            self._view = view if self._write else view.toreadonly()
+            if not self._write:
+                view.release()
+        except BaseException:
+            self._scope.__exit__(None, None, None)
+            raise
+        return self._view
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        leaked = False
+        try:
+            self._view.release()
+        except BufferError:
+            leaked = True
+        self._scope.__exit__(exc_type, exc, tb)
+        if leaked and exc is None:
+            raise BufferError(
+                "an object made from the unlocked view (a numpy array, a memoryview cast) is "
+                "still alive; delete it inside the block: outside it, touching it would fault"
+            )
