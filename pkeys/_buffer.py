@@ -4,7 +4,7 @@ cannot read or overwrite by accident, even from another thread.
 The lifecycle, after libsodium's ``sodium_malloc`` and memguard:
 
 Creation
-  1. Map ``2 + n`` anonymous private pages as one Python ``mmap`` (CPython
+  1. Map ``2 + n`` anonymous *private* pages as one Python ``mmap`` (CPython
      counts the buffer exports of an mmap; that is how ``close()`` knows
      whether a view is still alive).
   2. Make the first and last page ``PROT_NONE`` guards.
@@ -55,6 +55,10 @@ __all__ = ["ProtectedBuffer"]
 
 CANARY_SIZE = 16
 MAX_SIZE = 1 << 40
+# The kernel's values (asm-generic/mman-common.h, every architecture);
+# CPython's mmap module only has the names its build headers had.
+MADV_DONTDUMP = getattr(mmap, "MADV_DONTDUMP", 16)
+MADV_WIPEONFORK = getattr(mmap, "MADV_WIPEONFORK", 18)
 _WRITE_DISABLE_BITS = 0xAAAAAAAA
 
 
@@ -72,13 +76,18 @@ class _Mapping:
 
     def __init__(self, size: int, key: Key | None, label: str, lock: bool) -> None:
         self.closed = False
+        self.active_blocks = 0
         self.size = size
         self.owns_key = key is None
         self.label_slot = -1
         self.locked = False
         inner_pages = (size + CANARY_SIZE + PAGE_SIZE - 1) // PAGE_SIZE
         self.inner_length = inner_pages * PAGE_SIZE
-        self.map = mmap.mmap(-1, self.inner_length + 2 * PAGE_SIZE)
+        # MAP_PRIVATE, not mmap's default MAP_SHARED: a shared mapping would
+        # let a forked child read and write the parent's secret, and the
+        # kernel refuses MADV_WIPEONFORK on it.
+        self.map = mmap.mmap(-1, self.inner_length + 2 * PAGE_SIZE,
+                             flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         try:
             self.base = _address(self.map)
             self.inner = self.base + PAGE_SIZE
@@ -121,11 +130,9 @@ class _Mapping:
         )
 
     def _advise(self) -> None:
-        for advice in ("MADV_DONTDUMP", "MADV_WIPEONFORK"):
-            value = getattr(mmap, advice, None)
-            if value is not None:
-                # Older kernels lack WIPEONFORK (EINVAL): the rest still holds.
-                lib.pk_madvise(self.inner, self.inner_length, value)
+        self.dontdump = lib.pk_madvise(self.inner, self.inner_length, MADV_DONTDUMP) == 0
+        # Kernels before 4.14 lack WIPEONFORK (EINVAL): the rest still holds.
+        self.wipeonfork = lib.pk_madvise(self.inner, self.inner_length, MADV_WIPEONFORK) == 0
 
     def views_exported(self) -> bool:
         # CPython refuses to resize an mmap with live exports; resizing to
@@ -257,7 +264,10 @@ class ProtectedBuffer:
         """Copy ``len(dest)`` bytes from ``offset`` into the writable buffer
         ``dest``; returns the count.  Access is open only for the copy."""
         mapping = self._open()
-        target = ffi.from_buffer(dest, require_writable=True)
+        try:
+            target = ffi.from_buffer(dest, require_writable=True)
+        except (TypeError, BufferError):
+            raise TypeError(f"dest must be a writable buffer, not {type(dest).__name__}") from None
         try:
             length = len(target)
             offset = self._check_span(offset, length)
@@ -271,7 +281,10 @@ class ProtectedBuffer:
     def write(self, data: Any, offset: int = 0) -> int:
         """Copy the bytes-like ``data`` in at ``offset``; returns the count."""
         mapping = self._open()
-        source = ffi.from_buffer(data)
+        try:
+            source = ffi.from_buffer(data)
+        except TypeError:
+            raise TypeError(f"data must be bytes-like, not {type(data).__name__}") from None
         try:
             length = len(source)
             offset = self._check_span(offset, length)
@@ -346,12 +359,14 @@ class _Unlocked:
         lib.pk_guard_install()  # stay first in line if a handler was installed since
         self._scope = mapping.key.allow(write=self._write)
         self._scope.__enter__()
+        mapping.active_blocks += 1
         try:
             view = memoryview(mapping.map)[mapping.data_offset:mapping.data_offset + mapping.size]
             self._view = view if self._write else view.toreadonly()
             if not self._write:
                 view.release()
         except BaseException:
+            mapping.active_blocks -= 1
             self._scope.__exit__(None, None, None)
             raise
         return self._view
@@ -362,11 +377,15 @@ class _Unlocked:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        mapping = self._mapping
         leaked = False
         try:
             self._view.release()
         except BufferError:
-            leaked = True
+            leaked = True  # something still holds an export of the view itself
+        mapping.active_blocks -= 1
+        if not leaked and mapping.active_blocks == 0:
+            leaked = mapping.views_exported()  # a slice of the view escaped
         self._scope.__exit__(exc_type, exc, tb)
         if leaked and exc is None:
             raise BufferError(

@@ -57,7 +57,8 @@ def run_in_child(
         except BaseException:
             import traceback
 
-            traceback.print_exc()
+            # fd 2 itself: sys.stderr may be a test runner's replacement.
+            os.write(2, traceback.format_exc().encode())
         finally:
             os._exit(status)
     os.close(write_end)

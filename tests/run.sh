@@ -2,7 +2,8 @@
 # The whole test suite, exactly as CI runs it (the README's test command):
 #   1. a virtualenv in .venv with pkeys installed (editable) and the test tools;
 #   2. the native suite: the software backend here, the hardware one on PKU machines;
-#   3. the `pku` tier on an emulated PKU CPU under `python -m pkeys vm`,
+#   3. the `pku` tier, and the `anybackend` tests again, on an emulated PKU
+#      CPU under `python -m pkeys vm`,
 #      with PKEYS_REQUIRE_PKU=1 so that it fails rather than skips.
 # Where the VM cannot be prepared (no root to install QEMU), step 3 says how
 # to get it; under CI=true that is a failure.
@@ -29,4 +30,4 @@ fi
 # Plugins autoload slowly under emulation (~10 s); the tier needs none.
 python -m pkeys vm --timeout 1200 -- \
     env PKEYS_REQUIRE_PKU=1 PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 \
-    python -m pytest -m pku -p no:cacheprovider
+    python -m pytest -m "pku or anybackend" -p no:cacheprovider
