@@ -19,6 +19,7 @@ SOFTWARE_DIFFERENCES = [
     "rights are process-wide, not per thread: allowing a key in one thread allows it in all",
     "each rights change costs an mprotect syscall per region, not one instruction",
     "a denied access faults with SEGV_ACCERR, not SEGV_PKUERR",
+    "ProtectedBuffer.unlocked() opens the buffer to every thread for the block",
 ]
 
 
