@@ -19,6 +19,7 @@ SOURCES = [
     f"{CSRC}/safe.c",
     f"{CSRC}/guard.c",
     f"{CSRC}/secret.c",
+    f"{CSRC}/bench.c",
 ]
 HEADERS = [f"{CSRC}/pkeys_api.h", f"{CSRC}/pkeys_internal.h"]
 
@@ -30,7 +31,7 @@ ffibuilder.set_source(
     sources=SOURCES,
     depends=HEADERS,
     include_dirs=[CSRC],
-    libraries=["dl"],
+    libraries=["dl", "pthread"],
     extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra"],
 )
 

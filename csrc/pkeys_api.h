@@ -85,3 +85,27 @@ void pk_wipe(uintptr_t addr, size_t len);
  * the access open.  Same validation and status codes as pk_hw_enter. */
 int pk_hw_copy(uintptr_t dst, uintptr_t src, size_t len, uint32_t mask, uint32_t bits);
 int pk_hw_wipe(uintptr_t addr, size_t len, uint32_t mask, uint32_t bits);
+
+/* ---- bench.c: C-level loops for `pkeys bench` ------------------------- */
+struct pk_bench {
+    uint64_t iterations;
+    uint64_t nanoseconds;  /* clock_gettime(CLOCK_MONOTONIC) around the loop */
+    uint64_t cycles;       /* rdtsc around the loop; 0 off x86 */
+};
+void pk_noop(void);
+int pk_bench_rdpkru(uint64_t n, struct pk_bench *out);
+int pk_bench_wrpkru(uint64_t n, int alternate, int pkey, struct pk_bench *out);
+int pk_bench_glibc_pkey_set(uint64_t n, int pkey, struct pk_bench *out);
+int pk_bench_null_syscall(uint64_t n, struct pk_bench *out);
+int pk_bench_mprotect(uint64_t n, uintptr_t addr, size_t len, int pkey, int idle_threads,
+                      struct pk_bench *out);
+struct pk_contention {
+    double seconds;          /* how long the fault workers ran */
+    uint64_t faults;         /* pages faulted in by all workers */
+    uint64_t flips;          /* access changes made by the flipper */
+};
+int pk_bench_contention(int workers, int flip_mode, int pkey, uint32_t flips_per_second,
+                        double seconds, struct pk_contention *out);
+#define PK_FLIP_NONE 0
+#define PK_FLIP_PKEY_MPROTECT 1
+#define PK_FLIP_WRPKRU 2

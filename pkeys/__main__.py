@@ -29,6 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     vm.add_argument("--kernel", metavar="PATH", help="boot this kernel instead of the cached one")
     vm.add_argument("--smp", type=int, default=1, metavar="N", help="virtual CPUs (default 1)")
     vm.add_argument("--mem", type=int, default=2048, metavar="MB", help="guest memory (default 2048)")
+    bench = commands.add_parser(
+        "bench", help="measure instructions vs syscalls, the Python layer, and mm-lock contention"
+    )
+    from .bench.cli import add_arguments
+
+    add_arguments(bench)
     vm.add_argument("vm_args", nargs=argparse.REMAINDER, metavar="CMD", help="`setup`, or -- CMD ARGS...")
     return parser
 
@@ -77,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         return demo_main()
     if args.command == "vm":
         return _vm(args)
+    if args.command == "bench":
+        from .bench.cli import main as bench_main
+
+        return bench_main(args)
     raise AssertionError(args.command)
 
 

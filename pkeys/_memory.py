@@ -36,6 +36,12 @@ from ._validate import require_int
 __all__ = ["resolve", "check_prot", "Region", "RegionTable", "page_round_up"]
 
 _PROT_ALL = PROT_READ | PROT_WRITE | PROT_EXEC
+# Parsed once: ffi.cast with a type string looks the type up on every call.
+_UINTPTR = ffi.typeof("uintptr_t")
+_from_buffer = ffi.from_buffer
+_cast = ffi.cast
+_release = ffi.release
+_PAGE_MASK = PAGE_SIZE - 1
 
 
 def page_round_up(length: int) -> int:
@@ -70,7 +76,7 @@ def resolve(target: object, length: object) -> tuple[int, int, object, Any]:
                 "target must be an int address or a writable buffer over "
                 f"page-aligned memory (such as mmap.mmap), not {type(target).__name__}"
             ) from None
-        addr, size, owner = int(ffi.cast("uintptr_t", pin)), len(pin), target
+        addr, size, owner = int(_cast(_UINTPTR, pin)), len(pin), target
     try:
         if length is None:
             length = size
@@ -122,18 +128,20 @@ class Region:
     def pin(self) -> tuple[bool, Any]:
         """``(usable, export)``: whether the memory is still its owner's,
         with an export to hold while touching it (None for int addresses)."""
-        if self._owner is None:
-            return True, None
-        owner = self.owner()
+        owner = self._owner
         if owner is None:
-            return False, None
+            return True, None
+        if self._weak:
+            owner = owner()
+            if owner is None:
+                return False, None
         try:
-            export = ffi.from_buffer(owner)
+            export = _from_buffer(owner)
         except (ValueError, TypeError, BufferError):
             return False, None  # closed or otherwise released
-        base = int(ffi.cast("uintptr_t", export))
-        if not (base <= self.start and self.end <= base + page_round_up(len(export))):
-            ffi.release(export)
+        base = int(_cast(_UINTPTR, export))
+        if not (base <= self.start and self.end <= base + ((len(export) + _PAGE_MASK) & ~_PAGE_MASK)):
+            _release(export)
             return False, None  # the object now points at other memory
         return True, export
 

@@ -89,12 +89,40 @@ def pkey_get(pkey: int) -> PkeyRights:
 
 
 def pkey_set(pkey: int, access_rights: int) -> None:
+    # Fast path for exact ints already valid; anything else (IntFlag, Key,
+    # bad values) takes the checked path, which normalises or raises.
+    if (
+        type(pkey) is int
+        and type(access_rights) is int
+        and 0 < pkey < NUM_KEYS
+        and 0 <= access_rights <= 3
+        and (_allocated >> pkey) & 1
+    ):
+        with _state.lock:
+            _set_rights(pkey, access_rights)
+        return
     pkey = _check_allocated(pkey)
     access_rights = check_rights(access_rights)
     if pkey == 0:
         raise_status(_E_KEY_ZERO)
     with _state.lock:
-        _apply(_with_rights(_pkru, pkey, access_rights))
+        _set_rights(pkey, access_rights)
+
+
+def _set_rights(pkey: int, rights: int) -> None:
+    """One key's rights: only that key's regions are re-protected.  The
+    caller holds the lock."""
+    global _pkru
+    shift = 2 * pkey
+    new_pkru = (_pkru & ~(3 << shift)) | (rights << shift)
+    if new_pkru == _pkru:
+        return
+    regions = _state.regions.by_key.get(pkey)
+    if regions:
+        for region in list(regions):
+            _reprotect(region, rights)
+    _pkru = new_pkru
+    lib.pk_sw_mirror_pkru(new_pkru)
 
 
 def pkey_mprotect(target: object, length: int | None, prot: int, pkey: int) -> None:

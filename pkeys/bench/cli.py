@@ -1,0 +1,153 @@
+"""``python -m pkeys bench [--quick] [-o results.json] [--plot bench.png]``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+
+from .. import _select
+from .._binding import ffi, lib
+from . import contention, machine, report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="one value per case and short contention runs: checks that every "
+                             "case runs, not how fast")
+    parser.add_argument("--rigorous", action="store_true", help="pyperf's rigorous mode (slow)")
+    parser.add_argument("-o", "--output", metavar="FILE",
+                        help="write the pyperf JSON (with the contention results and the machine)")
+    parser.add_argument("--plot", metavar="PNG", help="draw the chart (needs matplotlib)")
+    parser.add_argument("--allow-emulated", action="store_true",
+                        help="write results measured on an emulated CPU anyway")
+    parser.add_argument("--contention-seconds", type=float, default=None, metavar="S",
+                        help="length of each contention run (default 1, 0.2 with --quick)")
+
+
+def _direct_cycles(quick: bool) -> dict[str, float]:
+    """TSC cycles per operation of the C loops, measured in this process."""
+    import mmap
+
+    n = 2_000 if quick else 200_000
+    slow = 200 if quick else 20_000
+    result = ffi.new("struct pk_bench *")
+    page = mmap.mmap(-1, 64 * mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    pin = ffi.from_buffer(page)
+    address = int(ffi.cast("uintptr_t", pin))
+    ffi.release(pin)
+    cycles: dict[str, float] = {}
+    key = None
+    try:
+        hardware = _select.hardware_supported()
+        if hardware:
+            import pkeys
+
+            key = pkeys.Key(rights=0) if pkeys.backend() == "hardware" else None
+        loops = {"c/null_syscall/getppid": lambda: lib.pk_bench_null_syscall(n, result)}
+        for pages in (1, 64):
+            for threads in (0, 3):
+                loops[f"c/mprotect/{pages}page-{threads}threads"] = (
+                    lambda p=pages, t=threads: lib.pk_bench_mprotect(slow, address, p * mmap.PAGESIZE,
+                                                                     -1, t, result))
+                if key:
+                    loops[f"c/pkey_mprotect/{pages}page-{threads}threads"] = (
+                        lambda p=pages, t=threads: lib.pk_bench_mprotect(
+                            slow, address, p * mmap.PAGESIZE, key.pkey, t, result))
+        if key:
+            loops["c/rdpkru/insn"] = lambda: lib.pk_bench_rdpkru(n, result)
+            loops["c/wrpkru/same"] = lambda: lib.pk_bench_wrpkru(n, 0, key.pkey, result)
+            loops["c/wrpkru/alternate"] = lambda: lib.pk_bench_wrpkru(n, 1, key.pkey, result)
+            loops["c/pkey_set/glibc"] = lambda: lib.pk_bench_glibc_pkey_set(n, key.pkey, result)
+        for name, loop in loops.items():
+            if loop() == 0 and result.iterations and result.cycles:
+                cycles[name] = result.cycles / result.iterations
+        if key:
+            import pkeys
+
+            pkeys.pkey_mprotect(page, None, mmap.PROT_READ | mmap.PROT_WRITE, 0)
+    finally:
+        if key:
+            key.close()
+        page.close()
+    return cycles
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        import pyperf
+    except ImportError:
+        print("pkeys bench needs pyperf: pip install 'pkeys[bench]'", file=sys.stderr)
+        return 2
+    about = machine.describe()
+    if about["emulated"] and args.output and not args.allow_emulated:
+        print("pkeys bench: this CPU is emulated (QEMU TCG); its timings are not hardware "
+              "numbers. Pass --allow-emulated to write them anyway.", file=sys.stderr)
+        return 2
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("--plot needs matplotlib: pip install 'pkeys[plot]'", file=sys.stderr)
+            return 2
+
+    from .suite import CASES
+
+    with tempfile.TemporaryDirectory(prefix="pkeys-bench-") as work:
+        raw = os.path.join(work, "suite.json")
+        mode = ["--debug-single-value"] if args.quick else (["--rigorous"] if args.rigorous else ["--fast"])
+        command = [sys.executable, "-m", "pkeys.bench.suite", "--quiet", "-o", raw, *mode]
+        print("running the pyperf suite (" + ("quick" if args.quick else mode[0].lstrip("-")) + ")...",
+              file=sys.stderr, flush=True)
+        # pyperf prints a line per case on stdout; keep stdout for the table.
+        completed = subprocess.run(command, stdout=sys.stderr)
+        if completed.returncode != 0:
+            print("pkeys bench: the pyperf suite failed", file=sys.stderr)
+            return 1
+        suite = pyperf.BenchmarkSuite.load(raw)
+
+    print("measuring TSC cycles of the C loops and mm-lock contention...", file=sys.stderr, flush=True)
+    cycles = _direct_cycles(args.quick)
+    seconds = args.contention_seconds or (0.2 if args.quick else 1.0)
+    samples = contention.run(seconds=seconds)
+    results = report.Results(
+        machine=about,
+        ns_per_op={b.get_name(): b.mean() * 1e9 for b in suite.get_benchmarks()},
+        cycles_per_op=cycles,
+        contention=samples,
+        case_names=list(CASES),
+    )
+    print(report.table(results))
+    if args.output:
+        for benchmark in suite.get_benchmarks():
+            extra = {
+                "pkeys_cpu_model": about["cpu_model"],
+                "pkeys_pku": str(about["pku"]),
+                "pkeys_emulated": str(about["emulated"]),
+                "pkeys_kernel": about["kernel"],
+            }
+            if benchmark.get_name() in cycles:
+                extra["pkeys_tsc_cycles_per_op"] = f"{cycles[benchmark.get_name()]:.1f}"
+            benchmark.update_metadata(extra)
+        for sample in samples:
+            run = pyperf.Run(
+                [1.0 / sample.faults_per_second],
+                metadata={
+                    "name": f"contention/fault/{sample.mode}-{sample.workers}workers",
+                    "unit": "second",
+                    "pkeys_flips_per_second": str(round(sample.flips_per_second)),
+                    "pkeys_relative_to_no_flipping": str(sample.relative),
+                },
+                collect_metadata=False,
+            )
+            suite.add_benchmark(pyperf.Benchmark([run]))
+        if os.path.exists(args.output):
+            os.unlink(args.output)
+        suite.dump(args.output)
+        print(f"\nwrote {args.output} (python -m pyperf compare_to reads it)", file=sys.stderr)
+    if args.plot:
+        report.plot(results, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0

@@ -1,0 +1,163 @@
+"""The table, the targets and the chart for ``pkeys bench``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .contention import Sample
+
+NO_PKU = "n/a (no PKU)"
+FLOOR = "baseline/noop/cffi"
+
+# (description, numerator, denominator, comparison, bound)
+TARGETS = [
+    ("pkeys.pkey_get <= 1.5x cffi no-op", "pkeys/pkey_get/safe", FLOOR, "<=", 1.5),
+    ("pkeys.pkey_set (same value) <= 1.5x cffi no-op", "pkeys/pkey_set/same", FLOOR, "<=", 1.5),
+    ("pkeys.pkey_set (toggling) <= 1.5x cffi no-op", "pkeys/pkey_set/toggle", FLOOR, "<=", 1.5),
+    ("Key.allow() enter+exit <= 3x cffi no-op", "pkeys/allow/key", FLOOR, "<=", 3.0),
+    ("ctypes pkey_set >= 3x pkeys.pkey_set", "ctypes/pkey_set/glibc", "pkeys/pkey_set/toggle", ">=", 3.0),
+    ("software pkey_set (1 region) <= 1.3x raw mprotect", "software/pkey_set/1region",
+     "software/mprotect/raw", "<=", 1.3),
+]
+
+# syscall / instruction pairs: what the 2016 debate was about
+RATIOS = [
+    ("null syscall / RDPKRU (C)", "c/null_syscall/getppid", "c/rdpkru/insn"),
+    ("null syscall / WRPKRU changing the value (C)", "c/null_syscall/getppid", "c/wrpkru/alternate"),
+    ("pkey_mprotect 1 page / WRPKRU changing the value (C)", "c/pkey_mprotect/1page-0threads",
+     "c/wrpkru/alternate"),
+    ("pkey_mprotect 1 page, 3 idle threads / WRPKRU (C)", "c/pkey_mprotect/1page-3threads",
+     "c/wrpkru/alternate"),
+    ("glibc pkey_set / WRPKRU (C)", "c/pkey_set/glibc", "c/wrpkru/alternate"),
+    ("pkeys.pkey_mprotect / pkeys.pkey_set toggling (Python)", "pkeys/pkey_mprotect/safe",
+     "pkeys/pkey_set/toggle"),
+    ("software pkey_set / hardware pkey_set (Python)", "software/pkey_set/1region",
+     "pkeys/pkey_set/toggle"),
+]
+
+
+@dataclass
+class Results:
+    machine: dict[str, Any]
+    ns_per_op: dict[str, float]  # pyperf means, in ns
+    cycles_per_op: dict[str, float]  # direct TSC measurements of the C loops
+    contention: list[Sample]
+    case_names: list[str]  # every case the suite defines, run or not
+
+    def ratio(self, numerator: str, denominator: str) -> float | None:
+        if numerator in self.ns_per_op and denominator in self.ns_per_op:
+            return self.ns_per_op[numerator] / self.ns_per_op[denominator]
+        return None
+
+
+def _ns(value: float) -> str:
+    if value >= 10_000:
+        return f"{value / 1000:,.1f} us"
+    return f"{value:,.1f} ns"
+
+
+def table(results: Results) -> str:
+    m = results.machine
+    lines = [
+        f"pkeys bench on {m['cpu_model']} (PKU {'yes' if m['pku'] else 'no'}, "
+        f"OSPKE {'yes' if m['ospke'] else 'no'}), Linux {m['kernel']}, Python {m['python']}",
+    ]
+    if m["emulated"]:
+        lines.append(
+            "!! EMULATED CPU (QEMU TCG): these timings are NOT hardware numbers; "
+            "only the semantics are real."
+        )
+    floor = results.ns_per_op.get(FLOOR)
+    lines.append("")
+    lines.append(f"{'case':<40} {'time/op':>12} {'x cffi no-op':>13} {'TSC cycles/op':>14}")
+    for name in results.case_names:
+        if name not in results.ns_per_op:
+            lines.append(f"{name:<40} {NO_PKU:>12}")
+            continue
+        ns = results.ns_per_op[name]
+        relative = f"{ns / floor:,.2f}x" if floor else "-"
+        cycles = results.cycles_per_op.get(name)
+        lines.append(
+            f"{name:<40} {_ns(ns):>12} {relative:>13} "
+            f"{(f'{cycles:,.1f}' if cycles is not None else ''):>14}"
+        )
+    lines.append("")
+    lines.append("syscall / instruction")
+    for label, numerator, denominator in RATIOS:
+        value = results.ratio(numerator, denominator)
+        lines.append(f"  {label:<58} {f'{value:,.1f}x' if value else NO_PKU:>12}")
+    lines.append("")
+    lines.append("targets (ratios measured side by side in this run)")
+    for label, numerator, denominator, comparison, bound in TARGETS:
+        value = results.ratio(numerator, denominator)
+        if value is None:
+            verdict = NO_PKU
+        else:
+            met = value <= bound if comparison == "<=" else value >= bound
+            verdict = f"{value:5.2f}x  {'met' if met else 'MISSED'}"
+        lines.append(f"  {label:<58} {verdict:>12}")
+    if results.contention:
+        lines.append("")
+        lines.append("page-fault throughput while one thread flips access "
+                     "(relative to no flipping)")
+        modes = sorted({s.mode for s in results.contention} - {"none"}, reverse=True)
+        header = f"  {'workers':>7} {'faults/s, no flips':>20}" + "".join(
+            f" {mode + ' (flips/s)':>30}" for mode in modes)
+        if "wrpkru" not in modes:
+            header += f" {'wrpkru':>30}"
+        lines.append(header)
+        for workers in sorted({s.workers for s in results.contention}):
+            row = {s.mode: s for s in results.contention if s.workers == workers}
+            line = f"  {workers:>7} {row['none'].faults_per_second:>20,.0f}"
+            for mode in modes:
+                s = row[mode]
+                line += f" {f'{s.relative:.2f} ({s.flips_per_second:,.0f}/s)':>30}"
+            if "wrpkru" not in modes:
+                line += f" {NO_PKU:>30}"
+            lines.append(line)
+        if "wrpkru" not in modes:
+            lines.append("  (without PKU only flipping through the mm lock exists: the pkey_mprotect "
+                         "flips use key -1, a plain mprotect)")
+    return "\n".join(lines)
+
+
+def contention_json(samples: list[Sample]) -> str:
+    return json.dumps([s.__dict__ for s in samples])
+
+
+def plot(results: Results, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in results.case_names if n in results.ns_per_op]
+    values = [results.ns_per_op[n] for n in names]
+    colors = {"c": "#4c72b0", "baseline": "#8c8c8c", "pkeys": "#55a868", "glibc": "#c44e52",
+              "ctypes": "#dd8452", "software": "#8172b3"}
+    figure, (bars, lines) = plt.subplots(
+        1, 2, figsize=(14, max(5, 0.32 * len(names))), gridspec_kw={"width_ratios": [3, 2]})
+    bars.barh(names, values, color=[colors.get(n.split("/")[0], "#999999") for n in names])
+    bars.set_xscale("log")
+    bars.invert_yaxis()
+    bars.set_xlabel("time per operation (ns, log scale)")
+    title = f"{results.machine['cpu_model']}"
+    if results.machine["emulated"]:
+        title += " - EMULATED, not hardware timings"
+    bars.set_title(title, fontsize=9)
+    bars.tick_params(axis="y", labelsize=7)
+    for mode, style in (("pkey_mprotect", "o-"), ("wrpkru", "s-")):
+        points = sorted((s.workers, s.relative) for s in results.contention if s.mode == mode)
+        if points:
+            lines.plot([p[0] for p in points], [p[1] for p in points], style,
+                       label=f"flipping via {mode}")
+    lines.axhline(1.0, color="#8c8c8c", linewidth=0.8)
+    lines.set_xlabel("page-faulting worker threads")
+    lines.set_ylabel("fault throughput relative to no flipping")
+    lines.set_title("mm-lock contention", fontsize=9)
+    lines.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,295 @@
+"""The pyperf suite.  Run through ``python -m pkeys bench``, or directly
+as ``python -m pkeys.bench.suite [pyperf options]``.
+
+Cases are named ``group/op/impl``:
+
+* ``c/...``        loops in C (csrc/bench.c): no Python in the timing;
+* ``baseline/...`` the floor: a cffi no-op call and a plain Python call;
+* ``pkeys/...``    the package's safe calls;
+* ``glibc/...``    glibc's functions through :mod:`pkeys.glibc`;
+* ``ctypes/...``   what people write today without pkeys;
+* ``software/...`` the mprotect emulation, and the raw ``mprotect`` it issues.
+
+Cases that need PKU are skipped where it is absent (the report prints
+"n/a (no PKU)").  Each case does its setup on first use, so a pyperf
+worker only pays for the case it runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import time
+from collections.abc import Callable
+
+import pyperf
+
+import pkeys
+from pkeys import _software, glibc
+from pkeys._binding import ffi, lib
+
+HARDWARE = pkeys.hardware_supported() and pkeys.backend() == "hardware"
+PAGE = mmap.PAGESIZE
+SYS_PKEY_MPROTECT = 329
+
+# name -> (needs PKU, time function(loops) -> seconds)
+CASES: dict[str, tuple[bool, Callable[[int], float]]] = {}
+
+
+def case(name: str, needs_pku: bool = False):  # type: ignore[no-untyped-def]
+    def register(function: Callable[[int], float]) -> Callable[[int], float]:
+        CASES[name] = (needs_pku, function)
+        return function
+
+    return register
+
+
+_cache: dict[str, object] = {}
+
+
+def once(name: str, make: Callable[[], object]) -> object:
+    if name not in _cache:
+        _cache[name] = make()
+    return _cache[name]
+
+
+def _hardware_key() -> int:
+    return int(once("key", lambda: pkeys.Key(rights=0)))  # type: ignore[arg-type]
+
+
+def _page(name: str, pages: int = 1) -> tuple[mmap.mmap, int]:
+    def make() -> tuple[mmap.mmap, int]:
+        memory = mmap.mmap(-1, pages * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        memory[0] = 1
+        pin = ffi.from_buffer(memory)
+        address = int(ffi.cast("uintptr_t", pin))
+        ffi.release(pin)
+        return memory, address
+
+    return once(name, make)  # type: ignore[return-value]
+
+
+# ---- C-level loops ---------------------------------------------------------
+
+def _c_loop(run: Callable[[int, object], int]) -> Callable[[int], float]:
+    def time_it(loops: int) -> float:
+        result = ffi.new("struct pk_bench *")
+        status = run(loops, result)
+        if status:
+            raise RuntimeError(f"C loop failed with status {status}, errno {ffi.errno}")
+        return result.nanoseconds / 1e9
+
+    return time_it
+
+
+case("c/rdpkru/insn", True)(_c_loop(lambda n, r: lib.pk_bench_rdpkru(n, r)))
+case("c/wrpkru/same", True)(_c_loop(lambda n, r: lib.pk_bench_wrpkru(n, 0, _hardware_key(), r)))
+case("c/wrpkru/alternate", True)(_c_loop(lambda n, r: lib.pk_bench_wrpkru(n, 1, _hardware_key(), r)))
+case("c/pkey_set/glibc", True)(_c_loop(lambda n, r: lib.pk_bench_glibc_pkey_set(n, _hardware_key(), r)))
+case("c/null_syscall/getppid")(_c_loop(lambda n, r: lib.pk_bench_null_syscall(n, r)))
+
+for _pages in (1, 64):
+    for _threads in (0, 3):
+        def _mprotect_case(pkey_fn: Callable[[], int], pages: int = _pages, threads: int = _threads):
+            def run(n: int, result: object) -> int:
+                _, address = _page(f"toggle{pages}", pages)
+                return lib.pk_bench_mprotect(n, address, pages * PAGE, pkey_fn(), threads, result)
+
+            return _c_loop(run)
+
+        case(f"c/pkey_mprotect/{_pages}page-{_threads}threads", True)(_mprotect_case(_hardware_key))
+        case(f"c/mprotect/{_pages}page-{_threads}threads")(_mprotect_case(lambda: -1))
+
+
+# ---- Python-level cases ------------------------------------------------------
+
+def _timed(body: Callable[[], object]) -> Callable[[int], float]:
+    """Time ``loops`` calls of ``body`` (with a 10x unrolled inner loop so
+    that the for-loop itself weighs little)."""
+
+    def time_it(loops: int) -> float:
+        call = body
+        outer = range(max(1, loops // 10))
+        start = time.perf_counter()
+        for _ in outer:
+            call(); call(); call(); call(); call(); call(); call(); call(); call(); call()  # noqa: E702
+        return (time.perf_counter() - start) * loops / (len(outer) * 10)
+
+    return time_it
+
+
+def _python_noop() -> None:
+    pass
+
+
+case("baseline/noop/cffi")(_timed(lib.pk_noop))
+case("baseline/noop/python")(_timed(_python_noop))
+
+
+@case("pkeys/pkey_get/safe", True)
+def _pkey_get(loops: int) -> float:
+    key, get = _hardware_key(), pkeys.pkey_get
+    return _timed(lambda: get(key))(loops)
+
+
+@case("pkeys/pkey_set/same", True)
+def _pkey_set_same(loops: int) -> float:
+    key, set_ = _hardware_key(), pkeys.pkey_set
+    return _timed(lambda: set_(key, 0))(loops)
+
+
+@case("pkeys/rdpkru/safe", True)
+def _rdpkru(loops: int) -> float:
+    return _timed(pkeys.rdpkru)(loops)
+
+
+def _two_key_toggle(set_: Callable[[int, int], object], key: int) -> Callable[[int], float]:
+    # Alternate rights so every call writes the register.
+    def time_it(loops: int) -> float:
+        pairs = range(max(1, loops // 2))
+        start = time.perf_counter()
+        for _ in pairs:
+            set_(key, 1)
+            set_(key, 0)
+        return (time.perf_counter() - start) * loops / (2 * len(pairs))
+
+    return time_it
+
+
+@case("pkeys/pkey_set/toggle", True)
+def _pkey_set_toggle(loops: int) -> float:
+    return _two_key_toggle(pkeys.pkey_set, _hardware_key())(loops)
+
+
+@case("pkeys/allow/key", True)
+def _key_allow(loops: int) -> float:
+    key = once("allow-key", lambda: pkeys.Key())
+    allow = key.allow  # type: ignore[attr-defined]
+
+    def body() -> None:
+        with allow():
+            pass
+
+    return _timed(body)(loops)
+
+
+@case("pkeys/allow/4keys", True)
+def _allow_four(loops: int) -> float:
+    keys = once("four", lambda: [pkeys.Key() for _ in range(4)])
+    allow = pkeys.allow
+
+    def body() -> None:
+        with allow(*keys):  # type: ignore[misc]
+            pass
+
+    return _timed(body)(loops)
+
+
+@case("glibc/pkey_get/pkeys.glibc", True)
+def _glibc_get(loops: int) -> float:
+    key = _hardware_key()
+    return _timed(lambda: glibc.pkey_get(key))(loops)
+
+
+@case("glibc/pkey_set/pkeys.glibc", True)
+def _glibc_set(loops: int) -> float:
+    return _two_key_toggle(glibc.pkey_set, _hardware_key())(loops)
+
+
+def _ctypes_libc() -> ctypes.CDLL:
+    def make() -> ctypes.CDLL:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.pkey_set.argtypes = [ctypes.c_int, ctypes.c_uint]
+        libc.pkey_set.restype = ctypes.c_int
+        libc.syscall.restype = ctypes.c_long
+        return libc
+
+    return once("ctypes", make)  # type: ignore[return-value]
+
+
+@case("ctypes/pkey_set/glibc", True)
+def _ctypes_set(loops: int) -> float:
+    libc = _ctypes_libc()
+
+    def pkey_set(key: int, rights: int) -> None:
+        # What a careful ctypes user writes: call, then check errno.
+        if libc.pkey_set(key, rights) != 0:
+            raise OSError(ctypes.get_errno(), "pkey_set failed")
+
+    return _two_key_toggle(pkey_set, _hardware_key())(loops)
+
+
+@case("ctypes/pkey_mprotect/syscall", True)
+def _ctypes_mprotect(loops: int) -> float:
+    libc, key = _ctypes_libc(), _hardware_key()
+    _, address = _page("ctypes-page")
+    prots = (mmap.PROT_READ, mmap.PROT_READ | mmap.PROT_WRITE)
+
+    def time_it(n: int) -> float:
+        start = time.perf_counter()
+        for i in range(n):
+            if libc.syscall(SYS_PKEY_MPROTECT, ctypes.c_void_p(address), ctypes.c_size_t(PAGE),
+                            prots[i & 1], key) != 0:
+                raise OSError(ctypes.get_errno(), "pkey_mprotect failed")
+        return time.perf_counter() - start
+
+    return time_it(loops)
+
+
+@case("pkeys/pkey_mprotect/safe", True)
+def _safe_mprotect(loops: int) -> float:
+    key = _hardware_key()
+    memory, _ = _page("safe-page")
+    prots = (mmap.PROT_READ, mmap.PROT_READ | mmap.PROT_WRITE)
+    protect = pkeys.pkey_mprotect
+
+    def time_it(n: int) -> float:
+        start = time.perf_counter()
+        for i in range(n):
+            protect(memory, None, prots[i & 1], key)
+        return time.perf_counter() - start
+
+    return time_it(loops)
+
+
+@case("software/pkey_set/1region")
+def _software_set(loops: int) -> float:
+    # The emulation's own functions, whatever backend this process chose:
+    # each rights change re-protects the one region with one mprotect.
+    def make() -> int:
+        memory, _ = _page("software-page")
+        pkey = _software.pkey_alloc(0, 1)
+        _software.pkey_mprotect(memory, None, mmap.PROT_READ | mmap.PROT_WRITE, pkey)
+        return pkey
+
+    pkey = once("software-key", make)
+    return _two_key_toggle(_software.pkey_set, pkey)(loops)  # type: ignore[arg-type]
+
+
+@case("software/mprotect/raw")
+def _raw_mprotect(loops: int) -> float:
+    _, address = _page("raw-page")
+    mprotect = lib.pk_sys_mprotect
+    prots = (pkeys.PROT_NONE, mmap.PROT_READ | mmap.PROT_WRITE)
+
+    def time_it(n: int) -> float:
+        start = time.perf_counter()
+        for i in range(n):
+            mprotect(address, PAGE, prots[i & 1])
+        return time.perf_counter() - start
+
+    return time_it(loops)
+
+
+def main() -> None:
+    runner = pyperf.Runner()
+    runner.metadata["pkeys_backend"] = pkeys.backend()
+    for name, (needs_pku, time_function) in CASES.items():
+        if needs_pku and not HARDWARE:
+            continue
+        runner.bench_time_func(name, time_function)
+
+
+if __name__ == "__main__":
+    main()
