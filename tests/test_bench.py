@@ -102,3 +102,24 @@ def test_emulated_results_are_flagged_and_not_written_without_the_flag(monkeypat
 def test_contention_results_serialise():
     data = json.loads(report.contention_json(_results().contention))
     assert data[1]["mode"] == "pkey_mprotect" and data[1]["relative"] == 0.5
+
+
+@pytest.mark.anybackend
+def test_every_available_case_runs_in_process():
+    # The same smoke as `bench --quick`, without a worker process per case
+    # (a new interpreter costs seconds on the emulated CPU): each case's
+    # timing function runs a few loops here.  On PKU that is every case.
+    from pkeys.bench import suite
+
+    hardware = pkeys.hardware_supported() and pkeys.backend() == "hardware"
+    expected = [name for name, (needs_pku, _) in CASES.items() if hardware or not needs_pku]
+    ran = []
+    try:
+        for name in expected:
+            assert CASES[name][1](4) > 0, name
+            ran.append(name)
+    finally:
+        suite.release_cached()
+    assert ran == expected
+    if hardware:
+        assert len(ran) == len(CASES)

@@ -68,3 +68,14 @@ def test_wrpkru_has_a_memory_clobber():
     header = (CSRC / "pkeys_internal.h").read_text()
     wrpkru = header[header.index("pk_wrpkru_unchecked(uint32_t value)\n{"):]
     assert '"memory"' in wrpkru.split("}")[0]
+
+
+def test_type_stub_covers_the_whole_api_header():
+    import re
+
+    header = (CSRC / "pkeys_api.h").read_text()
+    stub = (ROOT / "pkeys" / "_pkeys_cffi.pyi").read_text()
+    functions = set(re.findall(r"\b(pk_[a-z0-9_]+)\(", header))
+    constants = set(re.findall(r"^#define (PK_[A-Z0-9_]+) ", header, re.M))
+    missing = {name for name in functions | constants if name not in stub}
+    assert not missing, f"add to pkeys/_pkeys_cffi.pyi: {sorted(missing)}"

@@ -54,6 +54,23 @@ def once(name: str, make: Callable[[], object]) -> object:
     return _cache[name]
 
 
+def release_cached() -> None:
+    """Unmap the cached pages, then free the cached keys (a key that still
+    guards live memory cannot be freed)."""
+    for value in _cache.values():
+        if isinstance(value, tuple) and isinstance(value[0], mmap.mmap):
+            value[0].close()
+    for name, value in _cache.items():
+        if isinstance(value, pkeys.Key):
+            value.close()
+        elif isinstance(value, list):
+            for key in value:
+                key.close()
+        elif name == "software-key":
+            _software.pkey_free(value)  # type: ignore[arg-type]
+    _cache.clear()
+
+
 def _hardware_key() -> int:
     return int(once("key", lambda: pkeys.Key(rights=0)))  # type: ignore[arg-type]
 
