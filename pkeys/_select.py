@@ -14,7 +14,7 @@ from types import ModuleType
 
 from ._binding import lib
 
-__all__ = ["hardware_supported", "hardware_absence_reason", "choose"]
+__all__ = ["hardware_supported", "hardware_absence_reason", "choose", "cpu_model", "emulated"]
 
 CHOICES = ("auto", "hardware", "software")
 
@@ -22,6 +22,25 @@ CHOICES = ("auto", "hardware", "software")
 def hardware_supported() -> bool:
     """True when PKU instructions can run: the CPU has PKU and the OS set CR4.PKE."""
     return bool(lib.pk_cpu_has_pku() and lib.pk_cpu_has_ospke())
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def emulated() -> bool:
+    """True under QEMU's software emulation (TCG), whose timings are not a CPU's."""
+    return "QEMU" in cpu_model()
 
 
 def hardware_absence_reason() -> str:

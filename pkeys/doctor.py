@@ -11,7 +11,7 @@ from typing import Any
 from . import _key, glibc
 from ._binding import lib
 from ._rights import NUM_KEYS
-from ._select import hardware_absence_reason, hardware_supported
+from ._select import cpu_model, emulated, hardware_absence_reason, hardware_supported
 
 __all__ = ["collect", "main"]
 
@@ -21,17 +21,6 @@ SOFTWARE_DIFFERENCES = [
     "a denied access faults with SEGV_ACCERR, not SEGV_PKUERR",
     "ProtectedBuffer.unlocked() opens the buffer to every thread for the block",
 ]
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _limit(value: int) -> int | None:
@@ -49,11 +38,12 @@ def collect() -> dict[str, Any]:
     shadow = backend.shadow_pkru()
     report: dict[str, Any] = {
         "cpu": {
-            "model": _cpu_model(),
+            "model": cpu_model(),
             "arch": platform.machine(),
             "pku": bool(lib.pk_cpu_has_pku()),
             "ospke": bool(lib.pk_cpu_has_ospke()),
         },
+        "emulated": emulated(),
         "kernel": platform.release(),
         "glibc": {"version": glibc.version() or None, "functions": glibc.available()},
         "hardware_supported": hardware_supported(),
@@ -94,7 +84,8 @@ def _render(report: dict[str, Any]) -> str:
     glibc_info = report["glibc"]
     missing = [name for name, found in glibc_info["functions"].items() if not found]
     lines = [
-        f"CPU            {cpu['model']} ({cpu['arch']})",
+        f"CPU            {cpu['model']} ({cpu['arch']})"
+        + (", emulated: semantics are real, timings are not" if report["emulated"] else ""),
         f"  PKU          {'yes' if cpu['pku'] else 'no'}",
         f"  OSPKE        {'yes' if cpu['ospke'] else 'no'}",
         f"kernel         {report['kernel']}",

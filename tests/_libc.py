@@ -45,8 +45,19 @@ def remap(address: int, old_length: int, new_length: int) -> int:
     return _address(libc.mremap(ffi.cast("void *", address), old_length, new_length, MREMAP_MAYMOVE))
 
 
-def smaps_pkey(address: int) -> int:
-    """The ProtectionKey that /proc/self/smaps shows for the mapping at ``address``."""
+def address_of(memory) -> int:
+    """The address of a buffer's first byte."""
+    from pkeys._binding import ffi as pkeys_ffi
+
+    pin = pkeys_ffi.from_buffer(memory)
+    try:
+        return int(pkeys_ffi.cast("uintptr_t", pin))
+    finally:
+        pkeys_ffi.release(pin)
+
+
+def smaps_field(address: int, field: str) -> list[str]:
+    """The words after ``field:`` in /proc/self/smaps for the mapping at ``address``."""
     inside = False
     with open("/proc/self/smaps") as smaps:
         for line in smaps:
@@ -54,6 +65,28 @@ def smaps_pkey(address: int) -> int:
             if "-" in head and ":" not in head:
                 start, end = (int(x, 16) for x in head.split("-"))
                 inside = start <= address < end
-            elif inside and line.startswith("ProtectionKey:"):
-                return int(line.split()[1])
-    raise LookupError(f"no ProtectionKey line for {address:#x}")
+            elif inside and line.startswith(field + ":"):
+                return line.split()[1:]
+    raise LookupError(f"no {field} line for {address:#x}")
+
+
+def smaps_pkey(address: int) -> int:
+    """The ProtectionKey that /proc/self/smaps shows for the mapping at ``address``."""
+    return int(smaps_field(address, "ProtectionKey")[0])
+
+
+def allocate_until_enospc(allocate, after_each=None) -> list[int]:
+    """Call ``allocate()`` until it fails with ENOSPC; the keys it returned.
+    ``after_each(keys)`` runs after every success.  Any other error is raised."""
+    import errno
+
+    keys: list[int] = []
+    while True:
+        try:
+            keys.append(allocate())
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            return keys
+        if after_each is not None:
+            after_each(keys)

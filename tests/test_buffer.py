@@ -19,6 +19,8 @@ from pkeys._binding import ffi
 from pkeys._child import run_in_child
 from pkeys._fault import SEGV_ACCERR, SEGV_PKUERR, FaultKind
 
+from ._libc import allocate_until_enospc, smaps_field
+
 pytestmark = pytest.mark.anybackend
 SECRET = b"tok_live_0123456789abcdef"
 DENIED_CODE = SEGV_PKUERR if pkeys.backend() == "hardware" else SEGV_ACCERR
@@ -33,16 +35,7 @@ def buf():
 
 
 def vm_flags(address: int) -> set[str]:
-    inside = False
-    with open("/proc/self/smaps") as smaps:
-        for line in smaps:
-            head = line.split()[0] if line.strip() else ""
-            if "-" in head and ":" not in head:
-                start, end = (int(x, 16) for x in head.split("-"))
-                inside = start <= address < end
-            elif inside and line.startswith("VmFlags:"):
-                return set(line.split()[1:])
-    raise LookupError(hex(address))
+    return set(smaps_field(address, "VmFlags"))
 
 
 def mapped(address: int) -> bool:
@@ -422,14 +415,7 @@ def test_no_key_or_mapping_leaks_after_10000_cycles():
     assert maps_count() <= maps_before + 4
     if pkeys.backend() == "hardware":
         # The kernel agrees: every number is still free to allocate.
-        raw = []
-        try:
-            while True:
-                try:
-                    raw.append(pkeys.sys.pkey_alloc(0, 1))
-                except OSError:
-                    break
-        finally:
-            for pkey in raw:
-                pkeys.sys.pkey_free(pkey)
+        raw = allocate_until_enospc(lambda: pkeys.sys.pkey_alloc(0, 1))
+        for pkey in raw:
+            pkeys.sys.pkey_free(pkey)
         assert len(raw) >= 15 - len(keys_before) - 1  # the kernel may hold its exec-only key

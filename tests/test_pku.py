@@ -27,18 +27,11 @@ from pkeys._child import run_in_child
 from pkeys._fault import SEGV_PKUERR, FaultKind
 
 from . import _libc
+from ._libc import address_of, allocate_until_enospc
 
 pytestmark = pytest.mark.pku
 PAGE = mmap.PAGESIZE
 INIT_PKRU = 0x55555554
-
-
-def address_of(memory) -> int:
-    pin = ffi.from_buffer(memory)
-    try:
-        return int(ffi.cast("uintptr_t", pin))
-    finally:
-        ffi.release(pin)
 
 
 def untag(memory) -> None:
@@ -76,28 +69,28 @@ def test_kernel_rejects_bad_alloc_arguments(flags, rights):
 def test_exhaustion_with_a_fork_part_way(shadow):
     allocated: list[int] = []
     child_result = None
+
+    def after_each(keys: list[int]) -> None:
+        nonlocal child_result
+        allocated[:] = keys
+        shadow.set(keys[-1], 0)
+        shadow.check()
+        if len(keys) == 5 and child_result is None:
+            mine = list(keys)
+
+            def child() -> None:
+                assert pkeys.allocated_keys() == mine
+                assert pkeys.rdpkru() == shadow.value
+                for pkey in mine:
+                    pkeys.pkey_free(pkey)
+                assert pkeys.allocated_keys() == []
+                # The child's frees returned the numbers to the child alone.
+                assert pkeys.pkey_alloc() == mine[0]
+
+            child_result = run_in_child(child)
+
     try:
-        while True:
-            try:
-                allocated.append(pkeys.pkey_alloc())
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC
-                break
-            shadow.set(allocated[-1], 0)
-            shadow.check()
-            if len(allocated) == 5 and child_result is None:
-                mine = list(allocated)
-
-                def child() -> None:
-                    assert pkeys.allocated_keys() == mine
-                    assert pkeys.rdpkru() == shadow.value
-                    for pkey in mine:
-                        pkeys.pkey_free(pkey)
-                    assert pkeys.allocated_keys() == []
-                    # The child's frees returned the numbers to the child alone.
-                    assert pkeys.pkey_alloc() == mine[0]
-
-                child_result = run_in_child(child)
+        allocated[:] = allocate_until_enospc(pkeys.pkey_alloc, after_each)
         assert child_result is not None and child_result.exitcode == 0, child_result.stderr
         assert 13 <= len(allocated) <= 15, allocated
         assert 0 not in allocated
@@ -111,14 +104,8 @@ def test_exhaustion_with_a_fork_part_way(shadow):
 
 
 def test_raw_pkey_alloc_never_returns_key_zero():
-    raw = []
+    raw = allocate_until_enospc(lambda: pkeys.sys.pkey_alloc(0, pkeys.PKEY_DISABLE_ACCESS))
     try:
-        while True:
-            try:
-                raw.append(pkeys.sys.pkey_alloc(0, pkeys.PKEY_DISABLE_ACCESS))
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC
-                break
         assert raw and 0 not in raw
     finally:
         for pkey in raw:

@@ -15,16 +15,10 @@ from pkeys._binding import ffi
 from pkeys._child import run_in_child
 from pkeys._fault import FaultKind
 
+from ._libc import address_of, allocate_until_enospc
+
 pytestmark = pytest.mark.software
 PAGE = mmap.PAGESIZE
-
-
-def address_of(memory) -> int:
-    pin = ffi.from_buffer(memory)
-    try:
-        return int(ffi.cast("uintptr_t", pin))
-    finally:
-        ffi.release(pin)
 
 
 def test_initial_register_is_the_kernels_init_value():
@@ -76,14 +70,11 @@ def test_rights_are_process_wide(key, page):
 
 
 def test_keys_run_out_with_enospc():
-    allocated = []
+    allocated = allocate_until_enospc(pkeys.pkey_alloc)
     try:
-        while True:
-            try:
-                allocated.append(pkeys.pkey_alloc())
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC
-                break
+        with pytest.raises(OSError) as info:
+            pkeys.pkey_alloc()
+        assert info.value.errno == errno.ENOSPC
         assert len(allocated) == 15 - len(set(pkeys.allocated_keys()) - set(allocated))
         assert 0 not in allocated and len(set(allocated)) == len(allocated)
     finally:

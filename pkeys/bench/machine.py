@@ -7,23 +7,7 @@ import sys
 from typing import Any
 
 from .._binding import lib
-from .._select import hardware_supported
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def emulated() -> bool:
-    """True under QEMU's software emulation (TCG), whose timings are not a CPU's."""
-    return "QEMU" in cpu_model()
+from .._select import cpu_model, emulated, hardware_supported
 
 
 def describe() -> dict[str, Any]:
