@@ -36,7 +36,8 @@ from ._rights import (
     PkeyRights,
 )
 from ._select import hardware_supported
-from . import glibc, pkru, sys  # noqa: E402  (the raw layers, as attributes)
+# The raw layers, as attributes (not in __all__: `import *` must not shadow `sys`).
+from . import glibc as glibc, pkru as pkru, sys as sys
 
 __version__ = "0.1.0"
 

@@ -405,7 +405,7 @@ def test_no_key_or_mapping_leaks_after_10000_cycles():
             return next(int(l.split()[1]) for l in status if l.startswith("VmLck:"))
 
     keys_before, maps_before, locked_before = pkeys.allocated_keys(), maps_count(), locked_kb()
-    for cycle in range(10_000):
+    for _ in range(10_000):
         buffer = pkeys.ProtectedBuffer(48, label="cycle")
         buffer.write(b"x" * 48)
         buffer.close()

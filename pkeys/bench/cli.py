@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 
 from .. import _select
 from .._binding import ffi, lib
@@ -18,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one value per case and short contention runs: checks that every "
                              "case runs, not how fast")
     parser.add_argument("--rigorous", action="store_true", help="pyperf's rigorous mode (slow)")
+    parser.add_argument("--processes", type=int, metavar="N",
+                        help="pyperf worker processes per case (fewer is faster; each is a new "
+                             "interpreter, which costs seconds on an emulated CPU)")
     parser.add_argument("-o", "--output", metavar="FILE",
                         help="write the pyperf JSON (with the contention results and the machine)")
     parser.add_argument("--plot", metavar="PNG", help="draw the chart (needs matplotlib)")
@@ -46,16 +51,17 @@ def _direct_cycles(quick: bool) -> dict[str, float]:
             import pkeys
 
             key = pkeys.Key(rights=0) if pkeys.backend() == "hardware" else None
-        loops = {"c/null_syscall/getppid": lambda: lib.pk_bench_null_syscall(n, result)}
+        loops: dict[str, Callable[[], int]] = {
+            "c/null_syscall/getppid": lambda: lib.pk_bench_null_syscall(n, result)
+        }
         for pages in (1, 64):
             for threads in (0, 3):
-                loops[f"c/mprotect/{pages}page-{threads}threads"] = (
-                    lambda p=pages, t=threads: lib.pk_bench_mprotect(slow, address, p * mmap.PAGESIZE,
-                                                                     -1, t, result))
+                length = pages * mmap.PAGESIZE
+                loops[f"c/mprotect/{pages}page-{threads}threads"] = functools.partial(
+                    lib.pk_bench_mprotect, slow, address, length, -1, threads, result)
                 if key:
-                    loops[f"c/pkey_mprotect/{pages}page-{threads}threads"] = (
-                        lambda p=pages, t=threads: lib.pk_bench_mprotect(
-                            slow, address, p * mmap.PAGESIZE, key.pkey, t, result))
+                    loops[f"c/pkey_mprotect/{pages}page-{threads}threads"] = functools.partial(
+                        lib.pk_bench_mprotect, slow, address, length, key.pkey, threads, result)
         if key:
             loops["c/rdpkru/insn"] = lambda: lib.pk_bench_rdpkru(n, result)
             loops["c/wrpkru/same"] = lambda: lib.pk_bench_wrpkru(n, 0, key.pkey, result)
@@ -98,6 +104,8 @@ def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="pkeys-bench-") as work:
         raw = os.path.join(work, "suite.json")
         mode = ["--debug-single-value"] if args.quick else (["--rigorous"] if args.rigorous else ["--fast"])
+        if args.processes and not args.quick:
+            mode += ["--processes", str(args.processes)]
         command = [sys.executable, "-m", "pkeys.bench.suite", "--quiet", "-o", raw, *mode]
         print("running the pyperf suite (" + ("quick" if args.quick else mode[0].lstrip("-")) + ")...",
               file=sys.stderr, flush=True)

@@ -72,7 +72,9 @@ def release_cached() -> None:
 
 
 def _hardware_key() -> int:
-    return int(once("key", lambda: pkeys.Key(rights=0)))  # type: ignore[arg-type]
+    key = once("key", lambda: pkeys.Key(rights=0))
+    assert isinstance(key, pkeys.Key)
+    return key.pkey
 
 
 def _page(name: str, pages: int = 1) -> tuple[mmap.mmap, int]:
