@@ -16,10 +16,13 @@ python=${PYTHON:-python3}
 . .venv/bin/activate
 python -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
 
+echo "== installed in ${SECONDS}s"
 echo "== native suite (backend: $(python -c 'import pkeys; print(pkeys.backend())'))"
 python -m pytest
+echo "== native suite done at ${SECONDS}s"
 
 echo "== pku tier on an emulated PKU CPU (pkeys vm)"
+setup_started=$SECONDS
 if ! python -m pkeys vm setup; then
     echo "The pku tier needs QEMU, a static busybox and cpio:" >&2
     echo "  sudo apt-get install qemu-system-x86 busybox-static cpio && python -m pkeys vm setup" >&2
@@ -27,7 +30,13 @@ if ! python -m pkeys vm setup; then
     echo "pku tier NOT RUN" >&2
     exit 0
 fi
+echo "== vm setup took $((SECONDS - setup_started))s"
 # Plugins autoload slowly under emulation (~10 s); the tier needs none.
+# The summary line of this run is the last thing printed.
+tier_started=$SECONDS
+status=0
 python -m pkeys vm --timeout 1200 -- \
     env PKEYS_REQUIRE_PKU=1 PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 \
-    python -m pytest -m "pku or anybackend" -p no:cacheprovider
+    python -m pytest -m "pku or anybackend" -p no:cacheprovider || status=$?
+echo "== pku tier took $((SECONDS - tier_started))s (vm setup + tier: $((SECONDS - setup_started))s)" >&2
+exit $status
