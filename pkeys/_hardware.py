@@ -50,20 +50,24 @@ def pkey_free(pkey: int) -> None:
 
 
 def pkey_get(pkey: int) -> PkeyRights:
+    if type(pkey) is not int:  # bools, floats, Keys: the checked conversion
+        pkey = check_key_range(pkey)
     try:
         rights = _get(pkey)
-    except (TypeError, OverflowError):
-        return pkey_get(check_key_range(pkey))
+    except OverflowError:
+        rights = check_key_range(pkey)  # raises: outside 0..15
     if rights < 0:
         raise_status(rights, pkey)
     return RIGHTS_BY_VALUE[rights]
 
 
 def pkey_set(pkey: int, access_rights: int) -> None:
+    if type(pkey) is not int or type(access_rights) is not int:
+        pkey, access_rights = check_key_range(pkey), check_rights(access_rights)
     try:
         status = _set(pkey, access_rights)
-    except (TypeError, OverflowError):
-        return pkey_set(check_key_range(pkey), check_rights(access_rights))
+    except OverflowError:
+        status = _set(check_key_range(pkey), check_rights(access_rights))
     if status:
         raise_status(status, pkey, access_rights)
 
