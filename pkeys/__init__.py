@@ -12,15 +12,19 @@ Raw layers without validation: :mod:`pkeys.sys` (the syscalls),
 
 from __future__ import annotations
 
+# The raw layers, as attributes (not in __all__: `import *` must not shadow `sys`).
+from . import glibc as glibc
+from . import pkru as pkru
+from . import sys as sys
 from ._buffer import ProtectedBuffer
 from ._errors import (
     ArgumentError,
     BufferCorruptedError,
-    MemoryLockWarning,
-    PkeysWarning,
     InvalidKeyError,
     KeyInUseError,
+    MemoryLockWarning,
     PkeysError,
+    PkeysWarning,
     UnsupportedError,
 )
 from ._fault import Fault, FaultKind, probe
@@ -36,8 +40,6 @@ from ._rights import (
     PkeyRights,
 )
 from ._select import hardware_supported
-# The raw layers, as attributes (not in __all__: `import *` must not shadow `sys`).
-from . import glibc as glibc, pkru as pkru, sys as sys
 
 __version__ = "0.1.0"
 

@@ -271,7 +271,6 @@ class ProtectedBuffer:
         try:
             length = len(target)
             offset = self._check_span(offset, length)
-            mapping.key  # noqa: B018 - raises if the key was closed
             _key._backend.copy(int(ffi.cast("uintptr_t", target)), mapping.data + offset, length,
                                mapping.mask, mapping.mask & _WRITE_DISABLE_BITS)
         finally:

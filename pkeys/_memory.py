@@ -122,9 +122,6 @@ class Region:
         part._owner, part._weak = self._owner, self._weak
         return part
 
-    def owner(self) -> object:
-        return self._owner() if self._weak else self._owner
-
     def pin(self) -> tuple[bool, Any]:
         """``(usable, export)``: whether the memory is still its owner's,
         with an export to hold while touching it (None for int addresses)."""

@@ -25,7 +25,14 @@ from . import _state
 from ._binding import ffi, lib
 from ._errors import os_error
 from ._memory import Region, check_prot, resolve
-from ._rights import INIT_PKRU, NUM_KEYS, PROT_EXEC, PROT_WRITE, RIGHTS_BY_VALUE, PkeyRights
+from ._rights import (
+    INIT_PKRU,
+    NUM_KEYS,
+    PROT_EXEC,
+    PROT_WRITE,
+    RIGHTS_BY_VALUE,
+    PkeyRights,
+)
 from ._validate import (
     check_alloc_args,
     check_key_range,
@@ -98,31 +105,16 @@ def pkey_set(pkey: int, access_rights: int) -> None:
         and 0 <= access_rights <= 3
         and (_allocated >> pkey) & 1
     ):
+        shift = 2 * pkey
         with _state.lock:
-            _set_rights(pkey, access_rights)
+            _apply((_pkru & ~(3 << shift)) | (access_rights << shift))
         return
     pkey = _check_allocated(pkey)
     access_rights = check_rights(access_rights)
     if pkey == 0:
         raise_status(_E_KEY_ZERO)
     with _state.lock:
-        _set_rights(pkey, access_rights)
-
-
-def _set_rights(pkey: int, rights: int) -> None:
-    """One key's rights: only that key's regions are re-protected.  The
-    caller holds the lock."""
-    global _pkru
-    shift = 2 * pkey
-    new_pkru = (_pkru & ~(3 << shift)) | (rights << shift)
-    if new_pkru == _pkru:
-        return
-    regions = _state.regions.by_key.get(pkey)
-    if regions:
-        for region in list(regions):
-            _reprotect(region, rights)
-    _pkru = new_pkru
-    lib.pk_sw_mirror_pkru(new_pkru)
+        _apply(_with_rights(_pkru, pkey, access_rights))
 
 
 def pkey_mprotect(target: object, length: int | None, prot: int, pkey: int) -> None:
@@ -203,17 +195,22 @@ def _allocated_pkru_bits() -> int:
 
 def _apply(new_pkru: int) -> None:
     """Make ``new_pkru`` the emulated register, re-protecting the regions of
-    every key whose rights change.  The caller holds the lock."""
+    exactly the keys whose rights change.  The caller holds the lock."""
     global _pkru
     changed = _pkru ^ new_pkru
-    if changed:
-        for pkey, regions in list(_state.regions.by_key.items()):
-            if changed & (3 << (2 * pkey)):
-                rights = (new_pkru >> (2 * pkey)) & 3
-                for region in list(regions):
-                    _reprotect(region, rights)
-        lib.pk_sw_mirror_pkru(new_pkru)
+    if not changed:
+        return
+    by_key = _state.regions.by_key
+    while changed:
+        pkey = ((changed & -changed).bit_length() - 1) >> 1  # lowest changed key
+        changed &= ~(3 << (2 * pkey))
+        regions = by_key.get(pkey)
+        if regions:
+            rights = (new_pkru >> (2 * pkey)) & 3
+            for region in list(regions):
+                _reprotect(region, rights)
     _pkru = new_pkru
+    lib.pk_sw_mirror_pkru(new_pkru)
 
 
 def _reprotect(region: Region, rights: int) -> None:

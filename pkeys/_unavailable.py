@@ -5,6 +5,8 @@ The signatures are those of the other backends."""
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 from ._errors import UnsupportedError
 from ._rights import PkeyRights
 
@@ -12,12 +14,12 @@ NAME = "hardware"
 reason = "hardware protection keys are not available"
 
 
-def _refuse(*_args: object) -> None:
+def _refuse() -> NoReturn:
     raise UnsupportedError(reason)
 
 
 def pkey_alloc(flags: int = 0, access_rights: int = 0) -> int:
-    raise UnsupportedError(reason)
+    _refuse()
 
 
 def pkey_free(pkey: int) -> None:
@@ -25,7 +27,7 @@ def pkey_free(pkey: int) -> None:
 
 
 def pkey_get(pkey: int) -> PkeyRights:
-    raise UnsupportedError(reason)
+    _refuse()
 
 
 def pkey_set(pkey: int, access_rights: int) -> None:
@@ -37,7 +39,7 @@ def pkey_mprotect(target: object, length: int | None, prot: int, pkey: int) -> N
 
 
 def rdpkru() -> int:
-    raise UnsupportedError(reason)
+    _refuse()
 
 
 def wrpkru(value: int) -> None:
@@ -45,11 +47,11 @@ def wrpkru(value: int) -> None:
 
 
 def enter(mask: int, bits: int) -> int:
-    raise UnsupportedError(reason)
+    _refuse()
 
 
 def leave(mask: int, saved: int) -> int:
-    raise UnsupportedError(reason)
+    _refuse()
 
 
 def is_allocated(pkey: int) -> bool:

@@ -23,6 +23,7 @@ import hashlib
 import lzma
 import os
 import re
+import selectors
 import shlex
 import shutil
 import subprocess
@@ -447,8 +448,6 @@ def run(
         )
         deadline = time.monotonic() + timeout
         os.set_blocking(process.stdout.fileno(), False)  # type: ignore[union-attr]
-        import selectors
-
         with selectors.DefaultSelector() as selector:
             selector.register(process.stdout, selectors.EVENT_READ)  # type: ignore[arg-type]
             while True:
