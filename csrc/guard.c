@@ -28,6 +28,7 @@
 #include "pkeys_internal.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -278,18 +279,27 @@ static int is_ours(const struct sigaction *action)
  */
 int pk_guard_install(void)
 {
+    static pthread_mutex_t install_mutex = PTHREAD_MUTEX_INITIALIZER;
     struct sigaction current, ours;
+    int status = 0;
     if (sigaction(SIGSEGV, NULL, &current) != 0)
         return -1;
     if (is_ours(&current))
         return 0;
-    our_action(&ours);
-    /* Publish what we chain to before our handler can run. */
-    displaced = current;
-    if (sigaction(SIGSEGV, &ours, NULL) != 0)
-        return -1;
-    atomic_store(&installed, 1);
-    return 0;
+    pthread_mutex_lock(&install_mutex);
+    if (sigaction(SIGSEGV, NULL, &current) != 0) {
+        status = -1;
+    } else if (!is_ours(&current)) {
+        our_action(&ours);
+        /* Publish what we chain to before our handler can run. */
+        displaced = current;
+        if (sigaction(SIGSEGV, &ours, NULL) != 0)
+            status = -1;
+        else
+            atomic_store(&installed, 1);
+    }
+    pthread_mutex_unlock(&install_mutex);
+    return status;
 }
 
 /*
@@ -303,17 +313,15 @@ int pk_guard_install(void)
 int pk_probe(uintptr_t addr, int write, struct pk_fault *fault)
 {
     sigjmp_buf env;
-    struct sigaction previous, ours;
     volatile uint32_t saved_pkru = pk_ospke_enabled ? pk_rdpkru_unchecked() : 0;
     volatile int faulted = 0;
 
-    our_action(&ours);
-    if (sigaction(SIGSEGV, &ours, &previous) != 0)
+    /* Installed once and left in place: restoring the previous handler
+     * after each probe would pull it out from under a probe running in
+     * another thread.  Faults that are not probes still reach the handler
+     * it displaced (see handler()). */
+    if (pk_guard_install() != 0)
         return -1;
-    if (!is_ours(&previous) && !atomic_load(&installed)) {
-        displaced = previous;
-        atomic_store(&installed, 1);
-    }
 
     memset(fault, 0, sizeof *fault);
     fault->pkey = -1;
@@ -342,9 +350,6 @@ int pk_probe(uintptr_t addr, int write, struct pk_fault *fault)
             pk_wrpkru_unchecked(saved_pkru);
     }
     guard_fault = NULL;
-
-    if (!is_ours(&previous))
-        sigaction(SIGSEGV, &previous, NULL);
     return faulted;
 }
 

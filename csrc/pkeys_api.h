@@ -46,16 +46,75 @@ int pk_glibc_pkey_mprotect(uintptr_t addr, size_t len, int prot, int pkey);
 int pk_glibc_pkey_get(int pkey);
 int pk_glibc_pkey_set(int pkey, unsigned int access_rights);
 
-/* ---- safe.c: the validating hardware backend -------------------------- */
-int pk_hw_alloc(unsigned int flags, unsigned int access_rights);
-int pk_hw_free(int pkey);
-int pk_hw_get(int pkey);
-int pk_hw_set(int pkey, int access_rights);
-int pk_hw_wrpkru(uint32_t value);
-int64_t pk_hw_enter(uint32_t mask, uint32_t bits);
-int pk_hw_leave(uint32_t mask, uint32_t saved);
+/* ---- state.c: the one home of keys, grants and the emulated register ---
+ *
+ * Everything that must stay consistent across threads, asyncio tasks,
+ * finalizers and fork() lives here, behind one mutex that no Python code
+ * ever runs under (each entry point is one cffi call).  See state.c. */
+#define PK_E_KEY_CLOSED -7     /* the key was freed: its identity no longer matches */
+#define PK_E_WRONG_THREAD -8   /* a scope exited in a thread that did not enter it */
+#define PK_E_UNBALANCED -9     /* a scope exited more often than it was entered */
+#define PK_E_IN_USE -10        /* the key still guards tracked memory */
+#define PK_E_NEED_PINS -11     /* software: pin foreign owners, then call again */
+#define PK_E_BUSY -12          /* a protected buffer is being used */
+#define PK_E_CLOSED -13        /* a protected buffer is closed */
+#define PK_E_NOSPC -14         /* every key is allocated */
+
+#define PK_MODE_HARDWARE 1
+#define PK_MODE_SOFTWARE 2
+int pk_state_init(int mode);
+int pk_state_mode(void);
+
+/* Scope kinds: what a grant does to a key while it is active. */
+#define PK_GRANT_READ_WRITE 0
+#define PK_GRANT_READ_ONLY 1
+#define PK_GRANT_DENY 2
+
+int pk_key_alloc(unsigned int flags, unsigned int access_rights, uint32_t *identity);
+int pk_key_free(int pkey, uint32_t identity, uint64_t pins);
+uint32_t pk_key_identity(int pkey);
+int pk_key_get(int pkey);
+int pk_key_set(int pkey, int access_rights, uint64_t pins);
+int64_t pk_pkru_read(void);
+int pk_pkru_write(uint32_t value, uint64_t pins);
+int64_t pk_scope_enter(uint32_t keys, int kind, const uint32_t *identities, uint32_t *usage,
+                       uint64_t pins);
+int pk_scope_exit(uint32_t keys, int kind, const uint32_t *identities, uint32_t *usage,
+                  int64_t token, uint64_t pins);
+int pk_keyed_copy(uintptr_t dst, uintptr_t src, size_t len, int pkey, uint32_t identity,
+                  int kind, uint32_t *usage, uint64_t pins);
+int pk_keyed_wipe(uintptr_t addr, size_t len, int pkey, uint32_t identity, uint64_t pins);
+uint32_t pk_thread_serial(void);
 uint32_t pk_allocated_mask(void);
 int64_t pk_shadow_pkru(void);
+int pk_after_fork_in_child(uint64_t pins);
+
+/* A protected buffer's usage cell: how many operations are inside it, and
+ * whether it is closed.  Enter and exit take and drop a use atomically. */
+int pk_usage_close(uint32_t *usage);
+void pk_usage_reopen(uint32_t *usage);
+
+/* ---- regions.c: which memory each key guards ------------------------- */
+#define PK_OWNER_CALLER 0   /* an int address: the caller keeps it mapped */
+#define PK_OWNER_PACKAGE 1  /* a protected buffer: untagged before it is unmapped */
+/* Owners >= 2 are foreign Python buffers, pinned around software changes. */
+struct pk_region {
+    uintptr_t start;
+    uintptr_t end;
+    int prot;
+    int pkey;
+    uint64_t owner;
+};
+int pk_region_tag(uintptr_t addr, size_t len, int prot, int pkey, uint32_t identity,
+                  uint64_t owner, uint64_t pins);
+int pk_region_forget(uintptr_t addr, size_t len);
+int pk_owner_gone(uint64_t owner);
+int pk_owner_regions(uint64_t owner);
+uint64_t pk_foreign_version(void);
+int pk_regions_list(int pkey, struct pk_region *out, int capacity);
+uint64_t pk_reprotections(void);
+/* The prot that enforces `rights` on memory requested as `prot`. */
+int pk_effective_prot(int prot, unsigned int rights);
 
 /* ---- guard.c: guarded accesses and the package's SIGSEGV handler ------ */
 struct pk_fault {
@@ -80,11 +139,6 @@ int pk_mlock(uintptr_t addr, size_t len);
 int pk_munlock(uintptr_t addr, size_t len);
 int pk_madvise(uintptr_t addr, size_t len, int advice);
 void pk_wipe(uintptr_t addr, size_t len);
-/* Copy or wipe with access to the keys under `mask` set to `bits` for the
- * duration, and restored before returning: no Python code ever runs with
- * the access open.  Same validation and status codes as pk_hw_enter. */
-int pk_hw_copy(uintptr_t dst, uintptr_t src, size_t len, uint32_t mask, uint32_t bits);
-int pk_hw_wipe(uintptr_t addr, size_t len, uint32_t mask, uint32_t bits);
 
 /* ---- bench.c: C-level loops for `pkeys bench` ------------------------- */
 struct pk_bench {

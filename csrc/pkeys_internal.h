@@ -59,5 +59,21 @@ static inline void pk_wrpkru_unchecked(uint32_t value) { (void)value; }
 #define PK_NKEYS 16
 #define PK_KEY_SHIFT(k) (2u * (unsigned)(k))
 #define PK_KEY_MASK(k) (3u << PK_KEY_SHIFT(k))
+#define PK_AD 1u  /* access-disable */
+#define PK_WD 2u  /* write-disable */
+
+/* Between state.c and regions.c; every one is called with the state lock
+ * held (see state.c), except pk_state_lock/unlock themselves. */
+extern int pk_mode;
+void pk_state_lock(void);
+void pk_state_unlock(void);
+/* Software backend: make the regions of the keys whose bits differ between
+ * the two emulated registers match `new_pkru`.  On failure everything is
+ * put back as `old_pkru` had it and -errno is returned. */
+int pk_regions_apply(uint32_t old_pkru, uint32_t new_pkru);
+/* Whether a software change of `keys` must wait for foreign owners to be
+ * pinned: some region of theirs has a Python owner and `pins` is stale. */
+int pk_regions_need_pins(uint32_t keys, uint64_t pins);
+int pk_regions_count(int pkey);
 
 #endif

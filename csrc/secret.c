@@ -1,7 +1,7 @@
 /*
  * Memory hygiene for protected buffers: locking, advice, and wiping that
- * the compiler cannot remove, plus copies made with access opened only
- * for their duration.
+ * the compiler cannot remove.  (Copies with access opened only for their
+ * duration are in state.c.)
  */
 #include "pkeys_internal.h"
 
@@ -24,24 +24,4 @@ void pk_wipe(uintptr_t addr, size_t len)
 {
     memset((void *)addr, 0, len);
     __asm__ volatile("" : : "r"(addr) : "memory");
-}
-
-int pk_hw_copy(uintptr_t dst, uintptr_t src, size_t len, uint32_t mask, uint32_t bits)
-{
-    int64_t saved = pk_hw_enter(mask, bits);
-    if (saved < 0)
-        return (int)saved;
-    memcpy((void *)dst, (const void *)src, len);
-    pk_hw_leave(mask, (uint32_t)saved);
-    return PK_OK;
-}
-
-int pk_hw_wipe(uintptr_t addr, size_t len, uint32_t mask, uint32_t bits)
-{
-    int64_t saved = pk_hw_enter(mask, bits);
-    if (saved < 0)
-        return (int)saved;
-    pk_wipe(addr, len);
-    pk_hw_leave(mask, (uint32_t)saved);
-    return PK_OK;
 }

@@ -16,7 +16,7 @@ from __future__ import annotations
 from . import glibc as glibc
 from . import pkru as pkru
 from . import sys as sys
-from ._buffer import ProtectedBuffer
+from ._buffer import ProtectedBuffer, Unlocked
 from ._errors import (
     ArgumentError,
     BufferCorruptedError,
@@ -25,6 +25,7 @@ from ._errors import (
     MemoryLockWarning,
     PkeysError,
     PkeysWarning,
+    ScopeError,
     UnsupportedError,
 )
 from ._fault import Fault, FaultKind, probe
@@ -66,6 +67,7 @@ __all__ = [
     "Key",
     "Scope",
     "ProtectedBuffer",
+    "Unlocked",
     "allow",
     "probe",
     "Fault",
@@ -75,6 +77,7 @@ __all__ = [
     "ArgumentError",
     "InvalidKeyError",
     "KeyInUseError",
+    "ScopeError",
     "BufferCorruptedError",
     "PkeysWarning",
     "MemoryLockWarning",

@@ -23,15 +23,22 @@ Creation
 Access
   ``unlocked()`` opens the key (this thread only, on hardware) for a
   block and yields a memoryview that is released on exit.  ``readinto``
-  and ``write`` copy in C with access open only for the copy.
+  and ``write`` copy in C with access open only for the copy.  Each of
+  them holds one *use* of the buffer (an atomic count in C) while it runs.
 
 Close (also run by the finalizer)
-  1. Refuse, with BufferError, while a view is still exported.
+  1. Refuse, with BufferError, while a view is still exported or another
+     thread or task is using the buffer; otherwise mark it closed in the
+     same atomic step, so that no new use can begin.
   2. Check the canary, remembering a mismatch.
   3. Wipe every inner byte with a write the compiler cannot drop.
-  4. ``munlock``, unregister the label, unmap.
+  4. ``munlock``, unregister the label, forget the region, unmap.
   5. Free the key if the buffer owns it.
   6. Only then report a canary mismatch, as BufferCorruptedError.
+
+  A buffer collected while a view of it escaped (a numpy array made in
+  ``unlocked()`` and kept) is wiped and unlocked at once; the last view
+  unmaps the memory when it goes, and the key is freed then.
 """
 
 from __future__ import annotations
@@ -44,12 +51,12 @@ import weakref
 from types import TracebackType
 from typing import Any
 
-from . import _key, _state
+from . import _api, _state
 from ._binding import ffi, lib
-from ._errors import ArgumentError, BufferCorruptedError, MemoryLockWarning, PkeysError
+from ._errors import ArgumentError, BufferCorruptedError, MemoryLockWarning
 from ._key import Key
 from ._rights import PAGE_SIZE, PROT_NONE, PROT_READ, PROT_WRITE
-from ._validate import require_int
+from ._validate import raise_status, require_int
 
 __all__ = ["ProtectedBuffer"]
 
@@ -59,7 +66,8 @@ MAX_SIZE = 1 << 40
 # CPython's mmap module only has the names its build headers had.
 MADV_DONTDUMP = getattr(mmap, "MADV_DONTDUMP", 16)
 MADV_WIPEONFORK = getattr(mmap, "MADV_WIPEONFORK", 18)
-_WRITE_DISABLE_BITS = 0xAAAAAAAA
+_copy = lib.pk_keyed_copy
+_NEED_PINS = _state.NEED_PINS
 
 
 def _address(memory: object) -> int:
@@ -70,24 +78,38 @@ def _address(memory: object) -> int:
         ffi.release(pin)
 
 
+def _check(status: int, function: Any, *args: object) -> None:
+    """Raise for a failed keyed operation, pinning foreign owners first when
+    the software backend asks for it."""
+    if status == _NEED_PINS:
+        status = _state.call_pinned(function, *args)
+    if status:
+        raise_status(status)
+
+
 class _Mapping:
     """The resources of one buffer; closed by ProtectedBuffer.close() or
-    the finalizer, never both."""
+    the finalizer, never both (the usage cell's close is the one way in)."""
 
     def __init__(self, size: int, key: Key | None, label: str, lock: bool) -> None:
         self.closed = False
-        self.active_blocks = 0
         self.size = size
         self.owns_key = key is None
         self.label_slot = -1
         self.locked = False
+        self.usage = ffi.new("uint32_t *")
+        # Set when the ProtectedBuffer was collected while in use: the last
+        # use to end closes it.
+        self.orphaned = False
         inner_pages = (size + CANARY_SIZE + PAGE_SIZE - 1) // PAGE_SIZE
         self.inner_length = inner_pages * PAGE_SIZE
         # MAP_PRIVATE, not mmap's default MAP_SHARED: a shared mapping would
         # let a forked child read and write the parent's secret, and the
         # kernel refuses MADV_WIPEONFORK on it.
-        self.map = mmap.mmap(-1, self.inner_length + 2 * PAGE_SIZE,
-                             flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.map: mmap.mmap | None = mmap.mmap(
+            -1, self.inner_length + 2 * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        )
+        self.map_length = len(self.map)
         try:
             self.base = _address(self.map)
             self.inner = self.base + PAGE_SIZE
@@ -103,13 +125,17 @@ class _Mapping:
             ffi.memmove(ffi.cast("void *", self.canary_address), self.canary, CANARY_SIZE)
             self.key = key if key is not None else Key()
             self.pkey = self.key.pkey
-            self.mask = 3 << (2 * self.pkey)
-            self.key.protect(self.inner, self.inner_length, PROT_READ | PROT_WRITE)
+            self.identity = self.key.identity
+            identities = ffi.new("uint32_t[16]")
+            identities[self.pkey] = self.identity
+            self.identities = identities
+            _api.tag(self.inner, self.inner_length, PROT_READ | PROT_WRITE, self.pkey,
+                     self.identity, owner=lib.PK_OWNER_PACKAGE)
             self.label_slot = lib.pk_label_add(
-                self.base, self.base + len(self.map), self.pkey, label.encode()[:63]
+                self.base, self.base + self.map_length, self.pkey, label.encode()[:63]
             )
         except BaseException:
-            self.close(check_views=False, check_canary=False)
+            self._release(check_canary=False)
             raise
 
     def _guard_pages(self) -> None:
@@ -137,29 +163,61 @@ class _Mapping:
     def views_exported(self) -> bool:
         # CPython refuses to resize an mmap with live exports; resizing to
         # the same size changes nothing otherwise.
+        assert self.map is not None
         try:
-            self.map.resize(len(self.map))
+            self.map.resize(self.map_length)
         except BufferError:
             return True
         return False
 
-    def close(self, check_views: bool = True, check_canary: bool = True) -> None:
+    def copy(self, dst: int, src: int, length: int, kind: int) -> None:
+        args = (dst, src, length, self.pkey, self.identity, kind, self.usage)
+        _check(_copy(*args, 0), _copy, *args)
+
+    def close(self) -> None:
+        """Close everything, or raise and change nothing."""
         if self.closed:
             return
-        if check_views and self.views_exported():
+        if self.views_exported():
             raise BufferError(
                 "a view of the protected buffer is still alive (a memoryview or array made "
                 "inside unlocked()); release it before close()"
             )
+        status = lib.pk_usage_close(self.usage)
+        if status == lib.PK_E_CLOSED:
+            return
+        if status:
+            raise_status(status)
+        if self.views_exported():  # made by a use that ended just before the close
+            lib.pk_usage_reopen(self.usage)
+            raise BufferError("a view of the protected buffer is still alive; release it first")
+        self._release(check_canary=True)
+
+    def close_when_released(self) -> None:
+        """For the finalizer: close now if nothing uses the buffer; if a use
+        is under way, its end closes it; if only escaped views remain, wipe
+        now and let the last view unmap."""
+        try:
+            self.close()
+            return
+        except BufferError:
+            pass
+        except Exception:  # noqa: BLE001 - a finalizer must not raise
+            return
+        if lib.pk_usage_close(self.usage):
+            self.orphaned = True  # in use: the last use to end closes it
+            return
+        self._release(check_canary=False, unmap=False)
+
+    def _release(self, check_canary: bool, unmap: bool = True) -> None:
         corrupted = False
-        backend = _key._backend
-        if hasattr(self, "key") and not self.key.closed:
+        if hasattr(self, "identities") and not self.key.closed:
             if check_canary:
                 seen = ffi.new("char[]", CANARY_SIZE)
-                backend.copy(int(ffi.cast("uintptr_t", seen)), self.canary_address, CANARY_SIZE,
-                             self.mask, 0)
+                self._keyed(lib.pk_keyed_copy, int(ffi.cast("uintptr_t", seen)),
+                            self.canary_address, CANARY_SIZE, lib.PK_GRANT_READ_ONLY)
                 corrupted = not hmac.compare_digest(ffi.buffer(seen)[:], self.canary)
-            backend.wipe(self.inner, self.inner_length, self.mask, 0)
+            self._keyed(lib.pk_keyed_wipe, self.inner, self.inner_length)
         elif hasattr(self, "inner"):
             lib.pk_wipe(self.inner, self.inner_length)  # never tagged: plain access
         if self.locked:
@@ -168,27 +226,51 @@ class _Mapping:
         if self.label_slot >= 0:
             lib.pk_label_remove(self.label_slot)
             self.label_slot = -1
-        self._unmap()
         self.closed = True
-        if self.owns_key and hasattr(self, "key"):
-            self.key.close()
+        if unmap:
+            self._unmap()
+        else:
+            # Escaped views still hold the mmap: the last one unmaps it, and
+            # only then may the region be forgotten and the key freed.
+            memory = self.map
+            self.map = None
+            weakref.finalize(memory, self._unmapped)
+            del memory
+            return
         if corrupted:
             raise BufferCorruptedError(
                 "the canary before the protected buffer's data was overwritten: something "
                 "wrote before its start. The buffer was wiped and unmapped all the same."
             )
 
+    def _keyed(self, function: Any, *args: object) -> None:
+        if function is lib.pk_keyed_copy:
+            dst, src, length, kind = args
+            full = (dst, src, length, self.pkey, self.identity, kind, ffi.NULL)
+        else:
+            address, length = args
+            full = (address, length, self.pkey, self.identity)
+        _check(function(*full, 0), function, *full)
+
     def _unmap(self) -> None:
         if hasattr(self, "inner"):
-            _state.forget(self.inner, self.inner_length)
-        self.map.close()
+            lib.pk_region_forget(self.inner, self.inner_length)
+        if self.map is not None:
+            self.map.close()
+            self.map = None
+        self._free_key()
+
+    def _unmapped(self) -> None:
+        lib.pk_region_forget(self.inner, self.inner_length)
+        self._free_key()
+
+    def _free_key(self) -> None:
+        if self.owns_key and hasattr(self, "key") and not self.key.closed:
+            self.key.close()
 
 
 def _finalize(mapping: _Mapping) -> None:
-    try:
-        mapping.close(check_canary=False)
-    except Exception:  # noqa: BLE001 - a finalizer must not raise
-        pass
+    mapping.close_when_released()
 
 
 class ProtectedBuffer:
@@ -254,11 +336,12 @@ class ProtectedBuffer:
         return self._mapping.size
 
     # -- access ---------------------------------------------------------
-    def unlocked(self, write: bool = False) -> _Unlocked:
+    def unlocked(self, write: bool = False) -> Unlocked:
         """A block with access open (for this thread, on hardware): yields a
         memoryview of the data, read-only unless ``write``.  The view is
-        released on exit."""
-        return _Unlocked(self._open(), write)
+        released on exit.  The returned object may be entered again, from
+        nested blocks or other tasks; each entry yields its own view."""
+        return Unlocked(self._open(), write)
 
     def readinto(self, dest: Any, offset: int = 0) -> int:
         """Copy ``len(dest)`` bytes from ``offset`` into the writable buffer
@@ -271,8 +354,8 @@ class ProtectedBuffer:
         try:
             length = len(target)
             offset = self._check_span(offset, length)
-            _key._backend.copy(int(ffi.cast("uintptr_t", target)), mapping.data + offset, length,
-                               mapping.mask, mapping.mask & _WRITE_DISABLE_BITS)
+            mapping.copy(int(ffi.cast("uintptr_t", target)), mapping.data + offset, length,
+                         lib.PK_GRANT_READ_ONLY)
         finally:
             ffi.release(target)
         return length
@@ -287,8 +370,8 @@ class ProtectedBuffer:
         try:
             length = len(source)
             offset = self._check_span(offset, length)
-            _key._backend.copy(mapping.data + offset, int(ffi.cast("uintptr_t", source)), length,
-                               mapping.mask, 0)
+            mapping.copy(mapping.data + offset, int(ffi.cast("uintptr_t", source)), length,
+                         lib.PK_GRANT_READ_WRITE)
         finally:
             ffi.release(source)
         return length
@@ -303,14 +386,15 @@ class ProtectedBuffer:
 
     def _open(self) -> _Mapping:
         if self._mapping.closed:
-            raise PkeysError("the protected buffer is closed")
+            raise_status(lib.PK_E_CLOSED)
         return self._mapping
 
     # -- lifetime -------------------------------------------------------
     def close(self) -> None:
         """Wipe, check the canary, unlock, unmap and free the owned key.
-        Idempotent.  Raises BufferError (and does nothing) while a view is
-        alive, and BufferCorruptedError after closing if the canary was hit."""
+        Idempotent.  Raises BufferError (and changes nothing) while a view
+        is alive or another thread or task is using the buffer, and
+        BufferCorruptedError after closing if the canary was hit."""
         if self._mapping.closed:
             return
         try:
@@ -346,29 +430,41 @@ class ProtectedBuffer:
         raise TypeError("a ProtectedBuffer cannot be copied")
 
 
-class _Unlocked:
-    __slots__ = ("_mapping", "_write", "_scope", "_view")
+class Unlocked:
+    """The context manager of :meth:`ProtectedBuffer.unlocked`: each entry
+    takes a use of the buffer and a grant on its key, and yields a fresh
+    view; its exit releases exactly those."""
+
+    __slots__ = ("_mapping", "_write", "_kind", "_entries")
 
     def __init__(self, mapping: _Mapping, write: bool) -> None:
         self._mapping = mapping
         self._write = write
+        self._kind = lib.PK_GRANT_READ_WRITE if write else lib.PK_GRANT_READ_ONLY
+        self._entries: list[tuple[int, memoryview]] = []
 
     def __enter__(self) -> memoryview:
         mapping = self._mapping
         lib.pk_guard_install()  # stay first in line if a handler was installed since
-        self._scope = mapping.key.allow(write=self._write)
-        self._scope.__enter__()
-        mapping.active_blocks += 1
+        args = (1 << mapping.pkey, self._kind, mapping.identities, mapping.usage)
+        token = _enter(*args, 0)
+        if token < 0:
+            if token == _NEED_PINS:
+                token = _state.call_pinned(_enter, *args)
+            if token < 0:
+                raise_status(token)
         try:
+            assert mapping.map is not None
             view = memoryview(mapping.map)[mapping.data_offset:mapping.data_offset + mapping.size]
-            self._view = view if self._write else view.toreadonly()
             if not self._write:
+                readonly = view.toreadonly()
                 view.release()
+                view = readonly
         except BaseException:
-            mapping.active_blocks -= 1
-            self._scope.__exit__(None, None, None)
+            self._end(token)
             raise
-        return self._view
+        self._entries.append((token, view))
+        return view
 
     def __exit__(
         self,
@@ -377,17 +473,42 @@ class _Unlocked:
         tb: TracebackType | None,
     ) -> None:
         mapping = self._mapping
+        token, view = self._take_entry()
         leaked = False
         try:
-            self._view.release()
+            view.release()
         except BufferError:
             leaked = True  # something still holds an export of the view itself
-        mapping.active_blocks -= 1
-        if not leaked and mapping.active_blocks == 0:
+        self._end(token)
+        if not leaked and not mapping.usage[0] and mapping.map is not None:
             leaked = mapping.views_exported()  # a slice of the view escaped
-        self._scope.__exit__(exc_type, exc, tb)
+        if mapping.orphaned and not mapping.usage[0]:
+            mapping.orphaned = False
+            mapping.close_when_released()
         if leaked and exc is None:
             raise BufferError(
                 "an object made from the unlocked view (a numpy array, a memoryview cast) is "
                 "still alive; delete it inside the block: outside it, touching it would fault"
             )
+
+    def _take_entry(self) -> tuple[int, memoryview]:
+        entries = self._entries
+        if len(entries) > 1:
+            serial = lib.pk_thread_serial()
+            for index in range(len(entries) - 1, -1, -1):
+                if entries[index][0] >> 32 == serial:
+                    return entries.pop(index)
+        if not entries:
+            raise_status(lib.PK_E_UNBALANCED)
+        return entries.pop()
+
+    def _end(self, token: int) -> None:
+        mapping = self._mapping
+        args = (1 << mapping.pkey, self._kind, mapping.identities, mapping.usage, token)
+        status = _exit(*args, 0)
+        if status:
+            _check(status, _exit, *args)
+
+
+_enter = lib.pk_scope_enter
+_exit = lib.pk_scope_exit

@@ -18,6 +18,7 @@ __all__ = [
     "InvalidKeyError",
     "KeyInUseError",
     "BufferCorruptedError",
+    "ScopeError",
     "PkeysWarning",
     "MemoryLockWarning",
     "os_error",
@@ -53,6 +54,11 @@ class KeyInUseError(InvalidKeyError):
 class BufferCorruptedError(PkeysError, RuntimeError):
     """A protected buffer's canary was overwritten: something wrote before
     its start.  The buffer has been wiped and unmapped all the same."""
+
+
+class ScopeError(PkeysError, RuntimeError):
+    """A scope was ended where it cannot be: in a thread other than the one
+    that entered it, or more often than it was entered."""
 
 
 class PkeysWarning(UserWarning):

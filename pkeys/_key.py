@@ -1,49 +1,73 @@
-"""``Key``: an allocated protection key as an object, and scoped access."""
+"""``Key``: an allocated protection key as an object, and scoped access.
+
+A scope adds one *grant* to its keys when entered and withdraws exactly
+that grant when it ends (see ``csrc/state.c`` for the rules), so scopes may
+end in any order and one scope object may be entered again while it is
+active: in nested blocks, from several asyncio tasks, or from generators.
+"""
 
 from __future__ import annotations
 
 import warnings
 from types import TracebackType
+from typing import Any, NoReturn
 
-from ._binding import lib
+from . import _api, _state
+from ._binding import ffi, lib
 from ._errors import InvalidKeyError
 from ._rights import PKEY_DISABLE_ACCESS, PROT_READ, PROT_WRITE, PkeyRights
 from ._select import choose
 from ._validate import check_key_range, raise_status
 
 _backend, _reason = choose()
-_enter = _backend.enter
-_leave = _backend.leave
 
-# Every key's access-disable bit (2k) and write-disable bit (2k+1).
-_ACCESS_DISABLE_BITS = 0x55555555
-_WRITE_DISABLE_BITS = 0xAAAAAAAA
+_enter = lib.pk_scope_enter
+_exit = lib.pk_scope_exit
+_NULL = ffi.NULL
+_NEED_PINS = _state.NEED_PINS
+_WRONG_THREAD = lib.PK_E_WRONG_THREAD
+READ_WRITE = lib.PK_GRANT_READ_WRITE
+READ_ONLY = lib.PK_GRANT_READ_ONLY
+DENY = lib.PK_GRANT_DENY
 
 __all__ = ["Key", "Scope", "allow"]
 
 
 class Scope:
-    """Changes this thread's rights for some keys while the block runs
-    (process-wide on the software backend).
+    """While active, grants this thread (the whole process on the software
+    backend) access to some keys: read-write, read-only, or none (deny).
 
-    Like PartitionAlloc's ``LiftPkeyRestrictionsScope``: the register is
-    saved on entry and written only if the value changes; on exit the
-    saved rights of exactly these keys come back, even on an exception,
-    while changes to other keys made inside the block are kept.
+    Re-entrant and reusable: each entry is counted and each exit withdraws
+    one.  A scope must end in the thread that entered it (ScopeError).
+    Several active scopes on one key combine as: any deny wins, then any
+    read-write grant, then any read-only grant; when the last one ends the
+    key has the rights it had before the first began (or those given by
+    ``pkey_set`` meanwhile).
     """
 
-    __slots__ = ("_mask", "_bits", "_saved")
+    __slots__ = ("_keys", "_kind", "_identities", "_usage", "_tokens")
 
-    def __init__(self, mask: int, bits: int) -> None:
-        self._mask = mask
-        self._bits = bits
+    def __init__(self, keys: int, kind: int, identities: Any, usage: Any = _NULL) -> None:
+        self._keys = keys
+        self._kind = kind
+        self._identities = identities
+        self._usage = usage
+        self._tokens: list[int] = []
 
     def __enter__(self) -> Scope:
-        saved = _enter(self._mask, self._bits)
-        if saved < 0:
-            raise_status(saved)
-        self._saved = saved
+        token = _enter(self._keys, self._kind, self._identities, self._usage, 0)
+        if token < 0:
+            token = self._enter_slow(token)
+        self._tokens.append(token)
         return self
+
+    def _enter_slow(self, status: int) -> int:
+        if status == _NEED_PINS:
+            status = _state.call_pinned(_enter, self._keys, self._kind, self._identities,
+                                        self._usage)
+        if status < 0:
+            raise_status(status)
+        return status
 
     def __exit__(
         self,
@@ -51,7 +75,40 @@ class Scope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        _leave(self._mask, self._saved)
+        tokens = self._tokens
+        if len(tokens) == 1:
+            token = tokens.pop()
+        else:
+            token = self._own_token()
+        status = _exit(self._keys, self._kind, self._identities, self._usage, token, 0)
+        if status:
+            self._exit_failed(status, token)
+
+    def _own_token(self) -> int:
+        """The latest entry made by this thread, taken out of the list."""
+        tokens = self._tokens
+        if not tokens:
+            raise_status(lib.PK_E_UNBALANCED)
+        serial = lib.pk_thread_serial()
+        for index in range(len(tokens) - 1, -1, -1):
+            if tokens[index] >> 32 == serial:
+                return tokens.pop(index)
+        return tokens.pop()  # another thread's: C refuses it below
+
+    def _exit_failed(self, status: int, token: int) -> None:
+        if status == _NEED_PINS:
+            status = _state.call_pinned(_exit, self._keys, self._kind, self._identities,
+                                        self._usage, token)
+            if not status:
+                return
+        if status == _WRONG_THREAD and _backend.NAME == "hardware":
+            self._tokens.append(token)  # still active in the thread that entered it
+        raise_status(status)
+
+    @property
+    def active(self) -> int:
+        """How many entries of this scope object have not ended yet."""
+        return len(self._tokens)
 
 
 class Key:
@@ -60,15 +117,27 @@ class Key:
     ``rights`` are this thread's initial rights for the key; the default
     denies access, so tagged memory is closed until :meth:`allow`.
     ``int(key)`` is the key number, and a Key can be passed wherever a key
-    number is expected.
+    number is expected.  A Key is its key's only owner: it cannot be
+    copied or pickled.
     """
 
-    __slots__ = ("_pkey", "_mask", "__weakref__")
+    __slots__ = ("_pkey", "_identity", "_identities", "_scopes", "__weakref__")
 
     def __init__(self, rights: int = PKEY_DISABLE_ACCESS) -> None:
         self._pkey = -1
-        self._pkey = _backend.pkey_alloc(0, rights)
-        self._mask = 3 << (2 * self._pkey)
+        pkey, identity = _api.alloc_key(0, rights)
+        identities = ffi.new("uint32_t[16]")
+        identities[pkey] = identity
+        mask = 1 << pkey
+        self._identity = identity
+        self._identities = identities
+        # Scopes are re-entrant, so one of each kind serves every caller.
+        self._scopes = (
+            Scope(mask, READ_WRITE, identities),
+            Scope(mask, READ_ONLY, identities),
+            Scope(mask, DENY, identities),
+        )
+        self._pkey = pkey
 
     @property
     def pkey(self) -> int:
@@ -83,43 +152,49 @@ class Key:
     __int__ = __index__
 
     @property
+    def identity(self) -> int:
+        """Which allocation of the number this is: never the same twice."""
+        return self._identity
+
+    @property
     def closed(self) -> bool:
         return self._pkey < 0
 
     @property
     def rights(self) -> PkeyRights:
-        """This thread's rights for the key."""
-        return _backend.pkey_get(self.pkey)
+        """This thread's rights for the key (the process's on the software backend)."""
+        return _api.pkey_get(self.pkey)
 
     @rights.setter
     def rights(self, value: int) -> None:
-        _backend.pkey_set(self.pkey, value)
+        _api.pkey_set(self.pkey, value)
 
     def protect(
         self, target: object, length: int | None = None, prot: int = PROT_READ | PROT_WRITE
     ) -> None:
         """Tag ``target`` (see :func:`pkeys.pkey_mprotect`) with this key."""
-        _backend.pkey_mprotect(target, length, prot, self.pkey)
+        _api.tag(target, length, prot, self.pkey, self._identity)
 
     def allow(self, write: bool = True) -> Scope:
-        """A context manager that lets this thread read, and write unless
-        ``write`` is false, memory tagged with this key."""
+        """A scope that lets this thread read, and write unless ``write`` is
+        false, memory tagged with this key."""
         if self._pkey < 0:
             raise InvalidKeyError("this Key has been closed")
-        return Scope(self._mask, 0 if write else self._mask & _WRITE_DISABLE_BITS)
+        return self._scopes[0 if write else 1]
 
     def deny(self) -> Scope:
-        """A context manager that denies this thread all access for the block."""
+        """A scope that denies this thread all access while it is active,
+        whatever allow() scopes are active too."""
         if self._pkey < 0:
             raise InvalidKeyError("this Key has been closed")
-        return Scope(self._mask, self._mask & _ACCESS_DISABLE_BITS)
+        return self._scopes[2]
 
     def close(self) -> None:
         """Free the key.  Idempotent.  Refused (KeyInUseError) while it still
         guards tracked memory; this thread's rights for the number are left
         at access-disable."""
         if self._pkey >= 0:
-            _backend.pkey_free(self._pkey)
+            _api.free_key(self._pkey, self._identity)
             self._pkey = -1
 
     def __enter__(self) -> Key:
@@ -129,28 +204,55 @@ class Key:
         self.close()
 
     def __del__(self) -> None:
-        if getattr(self, "_pkey", -1) >= 0:
-            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
-            try:
-                self.close()
-            except Exception:
-                pass  # still guarding memory: the key stays allocated
+        if getattr(self, "_pkey", -1) < 0:
+            return
+        warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
+        status = lib.pk_key_free(self._pkey, self._identity, 0)
+        if status == lib.PK_E_IN_USE:
+            # Still guarding memory: freed as soon as that memory goes.
+            _state.adopt_orphan(self._pkey, self._identity)
+        self._pkey = -1
 
     def __repr__(self) -> str:
         if self._pkey < 0:
             return "<pkeys.Key closed>"
         try:
-            rights = _backend.pkey_get(self._pkey).name or "UNRESTRICTED"
+            rights = _api.pkey_get(self._pkey).name or "UNRESTRICTED"
         except Exception:
             rights = "?"
         return f"<pkeys.Key {self._pkey} rights={rights} backend={_backend.NAME}>"
+
+    def __reduce_ex__(self, protocol: object) -> NoReturn:
+        raise TypeError("a pkeys.Key cannot be pickled or copied: it is its key's only owner")
+
+    __reduce__ = __reduce_ex__  # type: ignore[assignment]
+
+    def __copy__(self) -> NoReturn:
+        raise TypeError("a pkeys.Key cannot be copied: it is its key's only owner")
+
+    def __deepcopy__(self, memo: object) -> NoReturn:
+        raise TypeError("a pkeys.Key cannot be copied: it is its key's only owner")
+
+
+_api.key_type = Key
 
 
 def allow(*keys: Key | int, write: bool = True) -> Scope:
     """One scope, one register write, for several keys at once."""
     mask = 0
+    identities = ffi.new("uint32_t[16]")
     for key in keys:
-        mask |= 3 << (2 * check_key_range(key))
-    if mask & 3:
-        raise_status(lib.PK_E_KEY_ZERO)
-    return Scope(mask, 0 if write else mask & _WRITE_DISABLE_BITS)
+        if isinstance(key, Key):
+            number, identity = key.pkey, key.identity
+        else:
+            number = check_key_range(key)
+            identity = lib.pk_key_identity(number)
+        if number == 0:
+            raise_status(lib.PK_E_KEY_ZERO)
+        if identity == 0:
+            raise_status(lib.PK_E_NOT_ALLOCATED, number)
+        mask |= 1 << number
+        identities[number] = identity
+    if not mask:
+        raise TypeError("allow() needs at least one key")
+    return Scope(mask, READ_WRITE if write else READ_ONLY, identities)

@@ -54,24 +54,31 @@ def hardware_absence_reason() -> str:
 
 
 def choose(environ: os._Environ[str] | dict[str, str] = os.environ) -> tuple[ModuleType, str]:
-    """The backend module and a sentence saying why it was chosen."""
-    from . import _hardware, _software, _unavailable
+    """The backend module and a sentence saying why it was chosen.  The
+    choice is made in C too, once: every operation runs in that mode."""
+    from . import _hardware, _software, _unavailable, _validate
 
     requested = environ.get("PKEYS_BACKEND", "").strip().lower() or "auto"
     if requested not in CHOICES:
         _unavailable.reason = (
             f"PKEYS_BACKEND={requested!r} is not one of {', '.join(CHOICES)}"
         )
-        return _unavailable, _unavailable.reason
-    if requested == "software":
-        return _software, "PKEYS_BACKEND=software asked for the mprotect emulation"
-    if hardware_supported():
+        chosen, why = _unavailable, _unavailable.reason
+    elif requested == "software":
+        chosen, why = _software, "PKEYS_BACKEND=software asked for the mprotect emulation"
+    elif hardware_supported():
         how = "asked for by PKEYS_BACKEND" if requested == "hardware" else "detected"
-        return _hardware, f"PKU and OSPKE present ({how})"
-    if requested == "hardware":
+        chosen, why = _hardware, f"PKU and OSPKE present ({how})"
+    elif requested == "hardware":
         _unavailable.reason = (
             f"PKEYS_BACKEND=hardware, but {hardware_absence_reason()}; "
             "unset it to use the software backend"
         )
-        return _unavailable, _unavailable.reason
-    return _software, f"{hardware_absence_reason()}, so the mprotect emulation is used"
+        chosen, why = _unavailable, _unavailable.reason
+    else:
+        chosen, why = _software, f"{hardware_absence_reason()}, so the mprotect emulation is used"
+    if chosen is _unavailable:
+        _validate.unsupported_reason = _unavailable.reason
+    elif lib.pk_state_mode() != chosen.MODE:
+        lib.pk_state_init(chosen.MODE)
+    return chosen, why

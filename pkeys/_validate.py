@@ -6,10 +6,20 @@ refused call changes nothing.
 
 from __future__ import annotations
 
+import errno
 import operator
+from typing import NoReturn
 
 from ._binding import ffi, lib
-from ._errors import ArgumentError, InvalidKeyError, UnsupportedError, os_error
+from ._errors import (
+    ArgumentError,
+    InvalidKeyError,
+    KeyInUseError,
+    PkeysError,
+    ScopeError,
+    UnsupportedError,
+    os_error,
+)
 from ._rights import NUM_KEYS, PKRU_MAX
 
 __all__ = [
@@ -75,12 +85,27 @@ _KEY_ZERO_MESSAGE = (
 )
 
 
-def raise_status(status: int, pkey: object = None, rights: object = None) -> None:
+_STATUS_MESSAGES = {
+    lib.PK_E_KEY_CLOSED: (InvalidKeyError, "this Key has been closed: its key was freed"),
+    lib.PK_E_IN_USE: (KeyInUseError, "the key still guards tracked memory"),
+    lib.PK_E_BUSY: (BufferError, "the protected buffer is in use (inside unlocked(), readinto() "
+                    "or write()) in another thread or task"),
+    lib.PK_E_CLOSED: (PkeysError, "the protected buffer is closed"),
+    lib.PK_E_WRONG_THREAD: (ScopeError, "a scope must end in the thread that entered it; on "
+                            "hardware the entering thread keeps its access until it ends "
+                            "the scope itself"),
+    lib.PK_E_UNBALANCED: (ScopeError, "this scope was ended more often than it was entered"),
+}
+
+
+def raise_status(status: int, pkey: object = None, rights: object = None) -> NoReturn:
     """Raise the exception for a negative ``PK_E_*`` status from the shim."""
     if status == lib.PK_E_ERRNO:
         raise os_error(ffi.errno)
+    if status == lib.PK_E_NOSPC:
+        raise exhausted_error()
     if status == lib.PK_E_UNSUPPORTED:
-        raise UnsupportedError(UNSUPPORTED_MESSAGE)
+        raise UnsupportedError(unsupported_reason or UNSUPPORTED_MESSAGE)
     if status == lib.PK_E_KEY_ZERO:
         raise InvalidKeyError(_KEY_ZERO_MESSAGE)
     if status == lib.PK_E_RIGHTS:
@@ -91,4 +116,24 @@ def raise_status(status: int, pkey: object = None, rights: object = None) -> Non
         raise InvalidKeyError(
             f"pkey {pkey} is not allocated: never allocated through pkeys, or already freed"
         )
+    if status in _STATUS_MESSAGES:
+        cls, message = _STATUS_MESSAGES[status]
+        raise cls(message)
     raise InvalidKeyError(f"pkey {pkey!r} refused (status {status})")
+
+
+# Set by the backend choice when hardware was asked for and is missing.
+unsupported_reason = ""
+
+
+def exhausted_error() -> OSError:
+    """ENOSPC from pkey_alloc, said in words that lead somewhere."""
+    mine = bin(lib.pk_allocated_mask() & ~1).count("1")
+    others = max(0, NUM_KEYS - 1 - mine)
+    error = OSError(
+        errno.ENOSPC,
+        f"all 15 protection keys are in use ({mine} by pkeys, {others} by other code "
+        "or the kernel's execute-only key); share one Key between buffers with "
+        "ProtectedBuffer(..., key=k), or close keys you no longer need",
+    )
+    return error

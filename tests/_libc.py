@@ -90,3 +90,13 @@ def allocate_until_enospc(allocate, after_each=None) -> list[int]:
             return keys
         if after_each is not None:
             after_each(keys)
+
+
+def keyed_copy(mapping, dst: int, src: int, length: int) -> None:
+    """Copy with a protected buffer's key opened for the copy only (the
+    buffer's own path, without its bounds checks)."""
+    from pkeys._binding import ffi, lib
+
+    status = lib.pk_keyed_copy(dst, src, length, mapping.pkey, mapping.identity,
+                               lib.PK_GRANT_READ_WRITE, ffi.NULL, 0)
+    assert status == 0, status

@@ -81,10 +81,11 @@ def key():
         try:
             k.close()
         except pkeys.KeyInUseError:
-            from pkeys import _state
+            from pkeys import _api
+            from pkeys._binding import lib
 
-            with _state.lock:
-                _state.regions.by_key.pop(k.pkey, None)
+            for start, end, _, _ in _api.regions(k.pkey):
+                lib.pk_region_forget(start, end - start)
             k.close()
 
 

@@ -1,5 +1,5 @@
-"""The backends are interchangeable: the same functions, with the same
-signatures, so that dispatch can bind them directly."""
+"""The backends are interchangeable: the same operations with the same
+signatures, the mode itself chosen in C once at import."""
 
 from __future__ import annotations
 
@@ -7,24 +7,24 @@ import inspect
 
 import pytest
 
-from pkeys import _hardware, _software, _unavailable
+import pkeys
+from pkeys import _api, _hardware, _software, _unavailable
+from pkeys._binding import lib
 
-BACKEND_API = [
-    "pkey_alloc", "pkey_free", "pkey_get", "pkey_set", "pkey_mprotect", "rdpkru", "wrpkru",
-    "is_allocated", "allocated_keys", "shadow_pkru", "copy", "wipe",
-]
+BACKENDS = (_hardware, _software, _unavailable)
 
 
-@pytest.mark.parametrize("name", BACKEND_API)
+@pytest.mark.parametrize("name", _api.__all__)
 def test_backends_share_names_and_signatures(name):
     signatures = {
-        backend.__name__: str(inspect.signature(getattr(backend, name)))
-        for backend in (_hardware, _software, _unavailable)
+        backend.__name__: str(inspect.signature(getattr(backend, name))) for backend in BACKENDS
     }
     assert len(set(signatures.values())) == 1, signatures
 
 
-def test_scope_entry_points_exist_everywhere():
-    for backend in (_hardware, _software, _unavailable):
-        assert callable(backend.enter) and callable(backend.leave)
-        assert backend.NAME in ("hardware", "software")
+def test_the_chosen_backend_is_the_mode_c_runs_in():
+    from pkeys import _key
+
+    assert _key._backend.NAME == pkeys.backend()
+    assert lib.pk_state_mode() == _key._backend.MODE
+    assert {backend.NAME for backend in BACKENDS} == {"hardware", "software"}

@@ -14,12 +14,12 @@ import threading
 import pytest
 
 import pkeys
-from pkeys import _buffer, _key
+from pkeys import _buffer
 from pkeys._binding import ffi
 from pkeys._child import run_in_child
 from pkeys._fault import SEGV_ACCERR, SEGV_PKUERR, FaultKind
 
-from ._libc import allocate_until_enospc, smaps_field
+from ._libc import allocate_until_enospc, keyed_copy, smaps_field
 
 pytestmark = pytest.mark.anybackend
 SECRET = b"tok_live_0123456789abcdef"
@@ -115,8 +115,7 @@ def test_bytes_are_zero_before_the_pages_are_unmapped(monkeypatch):
 
     def inspect_then_unmap(mapping):
         copy = ffi.new("char[]", mapping.inner_length)
-        _key._backend.copy(int(ffi.cast("uintptr_t", copy)), mapping.inner, mapping.inner_length,
-                           mapping.mask, 0)
+        keyed_copy(mapping, int(ffi.cast("uintptr_t", copy)), mapping.inner, mapping.inner_length)
         seen["bytes"] = ffi.buffer(copy)[:]
         real_unmap(mapping)
 
@@ -151,7 +150,7 @@ def test_the_canary_detects_an_underrun():
     mapping = buffer._mapping
     address, number = buffer.address, buffer.key.pkey
     stray = ffi.new("char[]", b"!")
-    _key._backend.copy(address - 1, int(ffi.cast("uintptr_t", stray)), 1, mapping.mask, 0)
+    keyed_copy(mapping, address - 1, int(ffi.cast("uintptr_t", stray)), 1)
     with pytest.raises(pkeys.BufferCorruptedError, match="wiped and unmapped all the same"):
         buffer.close()
     assert buffer.closed

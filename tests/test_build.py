@@ -23,7 +23,9 @@ int main(void) {
     int64_t in_handler, after;
     printf("%d %d %d %lld %d\n", pk_arch_is_x86(), pk_cpu_has_pku(), pk_cpu_has_ospke(),
            (long long)pk_rdpkru(), pk_wrpkru(0));
-    printf("%d %d %d\n", pk_hw_get(1), pk_hw_set(1, 0), pk_hw_alloc(0, 0));
+    uint32_t identity = 0;
+    printf("%d %d %d %d\n", pk_key_get(1), pk_key_set(1, 0, 0), pk_key_alloc(0, 0, &identity),
+           pk_state_init(PK_MODE_HARDWARE));
     int status, status2;
     errno = 0;
     status = pk_glibc_pkey_get(1);
@@ -53,7 +55,7 @@ def build_and_run(tmp_path, *defines: str) -> list[str]:
 def test_non_x86_build_reports_no_hardware_and_never_traps(tmp_path):
     lines = build_and_run(tmp_path, "-DPK_ASSUME_NON_X86")
     assert lines[0] == "0 0 0 -1 -1"  # no x86, no PKU, no OSPKE, RDPKRU/WRPKRU refused
-    assert lines[1] == "-1 -1 -1"  # PK_E_UNSUPPORTED everywhere
+    assert lines[1] == "-1 -1 -1 -1"  # PK_E_UNSUPPORTED everywhere, hardware mode refused
     assert lines[2] == "-1 1"  # glibc's pkey_get refused with ENOSYS, not run
     assert lines[3] == "0 1"  # the guard still works: no fault, then a fault
     assert lines[4] == "0 -1"

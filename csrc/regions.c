@@ -1,0 +1,333 @@
+/*
+ * Which memory each key guards: the region table, under state.c's mutex.
+ *
+ * It serves two rules:
+ *  - a key that still guards tracked memory cannot be freed;
+ *  - the software backend re-applies mprotect to a key's regions when its
+ *    rights change, and must never touch memory other than what was tagged.
+ *
+ * Who keeps a region's memory mapped, by owner:
+ *  - PK_OWNER_CALLER, an int address: the caller's promise.
+ *  - PK_OWNER_PACKAGE, a protected buffer: the buffer forgets its region
+ *    (pk_region_forget) before it unmaps, and cannot close while in use.
+ *    A buffer collected while a view of it escaped is unmapped by the last
+ *    view, and forgotten just after.
+ *  - Either way, a region found wholly unmapped is forgotten, and a partly
+ *    unmapped one fails the change.
+ *  - Any other value names a foreign Python buffer.  Its exporting object
+ *    can be closed or collected at any moment, and that cannot be checked
+ *    from C without Python.  So a software rights change that would touch
+ *    such a region returns PK_E_NEED_PINS; the Python layer then pins every
+ *    foreign owner (a buffer export, which stops close() and collection),
+ *    drops the dead ones, and calls again with the version it pinned at.
+ *    The version moves whenever a foreign region is added or an owner goes,
+ *    so a pin set taken before a new foreign region cannot vouch for it.
+ */
+#include "pkeys_internal.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+struct region {
+    uintptr_t start;
+    uintptr_t end;
+    int prot;
+    int pkey;
+    uint64_t owner;
+};
+
+static struct region *table;
+static size_t used, capacity;
+/* Starts at 1 so that a pins argument of 0 never matches. */
+static uint64_t foreign_version = 1;
+
+static size_t page_size(void)
+{
+    static size_t size;
+    if (!size)
+        size = (size_t)sysconf(_SC_PAGESIZE);
+    return size;
+}
+
+int pk_effective_prot(int prot, unsigned int rights)
+{
+    /* Access-disable takes PROT_EXEC too: x86 without PKU cannot express
+     * execute-without-read, and the package fails closed. */
+    if (rights & PK_AD)
+        return PROT_NONE;
+    if (rights & PK_WD)
+        return prot & ~PROT_WRITE;
+    return prot;
+}
+
+static int reserve(size_t extra)
+{
+    struct region *grown;
+    size_t wanted;
+    if (used + extra <= capacity)
+        return 0;
+    wanted = capacity ? capacity * 2 : 64;
+    while (wanted < used + extra)
+        wanted *= 2;
+    grown = realloc(table, wanted * sizeof *table);
+    if (!grown)
+        return -1;
+    table = grown;
+    capacity = wanted;
+    return 0;
+}
+
+static void remove_at(size_t i)
+{
+    if (table[i].owner >= 2)
+        foreign_version++;
+    table[i] = table[--used];
+}
+
+/* Cut [start, end) out of every region; reserve(2) must have succeeded. */
+static void cut(uintptr_t start, uintptr_t end)
+{
+    size_t i = 0;
+    while (i < used) {
+        struct region r = table[i];
+        if (r.end <= start || r.start >= end) {
+            i++;
+            continue;
+        }
+        remove_at(i);
+        if (r.start < start) {
+            table[used] = r;
+            table[used++].end = start;
+        }
+        if (r.end > end) {
+            table[used] = r;
+            table[used++].start = end;
+        }
+    }
+}
+
+static int overlaps(uintptr_t start, uintptr_t end)
+{
+    size_t i;
+    for (i = 0; i < used; i++)
+        if (table[i].start < end && start < table[i].end)
+            return 1;
+    return 0;
+}
+
+static int unmapped_page(uintptr_t page)
+{
+    unsigned char residency;
+    return mincore((void *)page, page_size(), &residency) != 0 && errno == ENOMEM;
+}
+
+/* Nothing of the region is mapped any more (judged by its two ends). */
+static int wholly_unmapped(const struct region *r)
+{
+    return unmapped_page(r->start) && unmapped_page(r->end - page_size());
+}
+
+int pk_regions_need_pins(uint32_t keys, uint64_t pins)
+{
+    size_t i;
+    if (pins == foreign_version)
+        return 0;
+    for (i = 0; i < used; i++)
+        if (table[i].owner >= 2 && (keys & (1u << table[i].pkey)))
+            return 1;
+    return 0;
+}
+
+int pk_regions_count(int pkey)
+{
+    size_t i;
+    int count = 0;
+    for (i = 0; i < used; i++)
+        count += table[i].pkey == pkey;
+    return count;
+}
+
+static unsigned rights_in(uint32_t pkru, int pkey) { return (pkru >> PK_KEY_SHIFT(pkey)) & 3u; }
+
+static int changes(uint32_t old_pkru, uint32_t new_pkru, int pkey)
+{
+    return rights_in(old_pkru, pkey) != rights_in(new_pkru, pkey);
+}
+
+/* How many mprotect calls the emulation issued for rights changes: the
+ * tests check that an unchanged register costs none, and the bench
+ * compares the software backend with the raw calls it makes. */
+static uint64_t reprotections;
+
+uint64_t pk_reprotections(void) { return __atomic_load_n(&reprotections, __ATOMIC_RELAXED); }
+
+static int protect(const struct region *r, uint32_t pkru)
+{
+    __atomic_add_fetch(&reprotections, 1, __ATOMIC_RELAXED);
+    return mprotect((void *)r->start, r->end - r->start,
+                    pk_effective_prot(r->prot, rights_in(pkru, r->pkey)));
+}
+
+int pk_regions_apply(uint32_t old_pkru, uint32_t new_pkru)
+{
+    size_t i, j;
+    int err = 0;
+    for (i = 0; i < used; i++) {
+        if (table[i].pkey < 0 || !changes(old_pkru, new_pkru, table[i].pkey))
+            continue;
+        if (protect(&table[i], new_pkru) == 0)
+            continue;
+        err = errno;
+        if (err == ENOMEM && wholly_unmapped(&table[i])) {
+            table[i].pkey = -1; /* gone with its memory: forgotten below */
+            err = 0;
+            continue;
+        }
+        break;
+    }
+    if (err) {
+        /* Fail closed: put back what was changed, so that no region is more
+         * open than the rights reported (the old ones); a region that cannot
+         * even be put back is shut entirely. */
+        for (j = 0; j <= i && j < used; j++) {
+            if (table[j].pkey < 0 || !changes(old_pkru, new_pkru, table[j].pkey))
+                continue;
+            if (protect(&table[j], old_pkru) != 0)
+                mprotect((void *)table[j].start, table[j].end - table[j].start, PROT_NONE);
+        }
+    }
+    for (i = 0; i < used;) {
+        if (table[i].pkey < 0)
+            remove_at(i);
+        else
+            i++;
+    }
+    return err ? -err : 0;
+}
+
+int pk_region_tag(uintptr_t addr, size_t len, int prot, int pkey, uint32_t identity,
+                  uint64_t owner, uint64_t pins)
+{
+    uintptr_t end;
+    int status = PK_OK;
+    (void)pins;
+    if (!pk_mode)
+        return PK_E_UNSUPPORTED;
+    if (pkey < 0 || pkey >= PK_NKEYS)
+        return PK_E_KEY_RANGE;
+    if (!len || addr % page_size() || addr + len < addr)
+        return PK_E_RIGHTS;
+    end = addr + ((len + page_size() - 1) & ~(page_size() - 1));
+
+    pk_state_lock();
+    if (pkey && !pk_key_identity(pkey)) {
+        status = PK_E_NOT_ALLOCATED;
+    } else if (pkey && identity && pk_key_identity(pkey) != identity) {
+        status = PK_E_KEY_CLOSED;
+    } else if (reserve(2) != 0) {
+        errno = ENOMEM;
+        status = PK_E_ERRNO;
+    } else if (pk_mode == PK_MODE_HARDWARE) {
+        if (pk_sys_pkey_mprotect(addr, len, prot, pkey) != 0)
+            status = PK_E_ERRNO;
+    } else {
+        int rights = pkey ? pk_key_get(pkey) : 0;
+        int effective = pk_effective_prot(prot, (unsigned)rights);
+        /* Hardware refuses a protection the mapping cannot have (PROT_WRITE
+         * on a read-only file mapping: EACCES) at tagging time; so must the
+         * emulation, though it is about to apply less.  Memory that is
+         * already tracked was checked when it was first tagged, and opening
+         * it here, even briefly, could expose a denied key's data. */
+        if (effective != prot && !overlaps(addr, end) &&
+            mprotect((void *)addr, len, prot) != 0)
+            status = PK_E_ERRNO;
+        else if (mprotect((void *)addr, len, effective) != 0)
+            status = PK_E_ERRNO;
+    }
+    if (status == PK_OK) {
+        cut(addr, end);
+        if (pkey) {
+            table[used++] = (struct region){addr, end, prot, pkey, owner};
+            if (owner >= 2)
+                foreign_version++;
+        }
+    }
+    pk_state_unlock();
+    return status;
+}
+
+int pk_region_forget(uintptr_t addr, size_t len)
+{
+    uintptr_t end = addr + ((len + page_size() - 1) & ~(page_size() - 1));
+    pk_state_lock();
+    if (reserve(2) != 0) {
+        pk_state_unlock();
+        errno = ENOMEM;
+        return PK_E_ERRNO;
+    }
+    cut(addr, end);
+    pk_state_unlock();
+    return PK_OK;
+}
+
+int pk_owner_gone(uint64_t owner)
+{
+    size_t i = 0;
+    int dropped = 0;
+    if (owner < 2)
+        return 0;
+    pk_state_lock();
+    while (i < used) {
+        if (table[i].owner == owner) {
+            remove_at(i);
+            dropped++;
+        } else {
+            i++;
+        }
+    }
+    foreign_version++;
+    pk_state_unlock();
+    return dropped;
+}
+
+int pk_owner_regions(uint64_t owner)
+{
+    size_t i;
+    int count = 0;
+    pk_state_lock();
+    for (i = 0; i < used; i++)
+        count += table[i].owner == owner;
+    pk_state_unlock();
+    return count;
+}
+
+uint64_t pk_foreign_version(void)
+{
+    uint64_t version;
+    pk_state_lock();
+    version = foreign_version;
+    pk_state_unlock();
+    return version;
+}
+
+/* The regions of `pkey` (all with -1), as many as fit; returns how many
+ * there are. */
+int pk_regions_list(int pkey, struct pk_region *out, int capacity_out)
+{
+    size_t i;
+    int count = 0;
+    pk_state_lock();
+    for (i = 0; i < used; i++) {
+        if (pkey >= 0 && table[i].pkey != pkey)
+            continue;
+        if (count < capacity_out)
+            out[count] = (struct pk_region){table[i].start, table[i].end, table[i].prot,
+                                            table[i].pkey, table[i].owner};
+        count++;
+    }
+    pk_state_unlock();
+    return count;
+}

@@ -1,0 +1,701 @@
+/*
+ * The package's one home for state: which keys are allocated and who they
+ * are, the grants that scopes hold, and the software backend's emulated
+ * register.  (Which memory each key guards is in regions.c, under the same
+ * lock.)
+ *
+ * Why here, in C:
+ *  - One mutex guards it, and no Python code ever runs while it is held:
+ *    every entry point is a single cffi call.  A finalizer that the garbage
+ *    collector runs at any allocation can therefore call in without ever
+ *    waiting on its own thread.
+ *  - fork() holds the mutex across the fork (pthread_atfork), so a child
+ *    never inherits a half-made change, and the child keeps the same mutex.
+ *  - The hardware hot paths (get, set, scopes) touch only this thread's
+ *    register and thread-local counts, plus atomic reads of key identities,
+ *    so they take no lock at all.
+ *
+ * Grants are counted, never saved and restored.  Each scope adds one grant
+ * of its kind to each of its keys and withdraws exactly that one on exit,
+ * so scopes may end in any order (threads, asyncio tasks, generators, one
+ * scope object entered twice).  While any grant is active on a key:
+ *
+ *     rights = deny grants > 0       ? DISABLE_ACCESS
+ *            : read-write grants > 0 ? UNRESTRICTED
+ *            : read-only grants > 0  ? DISABLE_WRITE
+ *            :                         base
+ *
+ * and `base` is what the key had when its first grant began (pkey_set and
+ * wrpkru change `base` while grants are active).  When the last grant ends
+ * the key has `base` again.  A deny() scope wins over every allow(): the
+ * package fails closed.  Grants belong to the thread on hardware (PKRU is
+ * per thread) and to the process on the software backend.
+ *
+ * Keys have identities, not just numbers: each allocation gets a fresh
+ * 32-bit identity, and scopes, buffers and regions carry it.  A scope that
+ * exits after its key was freed and the number reallocated finds a
+ * different identity and withdraws nothing.
+ *
+ * A scope's token (returned by enter, given back to exit) is
+ * (thread serial << 32 | revocation epoch): exit refuses a token from
+ * another thread, and a grant made before a revocation of its key is not
+ * withdrawn twice.
+ */
+#include "pkeys_internal.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <string.h>
+
+int pk_mode;
+
+static pthread_mutex_t state_mutex = PTHREAD_MUTEX_INITIALIZER;
+
+void pk_state_lock(void) { pthread_mutex_lock(&state_mutex); }
+void pk_state_unlock(void) { pthread_mutex_unlock(&state_mutex); }
+
+/* ---- keys -------------------------------------------------------------- */
+
+/* 0: not allocated.  Written under the mutex, read without it. */
+static uint32_t key_identity[PK_NKEYS];
+static uint32_t allocated_keys;
+static uint32_t last_identity;          /* under the mutex */
+/* Bumped by each revocation (none yet besides pkey_free); a grant whose
+ * token predates its key's revoked_at is already void. */
+static uint32_t revocation_epoch;
+static uint32_t revoked_at[PK_NKEYS];
+
+#define LOAD(x) __atomic_load_n(&(x), __ATOMIC_SEQ_CST)
+#define STORE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_SEQ_CST)
+
+/* ---- grants ------------------------------------------------------------ */
+
+struct grants {
+    uint32_t identity[PK_NKEYS];   /* the key the counts below belong to */
+    uint32_t count[PK_NKEYS][3];   /* indexed by PK_GRANT_* */
+    uint8_t base[PK_NKEYS];        /* rights outside every grant, while any is active */
+};
+
+/* This thread's grants: the ones in force on hardware, and on the software
+ * backend the record of which grants a forked child keeps. */
+static __thread struct grants thread_grants;
+static __thread uint32_t thread_serial;
+static uint32_t last_serial;
+
+/* Software backend: the grants in force (process-wide) and the register. */
+static struct grants process_grants;
+static uint32_t sw_base_pkru = 0x55555554u;  /* the kernel's init value */
+static uint32_t sw_pkru = 0x55555554u;
+
+/* Hardware: this thread's PKRU as the package last wrote it. */
+static __thread uint32_t shadow;
+static __thread int shadow_valid;
+
+static inline unsigned bits_of(uint32_t pkru, int k) { return (pkru >> PK_KEY_SHIFT(k)) & 3u; }
+
+static inline uint32_t with_bits(uint32_t pkru, int k, unsigned bits)
+{
+    return (pkru & ~PK_KEY_MASK(k)) | (bits << PK_KEY_SHIFT(k));
+}
+
+static inline int active(const struct grants *g, int k)
+{
+    return (g->count[k][0] | g->count[k][1] | g->count[k][2]) != 0;
+}
+
+static inline unsigned composed(const struct grants *g, int k)
+{
+    if (g->count[k][PK_GRANT_DENY])
+        return PK_AD;
+    if (g->count[k][PK_GRANT_READ_WRITE])
+        return 0;
+    if (g->count[k][PK_GRANT_READ_ONLY])
+        return PK_WD;
+    return g->base[k];
+}
+
+/* The grants of `g` for key k, cleared if they belonged to a freed key. */
+static inline void adopt(struct grants *g, int k, uint32_t identity)
+{
+    if (g->identity[k] != identity) {
+        memset(g->count[k], 0, sizeof g->count[k]);
+        g->identity[k] = identity;
+    }
+}
+
+uint32_t pk_thread_serial(void)
+{
+    if (!thread_serial)
+        thread_serial = __atomic_add_fetch(&last_serial, 1, __ATOMIC_RELAXED) & 0x7fffffffu;
+    return thread_serial;
+}
+
+static inline int64_t make_token(uint32_t epoch)
+{
+    return ((int64_t)pk_thread_serial() << 32) | epoch;
+}
+
+static inline int revoked_since(int k, uint32_t epoch)
+{
+    return (int32_t)(LOAD(revoked_at[k]) - epoch) > 0;
+}
+
+/* ---- usage cells of protected buffers ---------------------------------- */
+
+#define USAGE_CLOSED 0x80000000u
+
+static int usage_acquire(uint32_t *usage)
+{
+    uint32_t seen = __atomic_load_n(usage, __ATOMIC_ACQUIRE);
+    do {
+        if (seen & USAGE_CLOSED)
+            return PK_E_CLOSED;
+    } while (!__atomic_compare_exchange_n(usage, &seen, seen + 1, 1, __ATOMIC_ACQ_REL,
+                                          __ATOMIC_ACQUIRE));
+    return PK_OK;
+}
+
+static void usage_release(uint32_t *usage)
+{
+    if (usage)
+        __atomic_sub_fetch(usage, 1, __ATOMIC_RELEASE);
+}
+
+/* Close only an idle buffer: the one transition from 0 users to closed. */
+int pk_usage_close(uint32_t *usage)
+{
+    uint32_t idle = 0;
+    if (__atomic_compare_exchange_n(usage, &idle, USAGE_CLOSED, 0, __ATOMIC_ACQ_REL,
+                                    __ATOMIC_ACQUIRE))
+        return PK_OK;
+    return (idle & USAGE_CLOSED) ? PK_E_CLOSED : PK_E_BUSY;
+}
+
+void pk_usage_reopen(uint32_t *usage) { __atomic_store_n(usage, 0, __ATOMIC_RELEASE); }
+
+/* ---- the register ------------------------------------------------------ */
+
+static inline void hw_write(uint32_t old, uint32_t value)
+{
+    /* WRPKRU serialises the pipeline: skip it when nothing changes. */
+    if (value != old)
+        pk_wrpkru_unchecked(value);
+    shadow = value;
+    shadow_valid = 1;
+}
+
+/* The emulated register that the software backend's state implies. */
+static uint32_t sw_compute(void)
+{
+    uint32_t pkru = sw_base_pkru;
+    int k;
+    for (k = 1; k < PK_NKEYS; k++)
+        if (active(&process_grants, k))
+            pkru = with_bits(pkru, k, composed(&process_grants, k));
+    return pkru;
+}
+
+/* Make the software state's register real: re-protect the regions of the
+ * keys that change.  Called with the mutex held, after the counts changed.
+ * Returns PK_OK, or PK_E_NEED_PINS / PK_E_ERRNO with nothing applied. */
+static int sw_commit(uint64_t pins)
+{
+    uint32_t next = sw_compute();
+    uint32_t changed = next ^ sw_pkru;
+    uint32_t keys = 0;
+    int k, err;
+    for (k = 1; k < PK_NKEYS; k++)
+        if (changed & PK_KEY_MASK(k))
+            keys |= 1u << k;
+    if (!keys)
+        return PK_OK;
+    if (pk_regions_need_pins(keys, pins))
+        return PK_E_NEED_PINS;
+    err = pk_regions_apply(sw_pkru, next);
+    if (err) {
+        errno = -err;
+        return PK_E_ERRNO;
+    }
+    sw_pkru = next;
+    pk_sw_mirror_pkru(next);
+    return PK_OK;
+}
+
+/* ---- setup and fork ---------------------------------------------------- */
+
+static void before_fork(void) { pthread_mutex_lock(&state_mutex); }
+static void after_fork(void) { pthread_mutex_unlock(&state_mutex); }
+
+int pk_state_init(int mode)
+{
+    static int atfork_registered;
+    if (mode != PK_MODE_HARDWARE && mode != PK_MODE_SOFTWARE)
+        return PK_E_RIGHTS;
+    if (mode == PK_MODE_HARDWARE && !pk_ospke_enabled)
+        return PK_E_UNSUPPORTED;
+    pthread_mutex_lock(&state_mutex);
+    pk_mode = mode;
+    if (!atfork_registered) {
+        /* The child's only thread is the one that locked it: it may unlock. */
+        pthread_atfork(before_fork, after_fork, after_fork);
+        atfork_registered = 1;
+    }
+    pthread_mutex_unlock(&state_mutex);
+    return PK_OK;
+}
+
+int pk_state_mode(void) { return pk_mode; }
+
+/*
+ * In a forked child only the forking thread exists, so only its grants can
+ * ever end.  On hardware the child has that thread's register already.  On
+ * the software backend the process-wide grants of the other threads are
+ * dropped here, so that the child fails closed rather than keeping their
+ * access for good.
+ */
+int pk_after_fork_in_child(uint64_t pins)
+{
+    struct grants saved;
+    int k, g, status;
+    if (pk_mode != PK_MODE_SOFTWARE)
+        return PK_OK;
+    pk_state_lock();
+    saved = process_grants;
+    for (k = 1; k < PK_NKEYS; k++) {
+        const struct grants *own = &thread_grants;
+        for (g = 0; g < 3; g++) {
+            uint32_t mine = own->identity[k] == process_grants.identity[k] ? own->count[k][g] : 0;
+            if (process_grants.count[k][g] > mine)
+                process_grants.count[k][g] = mine;
+        }
+    }
+    status = sw_commit(pins);
+    if (status != PK_OK)
+        process_grants = saved;
+    pk_state_unlock();
+    return status;
+}
+
+/* ---- allocation -------------------------------------------------------- */
+
+static int check_number(int pkey)
+{
+    if (pkey < 0 || pkey >= PK_NKEYS)
+        return PK_E_KEY_RANGE;
+    if (pkey && !LOAD(key_identity[pkey]))
+        return PK_E_NOT_ALLOCATED;
+    return PK_OK;
+}
+
+/* Flags and rights are validated by the caller; the kernel rechecks them. */
+int pk_key_alloc(unsigned int flags, unsigned int access_rights, uint32_t *identity)
+{
+    int pkey = -1, k;
+    if (!pk_mode)
+        return PK_E_UNSUPPORTED;
+    pk_state_lock();
+    if (pk_mode == PK_MODE_HARDWARE) {
+        pkey = pk_sys_pkey_alloc(flags, access_rights);
+        if (pkey < 0) {
+            pk_state_unlock();
+            return errno == ENOSPC ? PK_E_NOSPC : PK_E_ERRNO;
+        }
+        if (pkey >= PK_NKEYS) {
+            /* A future kernel with more keys: refuse what PKRU cannot express. */
+            pk_sys_pkey_free(pkey);
+            pk_state_unlock();
+            return PK_E_KEY_RANGE;
+        }
+        /* The kernel wrote the initial rights into this thread's PKRU. */
+        shadow = pk_rdpkru_unchecked();
+        shadow_valid = 1;
+    } else {
+        for (k = 1; k < PK_NKEYS && pkey < 0; k++)
+            if (!(allocated_keys & (1u << k)))
+                pkey = k;
+        if (pkey < 0) {
+            pk_state_unlock();
+            return PK_E_NOSPC;
+        }
+        sw_base_pkru = with_bits(sw_base_pkru, pkey, access_rights & 3u);
+        memset(process_grants.count[pkey], 0, sizeof process_grants.count[pkey]);
+        /* A fresh key guards no region, so this only moves the register. */
+        sw_commit(0);
+    }
+    if (++last_identity == 0)
+        ++last_identity;
+    STORE(revoked_at[pkey], revocation_epoch);
+    STORE(key_identity[pkey], last_identity);
+    process_grants.identity[pkey] = last_identity;
+    __atomic_or_fetch(&allocated_keys, 1u << pkey, __ATOMIC_SEQ_CST);
+    *identity = last_identity;
+    pk_state_unlock();
+    return pkey;
+}
+
+/*
+ * Free a key: refused for key 0, for a key still guarding tracked memory,
+ * and (identity != 0) for a Key object whose key was already freed.  The
+ * kernel leaves every thread's rights alone, so a later allocation of the
+ * number would inherit them: this thread's are reset to access-disable.
+ */
+int pk_key_free(int pkey, uint32_t identity, uint64_t pins)
+{
+    int status;
+    (void)pins;
+    if (!pk_mode)
+        return PK_E_UNSUPPORTED;
+    if ((status = check_number(pkey)) != PK_OK)
+        return status;
+    if (pkey == 0)
+        return PK_E_KEY_ZERO;
+    pk_state_lock();
+    if (identity && LOAD(key_identity[pkey]) != identity) {
+        status = PK_E_KEY_CLOSED;
+    } else if (!LOAD(key_identity[pkey])) {
+        status = PK_E_NOT_ALLOCATED;
+    } else if (pk_regions_count(pkey)) {
+        status = PK_E_IN_USE;
+    } else if (pk_mode == PK_MODE_HARDWARE && pk_sys_pkey_free(pkey) != 0) {
+        status = PK_E_ERRNO;
+    } else {
+        STORE(key_identity[pkey], 0u);
+        __atomic_and_fetch(&allocated_keys, ~(1u << pkey), __ATOMIC_SEQ_CST);
+        if (pk_mode == PK_MODE_HARDWARE) {
+            uint32_t old = pk_rdpkru_unchecked();
+            hw_write(old, with_bits(old, pkey, PK_AD));
+        } else {
+            sw_base_pkru = with_bits(sw_base_pkru, pkey, PK_AD);
+            memset(process_grants.count[pkey], 0, sizeof process_grants.count[pkey]);
+            process_grants.identity[pkey] = 0;
+            sw_commit(0); /* no region left, so nothing to pin */
+        }
+        status = PK_OK;
+    }
+    pk_state_unlock();
+    return status;
+}
+
+uint32_t pk_key_identity(int pkey)
+{
+    return (pkey > 0 && pkey < PK_NKEYS) ? LOAD(key_identity[pkey]) : 0;
+}
+
+uint32_t pk_allocated_mask(void) { return LOAD(allocated_keys); }
+
+/* ---- rights ------------------------------------------------------------ */
+
+int pk_key_get(int pkey)
+{
+    int status;
+    if (!pk_mode)
+        return PK_E_UNSUPPORTED;
+    if ((status = check_number(pkey)) != PK_OK)
+        return status;
+    if (pk_mode == PK_MODE_HARDWARE)
+        return (int)bits_of(pk_rdpkru_unchecked(), pkey);
+    return (int)bits_of(LOAD(sw_pkru), pkey);
+}
+
+/* The rights outside scopes.  While this thread (hardware) or the process
+ * (software) has grants on the key, they stay in force and the new rights
+ * take over when the last one ends. */
+int pk_key_set(int pkey, int access_rights, uint64_t pins)
+{
+    int status;
+    if (!pk_mode)
+        return PK_E_UNSUPPORTED;
+    if ((status = check_number(pkey)) != PK_OK)
+        return status;
+    if (pkey == 0)
+        return PK_E_KEY_ZERO;
+    if (access_rights < 0 || access_rights > 3)
+        return PK_E_RIGHTS;
+    if (pk_mode == PK_MODE_HARDWARE) {
+        struct grants *g = &thread_grants;
+        uint32_t old = pk_rdpkru_unchecked();
+        if (g->identity[pkey] == LOAD(key_identity[pkey]) && active(g, pkey))
+            g->base[pkey] = (uint8_t)access_rights;
+        else
+            hw_write(old, with_bits(old, pkey, (unsigned)access_rights));
+        return PK_OK;
+    }
+    pk_state_lock();
+    {
+        uint32_t saved = sw_base_pkru;
+        sw_base_pkru = with_bits(sw_base_pkru, pkey, (unsigned)access_rights);
+        status = sw_commit(pins);
+        if (status != PK_OK)
+            sw_base_pkru = saved;
+    }
+    pk_state_unlock();
+    return status;
+}
+
+int64_t pk_pkru_read(void)
+{
+    if (pk_mode == PK_MODE_HARDWARE)
+        return pk_rdpkru_unchecked();
+    if (pk_mode == PK_MODE_SOFTWARE)
+        return LOAD(sw_pkru);
+    return PK_E_UNSUPPORTED;
+}
+
+/* The whole register.  Keys with active grants keep them; the value
+ * becomes their base. */
+int pk_pkru_write(uint32_t value, uint64_t pins)
+{
+    int status, k;
+    if (!pk_mode)
+        return PK_E_UNSUPPORTED;
+    if (value & PK_KEY_MASK(0))
+        return PK_E_KEY_ZERO;
+    if (pk_mode == PK_MODE_HARDWARE) {
+        struct grants *g = &thread_grants;
+        uint32_t old = pk_rdpkru_unchecked(), next = value;
+        for (k = 1; k < PK_NKEYS; k++) {
+            if (g->identity[k] && g->identity[k] == LOAD(key_identity[k]) && active(g, k)) {
+                g->base[k] = (uint8_t)bits_of(value, k);
+                next = with_bits(next, k, composed(g, k));
+            }
+        }
+        hw_write(old, next);
+        return PK_OK;
+    }
+    pk_state_lock();
+    {
+        uint32_t saved = sw_base_pkru;
+        sw_base_pkru = value;
+        status = sw_commit(pins);
+        if (status != PK_OK)
+            sw_base_pkru = saved;
+    }
+    pk_state_unlock();
+    return status;
+}
+
+int64_t pk_shadow_pkru(void)
+{
+    if (pk_mode == PK_MODE_SOFTWARE)
+        return LOAD(sw_pkru);
+    return shadow_valid ? (int64_t)shadow : -1;
+}
+
+/* ---- scopes ------------------------------------------------------------ */
+
+static int check_identities(uint32_t keys, const uint32_t *identities)
+{
+    int k;
+    if (keys & 1u)
+        return PK_E_KEY_ZERO;
+    if (!keys || keys >> PK_NKEYS)
+        return PK_E_KEY_RANGE;
+    for (k = 1; k < PK_NKEYS; k++)
+        if ((keys & (1u << k)) && (!identities[k] || LOAD(key_identity[k]) != identities[k]))
+            return PK_E_KEY_CLOSED;
+    return PK_OK;
+}
+
+/* Add (+1) or withdraw (-1) one grant of `kind` in `g`.  Entering a key's
+ * first grant records its base from `pkru`. */
+static void count_grant(struct grants *g, uint32_t keys, int kind, const uint32_t *identities,
+                        int delta, uint32_t pkru)
+{
+    int k;
+    for (k = 1; k < PK_NKEYS; k++) {
+        if (!(keys & (1u << k)))
+            continue;
+        adopt(g, k, identities[k]);
+        if (delta > 0) {
+            if (!active(g, k))
+                g->base[k] = (uint8_t)bits_of(pkru, k);
+            g->count[k][kind]++;
+        } else if (g->count[k][kind]) {
+            g->count[k][kind]--;
+        }
+    }
+}
+
+static uint32_t hw_compose(const struct grants *g, uint32_t keys, uint32_t pkru)
+{
+    int k;
+    for (k = 1; k < PK_NKEYS; k++)
+        if (keys & (1u << k))
+            pkru = with_bits(pkru, k, composed(g, k));
+    return pkru;
+}
+
+int64_t pk_scope_enter(uint32_t keys, int kind, const uint32_t *identities, uint32_t *usage,
+                       uint64_t pins)
+{
+    uint32_t epoch;
+    int status;
+    if (!pk_mode)
+        return PK_E_UNSUPPORTED;
+    if (kind < 0 || kind > 2)
+        return PK_E_RIGHTS;
+    /* Read before validating: a revocation after this point voids the grant. */
+    epoch = LOAD(revocation_epoch);
+    if ((status = check_identities(keys, identities)) != PK_OK)
+        return status;
+    if (usage && (status = usage_acquire(usage)) != PK_OK)
+        return status;
+
+    if (pk_mode == PK_MODE_HARDWARE) {
+        uint32_t old = pk_rdpkru_unchecked();
+        count_grant(&thread_grants, keys, kind, identities, +1, old);
+        hw_write(old, hw_compose(&thread_grants, keys, old));
+        /* A pkey_free in another thread may have raced with this grant:
+         * once the register is written, check again and take it back. */
+        if (check_identities(keys, identities) != PK_OK) {
+            count_grant(&thread_grants, keys, kind, identities, -1, 0);
+            old = pk_rdpkru_unchecked();
+            hw_write(old, hw_compose(&thread_grants, keys, old));
+            usage_release(usage);
+            return PK_E_KEY_CLOSED;
+        }
+        return make_token(epoch);
+    }
+
+    pk_state_lock();
+    status = check_identities(keys, identities);
+    if (status == PK_OK) {
+        count_grant(&process_grants, keys, kind, identities, +1, sw_base_pkru);
+        status = sw_commit(pins);
+        if (status == PK_OK)
+            count_grant(&thread_grants, keys, kind, identities, +1, 0);
+        else
+            count_grant(&process_grants, keys, kind, identities, -1, 0);
+    }
+    pk_state_unlock();
+    if (status != PK_OK) {
+        usage_release(usage);
+        return status;
+    }
+    return make_token(epoch);
+}
+
+/* The keys whose grant from `token` is still counted: not freed, not
+ * revoked since the grant began. */
+static uint32_t live_keys(uint32_t keys, const uint32_t *identities, uint32_t epoch)
+{
+    int k;
+    for (k = 1; k < PK_NKEYS; k++)
+        if ((keys & (1u << k)) &&
+            (LOAD(key_identity[k]) != identities[k] || revoked_since(k, epoch)))
+            keys &= ~(1u << k);
+    return keys;
+}
+
+/* Keys freed while this thread held a grant on them: the freeing thread
+ * could deny only its own register, so this one closes the number here
+ * once its last grant on the old key ends, and a later key that gets the
+ * number inherits nothing from it. */
+static uint32_t close_freed(struct grants *g, uint32_t keys, int kind, const uint32_t *identities,
+                            uint32_t pkru)
+{
+    int k;
+    for (k = 1; k < PK_NKEYS; k++) {
+        if (!(keys & (1u << k)) || g->identity[k] != identities[k] ||
+            LOAD(key_identity[k]) == identities[k])
+            continue;
+        if (g->count[k][kind])
+            g->count[k][kind]--;
+        if (!active(g, k))
+            pkru = with_bits(pkru, k, PK_AD);
+    }
+    return pkru;
+}
+
+static int balanced(const struct grants *g, uint32_t keys, int kind, const uint32_t *identities)
+{
+    int k;
+    for (k = 1; k < PK_NKEYS; k++)
+        if ((keys & (1u << k)) && (g->identity[k] != identities[k] || !g->count[k][kind]))
+            return 0;
+    return 1;
+}
+
+int pk_scope_exit(uint32_t keys, int kind, const uint32_t *identities, uint32_t *usage,
+                  int64_t token, uint64_t pins)
+{
+    uint32_t epoch = (uint32_t)token;
+    int own_thread = (uint32_t)((uint64_t)token >> 32) == pk_thread_serial();
+    int status = PK_OK;
+    if (!pk_mode)
+        return PK_E_UNSUPPORTED;
+    if (kind < 0 || kind > 2 || token < 0)
+        return PK_E_RIGHTS;
+
+    if (pk_mode == PK_MODE_HARDWARE) {
+        uint32_t old, live, next;
+        /* Another thread's register cannot be touched from here: refuse,
+         * and leave the grant for its own thread to end. */
+        if (!own_thread)
+            return PK_E_WRONG_THREAD;
+        live = live_keys(keys, identities, epoch);
+        if (!balanced(&thread_grants, live, kind, identities))
+            return PK_E_UNBALANCED;
+        old = pk_rdpkru_unchecked();
+        count_grant(&thread_grants, live, kind, identities, -1, 0);
+        next = hw_compose(&thread_grants, live, old);
+        next = close_freed(&thread_grants, keys & ~live, kind, identities, next);
+        hw_write(old, next);
+        usage_release(usage);
+        return PK_OK;
+    }
+
+    /* Software: the grant is process-wide, so ending it from the wrong
+     * thread still ends it (failing closed), and then reports the misuse. */
+    pk_state_lock();
+    {
+        uint32_t live = live_keys(keys, identities, epoch);
+        struct grants saved = process_grants;
+        if (!balanced(&process_grants, live, kind, identities)) {
+            status = PK_E_UNBALANCED;
+        } else {
+            count_grant(&process_grants, live, kind, identities, -1, 0);
+            status = sw_commit(pins);
+            if (status != PK_OK)
+                process_grants = saved;
+            else if (own_thread)
+                count_grant(&thread_grants, live, kind, identities, -1, 0);
+        }
+    }
+    pk_state_unlock();
+    if (status != PK_OK)
+        return status;
+    usage_release(usage);
+    return own_thread ? PK_OK : PK_E_WRONG_THREAD;
+}
+
+/* ---- copies with access open only for their duration ------------------- */
+
+int pk_keyed_copy(uintptr_t dst, uintptr_t src, size_t len, int pkey, uint32_t identity,
+                  int kind, uint32_t *usage, uint64_t pins)
+{
+    uint32_t identities[PK_NKEYS] = {0};
+    int64_t token;
+    if (pkey <= 0 || pkey >= PK_NKEYS)
+        return PK_E_KEY_RANGE;
+    identities[pkey] = identity;
+    token = pk_scope_enter(1u << pkey, kind, identities, usage, pins);
+    if (token < 0)
+        return (int)token;
+    memcpy((void *)dst, (const void *)src, len);
+    return pk_scope_exit(1u << pkey, kind, identities, usage, token, pins);
+}
+
+int pk_keyed_wipe(uintptr_t addr, size_t len, int pkey, uint32_t identity, uint64_t pins)
+{
+    uint32_t identities[PK_NKEYS] = {0};
+    int64_t token;
+    if (pkey <= 0 || pkey >= PK_NKEYS)
+        return PK_E_KEY_RANGE;
+    identities[pkey] = identity;
+    token = pk_scope_enter(1u << pkey, PK_GRANT_READ_WRITE, identities, NULL, pins);
+    if (token < 0)
+        return (int)token;
+    pk_wipe(addr, len);
+    return pk_scope_exit(1u << pkey, PK_GRANT_READ_WRITE, identities, NULL, token, pins);
+}

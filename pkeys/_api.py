@@ -1,0 +1,198 @@
+"""The validated operations, the same on both backends.
+
+Each is a thin layer over one C entry point in ``csrc/state.c`` or
+``csrc/regions.c``; the backend (the hardware register, or the ``mprotect``
+emulation) was chosen in C once, at import.  Arguments are checked here
+first, so a refused call changes nothing and raises the same exception on
+either backend.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import _state
+from ._binding import ffi, lib
+from ._memory import check_prot, resolve
+from ._rights import NUM_KEYS, RIGHTS_BY_VALUE, PkeyRights
+from ._validate import (
+    check_alloc_args,
+    check_key_range,
+    check_pkru,
+    check_rights,
+    raise_status,
+)
+
+__all__ = [
+    "pkey_alloc",
+    "pkey_free",
+    "pkey_mprotect",
+    "pkey_get",
+    "pkey_set",
+    "rdpkru",
+    "wrpkru",
+    "allocated_keys",
+    "is_allocated",
+    "shadow_pkru",
+    "regions",
+    "alloc_key",
+    "free_key",
+    "tag",
+    "key_number",
+]
+
+_get = lib.pk_key_get
+_set = lib.pk_key_set
+_call_pinned = _state.call_pinned
+_NEED_PINS = _state.NEED_PINS
+_E_KEY_CLOSED = lib.PK_E_KEY_CLOSED
+_E_IN_USE = lib.PK_E_IN_USE
+
+# Set by pkeys._key once Key exists, so that a Key argument takes a fast
+# path (a slot read) instead of __index__.
+key_type: type = type(None)
+
+
+def key_number(pkey: object) -> int:
+    """The key number of an int or a Key, checked to be in 0..15."""
+    if type(pkey) is key_type:
+        number: int = pkey._pkey  # type: ignore[attr-defined]
+        if number < 0:
+            raise_status(_E_KEY_CLOSED)
+        return number
+    return check_key_range(pkey)
+
+
+def alloc_key(flags: object = 0, access_rights: object = 0) -> tuple[int, int]:
+    """``(pkey, identity)`` of a newly allocated key."""
+    flags, access_rights = check_alloc_args(flags, access_rights)
+    identity = ffi.new("uint32_t *")
+    pkey = lib.pk_key_alloc(flags, access_rights, identity)
+    if pkey < 0:
+        raise_status(pkey)
+    return pkey, identity[0]
+
+
+def free_key(pkey: int, identity: int) -> None:
+    """Free ``pkey`` if it still has ``identity`` (0: whatever it has)."""
+    status = lib.pk_key_free(pkey, identity, 0)
+    if status == _E_IN_USE:
+        _state.prune_owners()  # owners collected or closed since they were tagged
+        status = lib.pk_key_free(pkey, identity, 0)
+    if status == _E_IN_USE:
+        raise_in_use(pkey)
+    if status:
+        raise_status(status, pkey)
+
+
+def raise_in_use(pkey: int) -> None:
+    from ._errors import KeyInUseError
+
+    spans = regions(pkey)
+    shown = ", ".join(f"{start:#x}-{end:#x}" for start, end, _, _ in spans[:3])
+    raise KeyInUseError(
+        f"pkey {pkey} still guards {len(spans)} tracked region(s) ({shown}); "
+        "re-tag them with key 0 or release their memory first"
+    )
+
+
+def pkey_alloc(flags: int = 0, access_rights: int = 0) -> int:
+    return alloc_key(flags, access_rights)[0]
+
+
+def pkey_free(pkey: int) -> None:
+    pkey = key_number(pkey)
+    if pkey == 0:
+        raise_status(lib.PK_E_KEY_ZERO)
+    free_key(pkey, 0)
+
+
+def pkey_get(pkey: int) -> PkeyRights:
+    if type(pkey) is not int:  # bools, floats, Keys: the checked conversion
+        pkey = key_number(pkey)
+    try:
+        rights = _get(pkey)
+    except OverflowError:
+        rights = check_key_range(pkey)  # raises: outside 0..15
+    if rights < 0:
+        raise_status(rights, pkey)
+    return RIGHTS_BY_VALUE[rights]
+
+
+def pkey_set(pkey: int, access_rights: int) -> None:
+    if type(pkey) is not int or type(access_rights) is not int:
+        pkey, access_rights = key_number(pkey), check_rights(access_rights)
+    try:
+        status = _set(pkey, access_rights, 0)
+    except OverflowError:
+        status = _set(check_key_range(pkey), check_rights(access_rights), 0)
+    if status:
+        if status == _NEED_PINS:
+            status = _call_pinned(_set, pkey, access_rights)
+        if status:
+            raise_status(status, pkey, access_rights)
+
+
+def tag(target: object, length: object, prot: object, pkey: int, identity: int,
+        owner: int | None = None) -> None:
+    """Tag memory with a key of known identity (0: whatever it has).
+    ``owner`` overrides how the region's memory is kept mapped."""
+    prot = check_prot(prot)
+    addr, size, exporter, pin = resolve(target, length)
+    try:
+        if owner is None:
+            owner = (lib.PK_OWNER_CALLER if exporter is None
+                     else _state.register_owner(exporter, addr, size))
+        status = lib.pk_region_tag(addr, size, prot, pkey, identity, owner, 0)
+        if status:
+            raise_status(status, pkey)
+    finally:
+        if pin is not None:
+            ffi.release(pin)
+        _state.prune_owners()
+
+
+def pkey_mprotect(target: object, length: int | None, prot: int, pkey: int) -> None:
+    tag(target, length, prot, key_number(pkey), 0)
+
+
+def rdpkru() -> int:
+    value = lib.pk_pkru_read()
+    if value < 0:
+        raise_status(value)
+    return value
+
+
+def wrpkru(value: int) -> None:
+    value = check_pkru(value)
+    status = _call_pinned(lib.pk_pkru_write, value)
+    if status:
+        raise_status(status)
+
+
+def is_allocated(pkey: int) -> bool:
+    return bool(lib.pk_allocated_mask() & (1 << pkey))
+
+
+def allocated_keys() -> list[int]:
+    mask = lib.pk_allocated_mask()
+    return [k for k in range(NUM_KEYS) if mask & (1 << k)]
+
+
+def shadow_pkru() -> int | None:
+    """The PKRU the package last wrote in this thread (the emulated register
+    on the software backend); None before any write."""
+    value = lib.pk_shadow_pkru()
+    return None if value < 0 else value
+
+
+def regions(pkey: int = -1) -> list[tuple[int, int, int, int]]:
+    """``(start, end, prot, pkey)`` of the tracked regions of ``pkey`` (all
+    keys with -1)."""
+    count = lib.pk_regions_list(pkey, ffi.NULL, 0)
+    while True:
+        out: Any = ffi.new("struct pk_region[]", max(count, 1))
+        total = lib.pk_regions_list(pkey, out, count)
+        if total <= count:
+            return [(r.start, r.end, r.prot, r.pkey) for r in out[0:total]]
+        count = total
