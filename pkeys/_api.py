@@ -9,6 +9,7 @@ either backend.
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 from . import _state
@@ -47,6 +48,7 @@ _call_pinned = _state.call_pinned
 _NEED_PINS = _state.NEED_PINS
 _E_KEY_CLOSED = lib.PK_E_KEY_CLOSED
 _E_IN_USE = lib.PK_E_IN_USE
+_E_NOSPC = lib.PK_E_NOSPC
 
 # Set by pkeys._key once Key exists, so that a Key argument takes a fast
 # path (a slot read) instead of __index__.
@@ -68,6 +70,11 @@ def alloc_key(flags: object = 0, access_rights: object = 0) -> tuple[int, int]:
     flags, access_rights = check_alloc_args(flags, access_rights)
     identity = ffi.new("uint32_t *")
     pkey = lib.pk_key_alloc(flags, access_rights, identity)
+    if pkey == _E_NOSPC:
+        # Keys and buffers that are garbage but not yet collected (reference
+        # cycles wait for an older generation) still hold keys: free them.
+        gc.collect()
+        pkey = lib.pk_key_alloc(flags, access_rights, identity)
     if pkey < 0:
         raise_status(pkey)
     return pkey, identity[0]
@@ -142,7 +149,7 @@ def tag(target: object, length: object, prot: object, pkey: int, identity: int,
     try:
         if owner is None:
             owner = (lib.PK_OWNER_CALLER if exporter is None
-                     else _state.register_owner(exporter, addr, size))
+                     else _state.register_owner(exporter))
         status = lib.pk_region_tag(addr, size, prot, pkey, identity, owner, 0)
         if status:
             raise_status(status, pkey)

@@ -178,19 +178,18 @@ class _Mapping:
         """Close everything, or raise and change nothing."""
         if self.closed:
             return
-        if self.views_exported():
-            raise BufferError(
-                "a view of the protected buffer is still alive (a memoryview or array made "
-                "inside unlocked()); release it before close()"
-            )
+        # The one atomic step from idle to closed: no use can begin after it.
         status = lib.pk_usage_close(self.usage)
         if status == lib.PK_E_CLOSED:
             return
         if status:
             raise_status(status)
-        if self.views_exported():  # made by a use that ended just before the close
+        if self.views_exported():
             lib.pk_usage_reopen(self.usage)
-            raise BufferError("a view of the protected buffer is still alive; release it first")
+            raise BufferError(
+                "a view of the protected buffer is still alive (a memoryview or array made "
+                "inside unlocked()); release it before close()"
+            )
         self._release(check_canary=True)
 
     def close_when_released(self) -> None:

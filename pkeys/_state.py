@@ -100,9 +100,14 @@ def _exports_buffer(candidate: object) -> bool:
     return True
 
 
-def register_owner(exporter: object, base: int, size: int) -> int:
+def register_owner(exporter: object) -> int:
     """A fresh owner token for a foreign exporter; its regions are dropped
-    when it is collected."""
+    when it is collected, closed or moved."""
+    export = ffi.from_buffer(exporter)
+    try:
+        base, size = int(ffi.cast(_UINTPTR, export)), len(export)
+    finally:
+        ffi.release(export)
     token = next(_tokens)
     try:
         ref: Callable[[], object] = weakref.ref(exporter, lambda _: _owner_died(token))

@@ -88,8 +88,9 @@ _KEY_ZERO_MESSAGE = (
 _STATUS_MESSAGES = {
     lib.PK_E_KEY_CLOSED: (InvalidKeyError, "this Key has been closed: its key was freed"),
     lib.PK_E_IN_USE: (KeyInUseError, "the key still guards tracked memory"),
-    lib.PK_E_BUSY: (BufferError, "the protected buffer is in use (inside unlocked(), readinto() "
-                    "or write()) in another thread or task"),
+    lib.PK_E_BUSY: (BufferError, "the protected buffer is in use: a block of unlocked(), or a "
+                    "readinto() or write(), has not ended yet (here, or in another thread or "
+                    "task)"),
     lib.PK_E_CLOSED: (PkeysError, "the protected buffer is closed"),
     lib.PK_E_WRONG_THREAD: (ScopeError, "a scope must end in the thread that entered it; on "
                             "hardware the entering thread keeps its access until it ends "
