@@ -61,6 +61,9 @@ def release_cached() -> None:
         if isinstance(value, tuple) and isinstance(value[0], mmap.mmap):
             value[0].close()
     for name, value in _cache.items():
+        if isinstance(value, pkeys.ProtectedBuffer):
+            value.close()
+    for name, value in _cache.items():
         if isinstance(value, pkeys.Key):
             value.close()
         elif isinstance(value, list):
@@ -156,6 +159,24 @@ def _pkey_set_same(loops: int) -> float:
     return _timed(lambda: set_(key, 0))(loops)
 
 
+def _key_object() -> pkeys.Key:
+    key = once("key-object", lambda: pkeys.Key(rights=0))
+    assert isinstance(key, pkeys.Key)
+    return key
+
+
+@case("pkeys/pkey_get/key", True)
+def _pkey_get_key(loops: int) -> float:
+    key, get = _key_object(), pkeys.pkey_get
+    return _timed(lambda: get(key))(loops)
+
+
+@case("pkeys/pkey_set/key-same", True)
+def _pkey_set_key(loops: int) -> float:
+    key, set_ = _key_object(), pkeys.pkey_set
+    return _timed(lambda: set_(key, 0))(loops)
+
+
 @case("pkeys/rdpkru/safe", True)
 def _rdpkru(loops: int) -> float:
     return _timed(pkeys.rdpkru)(loops)
@@ -186,6 +207,18 @@ def _key_allow(loops: int) -> float:
 
     def body() -> None:
         with allow():
+            pass
+
+    return _timed(body)(loops)
+
+
+@case("pkeys/unlocked/hot", True)
+def _unlocked_hot(loops: int) -> float:
+    buffer = once("hot-buffer", lambda: pkeys.ProtectedBuffer(32, label="bench"))
+    unlocked = buffer.unlocked  # type: ignore[attr-defined]
+
+    def body() -> None:
+        with unlocked():
             pass
 
     return _timed(body)(loops)
