@@ -115,8 +115,8 @@ def pkey_free(pkey: int) -> None:
 
 
 def pkey_get(pkey: int) -> PkeyRights:
-    if type(pkey) is not int:  # bools, floats, Keys: the checked conversion
-        pkey = key_number(pkey)
+    if type(pkey) is not int:  # a Key (a slot read), or the checked conversion
+        pkey = pkey._pkey if type(pkey) is key_type and pkey._pkey >= 0 else key_number(pkey)
     try:
         rights = _get(pkey)
     except OverflowError:
@@ -127,8 +127,10 @@ def pkey_get(pkey: int) -> PkeyRights:
 
 
 def pkey_set(pkey: int, access_rights: int) -> None:
-    if type(pkey) is not int or type(access_rights) is not int:
-        pkey, access_rights = key_number(pkey), check_rights(access_rights)
+    if type(pkey) is not int:
+        pkey = pkey._pkey if type(pkey) is key_type and pkey._pkey >= 0 else key_number(pkey)
+    if type(access_rights) is not int:
+        access_rights = check_rights(access_rights)
     try:
         status = _set(pkey, access_rights, 0)
     except OverflowError:

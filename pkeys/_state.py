@@ -152,26 +152,18 @@ def call_pinned(function: Callable[..., int], *args: object) -> int:
     """``function(*args, pins)`` for a C entry point that may answer
     ``PK_E_NEED_PINS``: pin every live foreign owner and call again."""
     while True:
-        for token, owner in list(_owners.items()):
-            export = owner.pin()
-            if export is None:
-                _owner_died(token)
-            else:
-                ffi.release(export)
         version = lib.pk_foreign_version()
         pins = []
         try:
-            complete = True
-            for owner in list(_owners.values()):
+            for token, owner in list(_owners.items()):
                 export = owner.pin()
                 if export is None:
-                    complete = False  # went between the two passes: start again
-                    break
+                    _owner_died(token)  # moves the version: the call below would refuse
+                    continue
                 pins.append(export)
-            if complete:
-                status = function(*args, version)
-                if status != NEED_PINS:
-                    return status
+            status = function(*args, version)
+            if status != NEED_PINS:
+                return status
         finally:
             for export in pins:
                 ffi.release(export)
