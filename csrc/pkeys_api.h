@@ -77,10 +77,16 @@ int pk_key_get(int pkey);
 int pk_key_set(int pkey, int access_rights, uint64_t pins);
 int64_t pk_pkru_read(void);
 int pk_pkru_write(uint32_t value, uint64_t pins);
-int64_t pk_scope_enter(uint32_t keys, int kind, const uint32_t *identities, uint32_t *usage,
-                       uint64_t pins);
-int pk_scope_exit(uint32_t keys, int kind, const uint32_t *identities, uint32_t *usage,
-                  int64_t token, uint64_t pins);
+/* What a scope grants, made once per scope object so that entering and
+ * leaving pass one pointer. */
+struct pk_scope {
+    uint32_t keys;              /* bit k: key k */
+    int kind;                   /* PK_GRANT_* */
+    uint32_t *usage;            /* a protected buffer's usage cell, or NULL */
+    uint32_t identities[16];    /* identity of each key in `keys` */
+};
+int64_t pk_scope_enter(const struct pk_scope *scope, uint64_t pins);
+int pk_scope_exit(const struct pk_scope *scope, int64_t token, uint64_t pins);
 int pk_keyed_copy(uintptr_t dst, uintptr_t src, size_t len, int pkey, uint32_t identity,
                   int kind, uint32_t *usage, uint64_t pins);
 int pk_keyed_wipe(uintptr_t addr, size_t len, int pkey, uint32_t identity, uint64_t pins);

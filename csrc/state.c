@@ -525,9 +525,11 @@ static uint32_t hw_compose(const struct grants *g, uint32_t keys, uint32_t pkru)
     return pkru;
 }
 
-int64_t pk_scope_enter(uint32_t keys, int kind, const uint32_t *identities, uint32_t *usage,
-                       uint64_t pins)
+int64_t pk_scope_enter(const struct pk_scope *scope, uint64_t pins)
 {
+    uint32_t keys = scope->keys, *usage = scope->usage;
+    const uint32_t *identities = scope->identities;
+    int kind = scope->kind;
     uint32_t epoch;
     int status;
     if (!pk_mode)
@@ -616,9 +618,11 @@ static int balanced(const struct grants *g, uint32_t keys, int kind, const uint3
     return 1;
 }
 
-int pk_scope_exit(uint32_t keys, int kind, const uint32_t *identities, uint32_t *usage,
-                  int64_t token, uint64_t pins)
+int pk_scope_exit(const struct pk_scope *scope, int64_t token, uint64_t pins)
 {
+    uint32_t keys = scope->keys, *usage = scope->usage;
+    const uint32_t *identities = scope->identities;
+    int kind = scope->kind;
     uint32_t epoch = (uint32_t)token;
     int own_thread = (uint32_t)((uint64_t)token >> 32) == pk_thread_serial();
     int status = PK_OK;
@@ -671,31 +675,41 @@ int pk_scope_exit(uint32_t keys, int kind, const uint32_t *identities, uint32_t 
 
 /* ---- copies with access open only for their duration ------------------- */
 
+static void single_key(struct pk_scope *scope, int pkey, uint32_t identity, int kind,
+                       uint32_t *usage)
+{
+    memset(scope, 0, sizeof *scope);
+    scope->keys = 1u << pkey;
+    scope->kind = kind;
+    scope->usage = usage;
+    scope->identities[pkey] = identity;
+}
+
 int pk_keyed_copy(uintptr_t dst, uintptr_t src, size_t len, int pkey, uint32_t identity,
                   int kind, uint32_t *usage, uint64_t pins)
 {
-    uint32_t identities[PK_NKEYS] = {0};
+    struct pk_scope scope;
     int64_t token;
     if (pkey <= 0 || pkey >= PK_NKEYS)
         return PK_E_KEY_RANGE;
-    identities[pkey] = identity;
-    token = pk_scope_enter(1u << pkey, kind, identities, usage, pins);
+    single_key(&scope, pkey, identity, kind, usage);
+    token = pk_scope_enter(&scope, pins);
     if (token < 0)
         return (int)token;
     memcpy((void *)dst, (const void *)src, len);
-    return pk_scope_exit(1u << pkey, kind, identities, usage, token, pins);
+    return pk_scope_exit(&scope, token, pins);
 }
 
 int pk_keyed_wipe(uintptr_t addr, size_t len, int pkey, uint32_t identity, uint64_t pins)
 {
-    uint32_t identities[PK_NKEYS] = {0};
+    struct pk_scope scope;
     int64_t token;
     if (pkey <= 0 || pkey >= PK_NKEYS)
         return PK_E_KEY_RANGE;
-    identities[pkey] = identity;
-    token = pk_scope_enter(1u << pkey, PK_GRANT_READ_WRITE, identities, NULL, pins);
+    single_key(&scope, pkey, identity, PK_GRANT_READ_WRITE, NULL);
+    token = pk_scope_enter(&scope, pins);
     if (token < 0)
         return (int)token;
     pk_wipe(addr, len);
-    return pk_scope_exit(1u << pkey, PK_GRANT_READ_WRITE, identities, NULL, token, pins);
+    return pk_scope_exit(&scope, token, pins);
 }

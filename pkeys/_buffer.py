@@ -54,7 +54,7 @@ from typing import Any
 from . import _api, _state
 from ._binding import ffi, lib
 from ._errors import ArgumentError, BufferCorruptedError, MemoryLockWarning
-from ._key import Key
+from ._key import Key, scope_handle
 from ._rights import PAGE_SIZE, PROT_NONE, PROT_READ, PROT_WRITE
 from ._validate import raise_status, require_int
 
@@ -126,9 +126,10 @@ class _Mapping:
             self.key = key if key is not None else Key()
             self.pkey = self.key.pkey
             self.identity = self.key.identity
-            identities = ffi.new("uint32_t[16]")
-            identities[self.pkey] = self.identity
-            self.identities = identities
+            self.scopes = {
+                kind: scope_handle({self.pkey: self.identity}, kind, self.usage)
+                for kind in (lib.PK_GRANT_READ_ONLY, lib.PK_GRANT_READ_WRITE)
+            }
             _api.tag(self.inner, self.inner_length, PROT_READ | PROT_WRITE, self.pkey,
                      self.identity, owner=lib.PK_OWNER_PACKAGE)
             self.label_slot = lib.pk_label_add(
@@ -210,7 +211,7 @@ class _Mapping:
 
     def _release(self, check_canary: bool, unmap: bool = True) -> None:
         corrupted = False
-        if hasattr(self, "identities") and not self.key.closed:
+        if hasattr(self, "scopes") and not self.key.closed:
             if check_canary:
                 seen = ffi.new("char[]", CANARY_SIZE)
                 self._keyed(lib.pk_keyed_copy, int(ffi.cast("uintptr_t", seen)),
@@ -434,22 +435,21 @@ class Unlocked:
     takes a use of the buffer and a grant on its key, and yields a fresh
     view; its exit releases exactly those."""
 
-    __slots__ = ("_mapping", "_write", "_kind", "_entries")
+    __slots__ = ("_mapping", "_write", "_handle", "_entries")
 
     def __init__(self, mapping: _Mapping, write: bool) -> None:
         self._mapping = mapping
         self._write = write
-        self._kind = lib.PK_GRANT_READ_WRITE if write else lib.PK_GRANT_READ_ONLY
+        self._handle = mapping.scopes[lib.PK_GRANT_READ_WRITE if write else lib.PK_GRANT_READ_ONLY]
         self._entries: list[tuple[int, memoryview]] = []
 
     def __enter__(self) -> memoryview:
         mapping = self._mapping
         lib.pk_guard_install()  # stay first in line if a handler was installed since
-        args = (1 << mapping.pkey, self._kind, mapping.identities, mapping.usage)
-        token = _enter(*args, 0)
+        token = _enter(self._handle, 0)
         if token < 0:
             if token == _NEED_PINS:
-                token = _state.call_pinned(_enter, *args)
+                token = _state.call_pinned(_enter, self._handle)
             if token < 0:
                 raise_status(token)
         try:
@@ -502,11 +502,9 @@ class Unlocked:
         return entries.pop()
 
     def _end(self, token: int) -> None:
-        mapping = self._mapping
-        args = (1 << mapping.pkey, self._kind, mapping.identities, mapping.usage, token)
-        status = _exit(*args, 0)
+        status = _exit(self._handle, token, 0)
         if status:
-            _check(status, _exit, *args)
+            _check(status, _exit, self._handle, token)
 
 
 _enter = lib.pk_scope_enter

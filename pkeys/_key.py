@@ -30,7 +30,19 @@ READ_WRITE = lib.PK_GRANT_READ_WRITE
 READ_ONLY = lib.PK_GRANT_READ_ONLY
 DENY = lib.PK_GRANT_DENY
 
-__all__ = ["Key", "Scope", "allow"]
+__all__ = ["Key", "Scope", "allow", "scope_handle"]
+
+
+def scope_handle(identities: dict[int, int], kind: int, usage: Any = _NULL) -> Any:
+    """The C description of a scope: which keys (by number and identity),
+    which kind of grant, and the usage cell of a protected buffer."""
+    handle = ffi.new("struct pk_scope *")
+    for number, identity in identities.items():
+        handle.keys |= 1 << number
+        handle.identities[number] = identity
+    handle.kind = kind
+    handle.usage = usage
+    return handle
 
 
 class Scope:
@@ -45,17 +57,14 @@ class Scope:
     ``pkey_set`` meanwhile).
     """
 
-    __slots__ = ("_keys", "_kind", "_identities", "_usage", "_tokens")
+    __slots__ = ("_handle", "_tokens")
 
-    def __init__(self, keys: int, kind: int, identities: Any, usage: Any = _NULL) -> None:
-        self._keys = keys
-        self._kind = kind
-        self._identities = identities
-        self._usage = usage
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle  # a struct pk_scope, see scope_handle()
         self._tokens: list[int] = []
 
     def __enter__(self) -> Scope:
-        token = _enter(self._keys, self._kind, self._identities, self._usage, 0)
+        token = _enter(self._handle, 0)
         if token < 0:
             token = self._enter_slow(token)
         self._tokens.append(token)
@@ -63,8 +72,7 @@ class Scope:
 
     def _enter_slow(self, status: int) -> int:
         if status == _NEED_PINS:
-            status = _state.call_pinned(_enter, self._keys, self._kind, self._identities,
-                                        self._usage)
+            status = _state.call_pinned(_enter, self._handle)
         if status < 0:
             raise_status(status)
         return status
@@ -76,11 +84,8 @@ class Scope:
         tb: TracebackType | None,
     ) -> None:
         tokens = self._tokens
-        if len(tokens) == 1:
-            token = tokens.pop()
-        else:
-            token = self._own_token()
-        status = _exit(self._keys, self._kind, self._identities, self._usage, token, 0)
+        token = tokens.pop() if len(tokens) == 1 else self._own_token()
+        status = _exit(self._handle, token, 0)
         if status:
             self._exit_failed(status, token)
 
@@ -97,8 +102,7 @@ class Scope:
 
     def _exit_failed(self, status: int, token: int) -> None:
         if status == _NEED_PINS:
-            status = _state.call_pinned(_exit, self._keys, self._kind, self._identities,
-                                        self._usage, token)
+            status = _state.call_pinned(_exit, self._handle, token)
             if not status:
                 return
         if status == _WRONG_THREAD and _backend.NAME == "hardware":
@@ -121,21 +125,15 @@ class Key:
     copied or pickled.
     """
 
-    __slots__ = ("_pkey", "_identity", "_identities", "_scopes", "__weakref__")
+    __slots__ = ("_pkey", "_identity", "_scopes", "__weakref__")
 
     def __init__(self, rights: int = PKEY_DISABLE_ACCESS) -> None:
         self._pkey = -1
         pkey, identity = _api.alloc_key(0, rights)
-        identities = ffi.new("uint32_t[16]")
-        identities[pkey] = identity
-        mask = 1 << pkey
         self._identity = identity
-        self._identities = identities
         # Scopes are re-entrant, so one of each kind serves every caller.
-        self._scopes = (
-            Scope(mask, READ_WRITE, identities),
-            Scope(mask, READ_ONLY, identities),
-            Scope(mask, DENY, identities),
+        self._scopes = tuple(
+            Scope(scope_handle({pkey: identity}, kind)) for kind in (READ_WRITE, READ_ONLY, DENY)
         )
         self._pkey = pkey
 
@@ -239,8 +237,7 @@ _api.key_type = Key
 
 def allow(*keys: Key | int, write: bool = True) -> Scope:
     """One scope, one register write, for several keys at once."""
-    mask = 0
-    identities = ffi.new("uint32_t[16]")
+    identities: dict[int, int] = {}
     for key in keys:
         if isinstance(key, Key):
             number, identity = key.pkey, key.identity
@@ -251,8 +248,7 @@ def allow(*keys: Key | int, write: bool = True) -> Scope:
             raise_status(lib.PK_E_KEY_ZERO)
         if identity == 0:
             raise_status(lib.PK_E_NOT_ALLOCATED, number)
-        mask |= 1 << number
         identities[number] = identity
-    if not mask:
+    if not identities:
         raise TypeError("allow() needs at least one key")
-    return Scope(mask, READ_WRITE if write else READ_ONLY, identities)
+    return Scope(scope_handle(identities, READ_WRITE if write else READ_ONLY))

@@ -81,7 +81,7 @@ def test_allow_several_keys_uses_one_register_write(monkeypatch, shadow):
         shadow.set(a, 1), shadow.set(b, 1), shadow.set(c, 2)
         calls = []
         real_enter = _key._enter
-        monkeypatch.setattr(_key, "_enter", lambda m, *rest: calls.append(m) or real_enter(m, *rest))
+        monkeypatch.setattr(_key, "_enter", lambda h, *rest: calls.append(h.keys) or real_enter(h, *rest))
         with pkeys.allow(a, b, c.pkey):
             assert rights_bits(a) == rights_bits(b) == rights_bits(c) == 0
         assert len(calls) == 1
