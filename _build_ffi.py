@@ -18,6 +18,7 @@ SOURCES = [
     f"{CSRC}/glibc.c",
     f"{CSRC}/state.c",
     f"{CSRC}/regions.c",
+    f"{CSRC}/revoke.c",
     f"{CSRC}/guard.c",
     f"{CSRC}/secret.c",
     f"{CSRC}/bench.c",

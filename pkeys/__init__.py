@@ -25,6 +25,7 @@ from ._errors import (
     MemoryLockWarning,
     PkeysError,
     PkeysWarning,
+    RevocationError,
     ScopeError,
     UnsupportedError,
 )
@@ -78,6 +79,7 @@ __all__ = [
     "InvalidKeyError",
     "KeyInUseError",
     "ScopeError",
+    "RevocationError",
     "BufferCorruptedError",
     "PkeysWarning",
     "MemoryLockWarning",
@@ -109,13 +111,15 @@ page-aligned int address, or a writable buffer over page-aligned memory
 pkey_get = _backend.pkey_get
 pkey_get.__doc__ = """pkey_get(pkey) -> PkeyRights
 
-This thread's rights for an allocated key (or key 0)."""
+This thread's rights for an allocated key (or key 0), as in force now."""
 
 pkey_set = _backend.pkey_set
-pkey_set.__doc__ = """pkey_set(pkey, rights)
+pkey_set.__doc__ = """pkey_set(pkey, rights, *, threads="current")
 
-Set this thread's rights for an allocated key (not key 0).  The register
-is written only if the value changes."""
+Set the rights for an allocated key (not key 0) outside scopes: this
+thread's, or with ``threads="all"`` every thread's at once (active scopes
+on the key lose their grants; see Key.revoke).  The register is written
+only if the value changes."""
 
 rdpkru = _backend.rdpkru
 rdpkru.__doc__ = """rdpkru() -> int

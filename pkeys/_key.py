@@ -187,10 +187,22 @@ class Key:
             raise InvalidKeyError("this Key has been closed")
         return self._scopes[2]
 
+    def revoke(self, timeout: float = _api.REVOCATION_TIMEOUT) -> None:
+        """Deny access to this key in every thread of the process, now.
+
+        Returns once every thread has applied it (RevocationError names
+        those that did not answer within ``timeout`` seconds).  Scopes that
+        are active on the key lose their access, and re-grant nothing when
+        they end.  Same as ``pkey_set(key, PKEY_DISABLE_ACCESS,
+        threads="all")``."""
+        _api.set_all_threads(self.pkey, self._identity, PKEY_DISABLE_ACCESS, timeout)
+
     def close(self) -> None:
         """Free the key.  Idempotent.  Refused (KeyInUseError) while it still
-        guards tracked memory; this thread's rights for the number are left
-        at access-disable."""
+        guards tracked memory.  The key is first revoked in every thread, so
+        a later key that gets the same number inherits no thread's rights
+        (RevocationError, and the key stays allocated, if a thread did not
+        answer)."""
         if self._pkey >= 0:
             _api.free_key(self._pkey, self._identity)
             self._pkey = -1
@@ -205,9 +217,10 @@ class Key:
         if getattr(self, "_pkey", -1) < 0:
             return
         warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
-        status = lib.pk_key_free(self._pkey, self._identity, 0)
-        if status == lib.PK_E_IN_USE:
-            # Still guarding memory: freed as soon as that memory goes.
+        status = lib.pk_key_free(self._pkey, self._identity, _api.REVOCATION_TIMEOUT, _NULL, 0)
+        if status in (lib.PK_E_IN_USE, lib.PK_E_BROADCAST):
+            # Still guarding memory, or some thread still has to answer:
+            # freed as soon as that memory goes.
             _state.adopt_orphan(self._pkey, self._identity)
         self._pkey = -1
 

@@ -143,8 +143,8 @@ def adopt_orphan(pkey: int, identity: int) -> None:
 
 def _free_orphans() -> None:
     for pkey, identity in list(_orphans.items()):
-        status = lib.pk_key_free(pkey, identity, 0)
-        if status != lib.PK_E_IN_USE:
+        status = lib.pk_key_free(pkey, identity, 5.0, ffi.NULL, 0)
+        if status not in (lib.PK_E_IN_USE, lib.PK_E_BROADCAST):
             _orphans.pop(pkey, None)
 
 
