@@ -35,6 +35,8 @@ ffibuilder.set_source(
     include_dirs=[CSRC],
     libraries=["dl", "pthread"],
     extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra"],
+    # Stable ABI only (Py_LIMITED_API): the wheel is tagged abi3 in setup.py.
+    py_limited_api=True,
 )
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from . import _state
 from ._binding import ffi, lib
 from ._memory import check_prot, resolve
 from ._rights import NUM_KEYS, RIGHTS_BY_VALUE, PkeyRights
+from ._types import KeyLike
 from ._errors import ArgumentError
 from ._validate import (
     check_alloc_args,
@@ -147,19 +148,28 @@ def raise_in_use(pkey: int) -> None:
 
 
 def pkey_alloc(flags: int = 0, access_rights: int = 0) -> int:
+    """Allocate a protection key; ``access_rights`` become this thread's
+    rights for it.  ``flags`` must be 0.  OSError(ENOSPC) when none is left."""
     return alloc_key(flags, access_rights)[0]
 
 
-def pkey_free(pkey: int) -> None:
+def pkey_free(pkey: KeyLike) -> None:
+    """Free a key allocated through pkeys.  Key 0, unallocated keys, double
+    frees and keys still guarding tracked memory are refused (ValueError
+    subclasses).  The key is first revoked in every thread, so a later key
+    that gets the number inherits no thread's rights."""
     pkey = key_number(pkey)
     if pkey == 0:
         raise_status(lib.PK_E_KEY_ZERO)
     free_key(pkey, 0)
 
 
-def pkey_get(pkey: int) -> PkeyRights:
+def pkey_get(pkey: KeyLike) -> PkeyRights:
+    """This thread's rights for an allocated key (or key 0), as in force now
+    (the process's on the software backend)."""
     if type(pkey) is not int:  # a Key (a slot read), or the checked conversion
-        pkey = pkey._pkey if type(pkey) is key_type and pkey._pkey >= 0 else key_number(pkey)
+        pkey = (pkey._pkey if type(pkey) is key_type and pkey._pkey >= 0  # type: ignore[attr-defined]
+                else key_number(pkey))
     try:
         rights = _get(pkey)
     except OverflowError:
@@ -169,11 +179,17 @@ def pkey_get(pkey: int) -> PkeyRights:
     return RIGHTS_BY_VALUE[rights]
 
 
-def pkey_set(pkey: int, access_rights: int, *, threads: str = "current") -> None:
+def pkey_set(pkey: KeyLike, access_rights: int, *, threads: str = "current") -> None:
+    """Set the rights for an allocated key (not key 0) outside scopes: this
+    thread's, or with ``threads="all"`` every thread's at once (active
+    scopes on the key lose their grants; see Key.revoke).  Inside an active
+    scope they take effect when it ends.  The register is written only if
+    the value changes."""
     if threads != "current":
         return _set_for(pkey, access_rights, threads)
     if type(pkey) is not int:
-        pkey = pkey._pkey if type(pkey) is key_type and pkey._pkey >= 0 else key_number(pkey)
+        pkey = (pkey._pkey if type(pkey) is key_type and pkey._pkey >= 0  # type: ignore[attr-defined]
+                else key_number(pkey))
     if type(access_rights) is not int:
         access_rights = check_rights(access_rights)
     try:
@@ -217,11 +233,18 @@ def tag(target: object, length: object, prot: object, pkey: int, identity: int,
         _state.prune_owners()
 
 
-def pkey_mprotect(target: object, length: int | None, prot: int, pkey: int) -> None:
+def pkey_mprotect(target: object, length: int | None, prot: int, pkey: KeyLike) -> None:
+    """Set ``prot`` on memory and tag it with ``pkey``.  ``target`` is a
+    page-aligned int address, or a writable buffer over page-aligned memory
+    (an ``mmap.mmap``, or a view or numpy array over one); ``length=None``
+    means the whole buffer.  The region is tracked by the object that owns
+    the memory, not by the view."""
     tag(target, length, prot, key_number(pkey), 0)
 
 
 def rdpkru() -> int:
+    """This thread's PKRU (the emulated, process-wide one on the software
+    backend)."""
     value = lib.pk_pkru_read()
     if value < 0:
         raise_status(value)
@@ -229,6 +252,9 @@ def rdpkru() -> int:
 
 
 def wrpkru(value: int) -> None:
+    """Write this thread's PKRU, as the rights outside scopes (keys with
+    active scopes keep them until they end); a value that would deny key 0
+    is refused."""
     value = check_pkru(value)
     status = _call_pinned(lib.pk_pkru_write, value)
     if status:
@@ -240,6 +266,7 @@ def is_allocated(pkey: int) -> bool:
 
 
 def allocated_keys() -> list[int]:
+    """The keys allocated through pkeys in this process, ascending."""
     mask = lib.pk_allocated_mask()
     return [k for k in range(NUM_KEYS) if mask & (1 << k)]
 

@@ -244,6 +244,7 @@ class _Mapping:
             )
 
     def _keyed(self, function: Any, *args: object) -> None:
+        full: tuple[object, ...]
         if function is lib.pk_keyed_copy:
             dst, src, length, kind = args
             full = (dst, src, length, self.pkey, self.identity, kind, ffi.NULL)

@@ -17,9 +17,10 @@ from ._binding import ffi, lib
 from ._errors import InvalidKeyError
 from ._rights import PKEY_DISABLE_ACCESS, PROT_READ, PROT_WRITE, PkeyRights
 from ._select import choose
+from ._types import KeyLike
 from ._validate import check_key_range, raise_status
 
-_backend, _reason = choose()
+chosen_backend, chosen_reason = choose()
 
 _enter = lib.pk_scope_enter
 _exit = lib.pk_scope_exit
@@ -105,7 +106,7 @@ class Scope:
             status = _state.call_pinned(_exit, self._handle, token)
             if not status:
                 return
-        if status == _WRONG_THREAD and _backend.NAME == "hardware":
+        if status == _WRONG_THREAD and chosen_backend.NAME == "hardware":
             self._tokens.append(token)  # still active in the thread that entered it
         raise_status(status)
 
@@ -231,7 +232,7 @@ class Key:
             rights = _api.pkey_get(self._pkey).name or "UNRESTRICTED"
         except Exception:
             rights = "?"
-        return f"<pkeys.Key {self._pkey} rights={rights} backend={_backend.NAME}>"
+        return f"<pkeys.Key {self._pkey} rights={rights} backend={chosen_backend.NAME}>"
 
     def __reduce_ex__(self, protocol: object) -> NoReturn:
         raise TypeError("a pkeys.Key cannot be pickled or copied: it is its key's only owner")
@@ -248,7 +249,7 @@ class Key:
 _api.key_type = Key
 
 
-def allow(*keys: Key | int, write: bool = True) -> Scope:
+def allow(*keys: KeyLike, write: bool = True) -> Scope:
     """One scope, one register write, for several keys at once."""
     identities: dict[int, int] = {}
     for key in keys:

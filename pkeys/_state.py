@@ -80,6 +80,7 @@ def exporter_of(target: object) -> object:
     seen = 0
     while seen < 64:
         seen += 1
+        inner: object
         if isinstance(target, memoryview):
             inner = target.obj
         else:
