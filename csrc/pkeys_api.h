@@ -185,3 +185,5 @@ int pk_bench_contention(int workers, int flip_mode, int pkey, uint32_t flips_per
 #define PK_FLIP_NONE 0
 #define PK_FLIP_PKEY_MPROTECT 1
 #define PK_FLIP_WRPKRU 2
+#define PK_FLIP_REVOKE 3
+int pk_bench_revoke(uint64_t n, int pkey, int idle_threads, struct pk_bench *out);

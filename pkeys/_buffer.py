@@ -280,7 +280,14 @@ class ProtectedBuffer:
     ``key``: a shared :class:`Key` (not freed on close); by default the
     buffer allocates its own, so each buffer costs one of the 15 keys.
     ``label`` names the buffer in fault messages.  ``lock_memory=False``
-    skips ``mlock``.  See the module documentation for the lifecycle.
+    skips ``mlock``.
+
+    The data sits between two ``PROT_NONE`` guard pages, flush against the
+    trailing one, after a random canary; its pages are locked, left out of
+    core dumps, zeroed in forked children and tagged with the key.  Only
+    :meth:`unlocked`, :meth:`readinto` and :meth:`write` open it, and
+    :meth:`close` (or the finalizer) checks the canary, wipes, unlocks,
+    unmaps and frees the key.
     """
 
     __slots__ = ("_mapping", "_label", "_finalizer", "__weakref__")

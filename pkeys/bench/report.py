@@ -18,10 +18,20 @@ TARGETS = [
     ("pkeys.pkey_get <= 1.5x cffi no-op", "pkeys/pkey_get/safe", FLOOR, "<=", 1.5),
     ("pkeys.pkey_set (same value) <= 1.5x cffi no-op", "pkeys/pkey_set/same", FLOOR, "<=", 1.5),
     ("pkeys.pkey_set (toggling) <= 1.5x cffi no-op", "pkeys/pkey_set/toggle", FLOOR, "<=", 1.5),
-    ("Key.allow() enter+exit <= 3x cffi no-op", "pkeys/allow/key", FLOOR, "<=", 3.0),
+    ("pkeys.pkey_get(Key) <= 1.5x cffi no-op", "pkeys/pkey_get/key", FLOOR, "<=", 1.5),
+    ("pkeys.pkey_set(Key, same) <= 1.5x cffi no-op", "pkeys/pkey_set/key-same", FLOOR, "<=", 1.5),
     ("ctypes pkey_set >= 3x pkeys.pkey_set", "ctypes/pkey_set/glibc", "pkeys/pkey_set/toggle", ">=", 3.0),
     ("software pkey_set (1 region) <= 1.3x raw mprotect", "software/pkey_set/1region",
      "software/mprotect/raw", "<=", 1.3),
+]
+
+# (description, case, [(case, times) subtracted], bound): the Python-level
+# overhead of a round trip beyond the register writes it makes, in no-ops.
+OVERHEAD_TARGETS = [
+    ("Key.allow() round trip beyond 2 WRPKRU <= 2x cffi no-op", "pkeys/allow/key",
+     [("c/wrpkru/alternate", 2)], 2.0),
+    ("unlocked() round trip (hot buffer) beyond 2 WRPKRU <= 2x cffi no-op",
+     "pkeys/unlocked/hot", [("c/wrpkru/alternate", 2)], 2.0),
 ]
 
 # syscall / instruction pairs: what the 2016 debate was about
@@ -96,6 +106,20 @@ class Results:
     def ns_per_op(self) -> dict[str, float]:
         """The medians."""
         return {name: timing.median for name, timing in self.timings.items()}
+
+    def overhead(self, name: str, subtracted: list[tuple[str, int]]) -> Ratio | None:
+        """(name - the subtracted cases) / the cffi no-op, from the medians,
+        with the range the quartiles allow."""
+        needed = [name, FLOOR, *(case for case, _ in subtracted)]
+        if any(case not in self.timings for case in needed):
+            return None
+        top, floor = self.timings[name], self.timings[FLOOR]
+        minus = [(self.timings[case], times) for case, times in subtracted]
+        median = top.median - sum(t.median * times for t, times in minus)
+        low = top.low - sum(t.high * times for t, times in minus)
+        high = top.high - sum(t.low * times for t, times in minus)
+        single = any(t.values == 1 for t in (top, floor, *(t for t, _ in minus)))
+        return Ratio(median / floor.median, low / floor.high, high / floor.low, single)
 
     def ratio(self, numerator: str, denominator: str) -> Ratio | None:
         if numerator not in self.timings or denominator not in self.timings:
@@ -179,6 +203,22 @@ def table(results: Results) -> str:
         ratio = results.ratio(numerator, denominator)
         verdict = NO_PKU if ratio is None else ratio.verdict(comparison, bound)
         lines.append(f"  {label:<58} {verdict:>12}")
+    for label, name, subtracted, bound in OVERHEAD_TARGETS:
+        overhead = results.overhead(name, subtracted)
+        verdict = NO_PKU if overhead is None else overhead.verdict("<=", bound)
+        lines.append(f"  {label:<58} {verdict:>12}")
+    revocations = [(threads, results.timings.get(f"c/revoke/{threads}threads"),
+                    results.timings.get(f"c/pkey_mprotect/1page-{threads}threads"))
+                   for threads in (1, 2, 4, 8, 16, 64)]
+    if any(revoke for _, revoke, _ in revocations):
+        lines.append("")
+        lines.append("rights for every thread: Key.revoke() vs re-tagging one page with "
+                     "pkey_mprotect (C, medians)")
+        lines.append(f"  {'threads':>7} {'revoke':>12} {'pkey_mprotect':>14} {'revoke/mprotect':>16}")
+        for threads, revoke, retag in revocations:
+            if revoke and retag:
+                lines.append(f"  {threads:>7} {_ns(revoke.median):>12} {_ns(retag.median):>14} "
+                             f"{revoke.median / retag.median:>15.1f}x")
     if results.contention:
         lines.append("")
         lines.append("page-fault throughput while one thread flips access "
@@ -230,7 +270,7 @@ def plot(results: Results, path: str) -> None:
         title += " - EMULATED, not hardware timings"
     bars.set_title(title, fontsize=9)
     bars.tick_params(axis="y", labelsize=7)
-    for mode, style in (("pkey_mprotect", "o-"), ("wrpkru", "s-")):
+    for mode, style in (("pkey_mprotect", "o-"), ("wrpkru", "s-"), ("revoke", "^-")):
         points = sorted((s.workers, s.relative) for s in results.contention if s.mode == mode)
         if points:
             lines.plot([p[0] for p in points], [p[1] for p in points], style,

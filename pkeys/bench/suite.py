@@ -158,6 +158,19 @@ for _pages in (1, 64):
                _mprotect_loop(lambda: -1, _pages, _threads), minimum=MIN_C_ITERATIONS // 10)
 
 
+# Rights for every thread at once (Key.revoke) against re-tagging the memory,
+# the alternative users would reach for, with as many other threads alive.
+REVOCATION_THREADS = (1, 2, 4, 8, 16, 64)
+for _threads in REVOCATION_THREADS:
+    c_case(f"c/revoke/{_threads}threads",
+           (lambda t: lambda n, r: lib.pk_bench_revoke(n, _hardware_key(), t, r))(_threads),
+           needs_pku=True, minimum=100)
+    if _threads not in (0, 3):
+        c_case(f"c/pkey_mprotect/1page-{_threads}threads",
+               _mprotect_loop(_hardware_key, 1, _threads), needs_pku=True,
+               minimum=MIN_C_ITERATIONS // 10)
+
+
 # ---- Python-level cases ------------------------------------------------------
 
 def _timed(body: Callable[[], object]) -> TimeFunction:
