@@ -396,6 +396,22 @@ int pk_key_alloc(unsigned int flags, unsigned int access_rights, uint32_t *ident
     return pkey;
 }
 
+/* Whether `pkey` may be given `access_rights`: an allocated key other than
+ * key 0, and rights in 0..3. */
+static int check_settable(int pkey, int access_rights)
+{
+    int status;
+    if (!pk_mode)
+        return PK_E_UNSUPPORTED;
+    if ((status = check_number(pkey)) != PK_OK)
+        return status;
+    if (pkey == 0)
+        return PK_E_KEY_ZERO;
+    if (access_rights < 0 || access_rights > 3)
+        return PK_E_RIGHTS;
+    return PK_OK;
+}
+
 /*
  * Free a key: refused for key 0, for a key still guarding tracked memory,
  * and (identity != 0) for a Key object whose key was already freed.  The
@@ -406,13 +422,9 @@ int pk_key_alloc(unsigned int flags, unsigned int access_rights, uint32_t *ident
 int pk_key_free(int pkey, uint32_t identity, double timeout, struct pk_broadcast *result,
                 uint64_t pins)
 {
-    int status;
-    if (!pk_mode)
-        return PK_E_UNSUPPORTED;
-    if ((status = check_number(pkey)) != PK_OK)
+    int status = check_settable(pkey, 0);
+    if (status != PK_OK)
         return status;
-    if (pkey == 0)
-        return PK_E_KEY_ZERO;
     pk_state_lock();
     if (identity && LOAD(key_identity[pkey]) != identity) {
         status = PK_E_KEY_CLOSED;
@@ -469,15 +481,9 @@ int pk_key_get(int pkey)
  * take over when the last one ends. */
 int pk_key_set(int pkey, int access_rights, uint64_t pins)
 {
-    int status;
-    if (!pk_mode)
-        return PK_E_UNSUPPORTED;
-    if ((status = check_number(pkey)) != PK_OK)
+    int status = check_settable(pkey, access_rights);
+    if (status != PK_OK)
         return status;
-    if (pkey == 0)
-        return PK_E_KEY_ZERO;
-    if (access_rights < 0 || access_rights > 3)
-        return PK_E_RIGHTS;
     if (pk_mode == PK_MODE_HARDWARE) {
         struct grants *g = &thread_grants;
         uint32_t epoch = LOAD(pk_revocation_epoch);
@@ -504,15 +510,9 @@ int pk_key_set(int pkey, int access_rights, uint64_t pins)
 int pk_key_set_all(int pkey, uint32_t identity, int access_rights, double timeout,
                    struct pk_broadcast *result, uint64_t pins)
 {
-    int status;
-    if (!pk_mode)
-        return PK_E_UNSUPPORTED;
-    if ((status = check_number(pkey)) != PK_OK)
+    int status = check_settable(pkey, access_rights);
+    if (status != PK_OK)
         return status;
-    if (pkey == 0)
-        return PK_E_KEY_ZERO;
-    if (access_rights < 0 || access_rights > 3)
-        return PK_E_RIGHTS;
     pk_state_lock();
     if (identity && LOAD(key_identity[pkey]) != identity)
         status = PK_E_KEY_CLOSED;
