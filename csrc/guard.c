@@ -313,6 +313,9 @@ int pk_guard_install(void)
 int pk_probe(uintptr_t addr, int write, struct pk_fault *fault)
 {
     sigjmp_buf env;
+    /* A revocation handled between this read and the restore below is
+     * applied again on top of the saved value. */
+    volatile uint32_t mark = pk_revocations_mark();
     volatile uint32_t saved_pkru = pk_ospke_enabled ? pk_rdpkru_unchecked() : 0;
     volatile int faulted = 0;
 
@@ -347,7 +350,8 @@ int pk_probe(uintptr_t addr, int write, struct pk_fault *fault)
     } else {
         faulted = 1;
         if (pk_ospke_enabled)
-            pk_wrpkru_unchecked(saved_pkru);
+            pk_wrpkru_unchecked(pk_revocations_moved(mark) ? pk_revocations_catch_up(saved_pkru)
+                                                           : saved_pkru);
     }
     guard_fault = NULL;
     return faulted;

@@ -80,10 +80,14 @@ int pk_regions_count(int pkey);
 extern uint32_t pk_revocation_epoch;
 extern uint32_t pk_revoked_at[PK_NKEYS];
 extern uint32_t pk_revoked_bits[PK_NKEYS];
-/* Signal every other thread and wait until each has applied every
- * revocation stamped so far, then apply them here too.  State mutex held. */
-int pk_broadcast(double timeout, struct pk_broadcast *result);
-/* `pkru` with every revocation this thread has not applied yet applied. */
-uint32_t pk_settle_revocations(uint32_t pkru);
+/* Signal every other thread to give `keys` the rights in `bits` (PKRU's
+ * layout), and wait until each has.  State mutex held. */
+int pk_broadcast(uint32_t keys, uint32_t bits, double timeout, struct pk_broadcast *result);
+/* Around a read-modify-write of this thread's PKRU: mark before the read;
+ * after the write, if a revocation's handler ran in between (moved), write
+ * again with what it applied (catch_up). */
+uint32_t pk_revocations_mark(void);
+int pk_revocations_moved(uint32_t mark);
+uint32_t pk_revocations_catch_up(uint32_t pkru);
 
 #endif

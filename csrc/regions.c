@@ -37,6 +37,10 @@ struct region {
     int prot;
     int pkey;
     uint64_t owner;
+    /* The owner moved or shrank its memory (mmap.resize): where the pages
+     * went is unknown, so they are never re-protected, but the region
+     * still counts, and the key cannot be freed, until the owner goes. */
+    int lost;
 };
 
 static struct region *table;
@@ -136,7 +140,7 @@ int pk_regions_need_pins(uint32_t keys, uint64_t pins)
     if (pins == foreign_version)
         return 0;
     for (i = 0; i < used; i++)
-        if (table[i].owner >= 2 && (keys & (1u << table[i].pkey)))
+        if (table[i].owner >= 2 && !table[i].lost && (keys & (1u << table[i].pkey)))
             return 1;
     return 0;
 }
@@ -176,7 +180,7 @@ int pk_regions_apply(uint32_t old_pkru, uint32_t new_pkru)
     size_t i, j;
     int err = 0;
     for (i = 0; i < used; i++) {
-        if (table[i].pkey < 0 || !changes(old_pkru, new_pkru, table[i].pkey))
+        if (table[i].pkey < 0 || table[i].lost || !changes(old_pkru, new_pkru, table[i].pkey))
             continue;
         if (protect(&table[i], new_pkru) == 0)
             continue;
@@ -193,7 +197,7 @@ int pk_regions_apply(uint32_t old_pkru, uint32_t new_pkru)
          * open than the rights reported (the old ones); a region that cannot
          * even be put back is shut entirely. */
         for (j = 0; j <= i && j < used; j++) {
-            if (table[j].pkey < 0 || !changes(old_pkru, new_pkru, table[j].pkey))
+            if (table[j].pkey < 0 || table[j].lost || !changes(old_pkru, new_pkru, table[j].pkey))
                 continue;
             if (protect(&table[j], old_pkru) != 0)
                 mprotect((void *)table[j].start, table[j].end - table[j].start, PROT_NONE);
@@ -250,7 +254,7 @@ int pk_region_tag(uintptr_t addr, size_t len, int prot, int pkey, uint32_t ident
     if (status == PK_OK) {
         cut(addr, end);
         if (pkey) {
-            table[used++] = (struct region){addr, end, prot, pkey, owner};
+            table[used++] = (struct region){addr, end, prot, pkey, owner, 0};
             if (owner >= 2)
                 foreign_version++;
         }
@@ -291,6 +295,22 @@ int pk_owner_gone(uint64_t owner)
     foreign_version++;
     pk_state_unlock();
     return dropped;
+}
+
+int pk_owner_lost(uint64_t owner)
+{
+    size_t i;
+    int marked = 0;
+    pk_state_lock();
+    for (i = 0; i < used; i++) {
+        if (table[i].owner == owner && !table[i].lost) {
+            table[i].lost = 1;
+            marked++;
+        }
+    }
+    foreign_version++;
+    pk_state_unlock();
+    return marked;
 }
 
 int pk_owner_regions(uint64_t owner)

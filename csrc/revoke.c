@@ -11,9 +11,10 @@
  *     the state mutex, which also keeps two revocations from overlapping.
  *  2. pk_broadcast() sends a dedicated real-time signal to every other
  *     thread of the process (tgkill over /proc/self/task).
- *  3. The handler, in each thread, edits the PKRU saved in the interrupted
- *     context's XSAVE area, so that sigreturn installs it, and records the
- *     epoch it applied.  Then it acknowledges.
+ *  3. The handler, in each thread, takes the rights waiting for it in its
+ *     slot of the pending table (every revocation it was signalled for and
+ *     has not applied, merged), edits the PKRU saved in the interrupted
+ *     context's XSAVE area, so that sigreturn installs it, and acknowledges.
  *  4. The broadcaster waits for every acknowledgement (with a timeout),
  *     scans /proc/self/task again for threads created meanwhile, and
  *     signals those too.  state.c then applies the change to its own
@@ -21,19 +22,25 @@
  *
  * Races, and why they are covered:
  *  - A thread writing PKRU from a value it read before the handler ran
- *    would undo the edit: every write in state.c looks at the epoch again
- *    afterwards and settles (pk_settle_revocations).  The stamp is made
- *    before the signal is sent, so one of the two always sees the other.
+ *    would undo the edit: the handler counts itself and records what it
+ *    applied in the thread's (initial-exec) TLS, and every write in
+ *    state.c, and probe's restore, checks the count around its
+ *    read-modify-write and applies that record again if it moved.
  *  - A thread created during the broadcast copies its creator's register.
  *    Either the creator had already applied the change, or the new thread
  *    existed before the creator acknowledged, and so before the final scan.
  *  - A scope entered before the revocation re-grants nothing when it ends:
  *    its token's epoch is older than the key's stamp (state.c).
  *  - A handler that runs late (its thread had the signal blocked) applies
- *    every stamp newer than its own record, never an older one.
+ *    what is waiting in its slot: the revocations it was signalled for,
+ *    never one that predates it (a thread created after a revocation
+ *    copied a register that already has it, and may have changed it since).
+ *  - A thread that exits before answering is found gone (tgkill with
+ *    signal 0 gives ESRCH) and counts as answered.
  *
- * The handler is async-signal-safe: it touches only initial-exec TLS,
- * atomics, the signal frame and gettid(2); errno is preserved.
+ * The handler is async-signal-safe: it touches only static tables,
+ * initial-exec TLS, atomics, the signal frame and gettid(2); errno is
+ * preserved.
  *
  * Unsafe assumptions, written down:
  *  - The signal frame's FP state is in XSAVE format (checked: the fxsave
@@ -59,17 +66,22 @@
 #include <cpuid.h>
 #endif
 
-#define PK_TLS __thread __attribute__((tls_model("initial-exec")))
-
-/* Per thread: the stamp of the last revocation applied, for each key. */
-static PK_TLS uint32_t applied_at[PK_NKEYS];
-
 #define MAX_TARGETS 4096
 /* One broadcast at a time (the state mutex): thread ids signalled, and for
  * each, 0 while waiting, 1 when applied, 2 when its frame was not usable. */
 static pid_t target_tid[MAX_TARGETS];
 static int target_answer[MAX_TARGETS];
 static int target_count;
+
+/* What each thread still has to apply, by thread id: bits 32+k say key k
+ * is waiting, with its rights in bits 2k..2k+1 (PKRU's layout).  Merged by
+ * the broadcaster, taken whole by the handler with one exchange.  A slot
+ * outlives a broadcast that its thread did not answer. */
+struct pending_slot {
+    pid_t tid;
+    uint64_t waiting;
+};
+static struct pending_slot pending[MAX_TARGETS];
 
 static int revocation_signal;
 static int handler_installed;
@@ -86,18 +98,54 @@ static int xsave_pkru_offset = -1;
 
 static pid_t current_tid(void) { return (pid_t)syscall(SYS_gettid); }
 
-uint32_t pk_settle_revocations(uint32_t pkru)
+#define PK_TLS __thread __attribute__((tls_model("initial-exec")))
+
+/* Per thread, written by the handler: how many times it ran, and what it
+ * applied since the thread's last pk_revocations_mark(). */
+static PK_TLS volatile uint32_t handled_count;
+static PK_TLS volatile uint64_t handled_since_mark;
+
+static uint64_t merge_waiting(uint64_t older, uint64_t newer)
+{
+    uint64_t keys = newer >> 32, mask = 0;
+    int k;
+    for (k = 1; k < PK_NKEYS; k++)
+        if ((keys >> k) & 1)
+            mask |= (1ull << (32 + k)) | PK_KEY_MASK(k);
+    return (older & ~mask) | newer;
+}
+
+uint32_t pk_revocations_mark(void)
+{
+    handled_since_mark = 0;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    return handled_count;
+}
+
+int pk_revocations_moved(uint32_t mark)
+{
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    return handled_count != mark;
+}
+
+static uint32_t apply_waiting(uint32_t pkru, uint64_t waiting)
 {
     int k;
-    for (k = 1; k < PK_NKEYS; k++) {
-        uint32_t stamp = __atomic_load_n(&pk_revoked_at[k], __ATOMIC_SEQ_CST);
-        if (stamp && (int32_t)(stamp - applied_at[k]) > 0) {
-            unsigned bits = __atomic_load_n(&pk_revoked_bits[k], __ATOMIC_SEQ_CST) & 3u;
-            pkru = (pkru & ~PK_KEY_MASK(k)) | (bits << PK_KEY_SHIFT(k));
-            applied_at[k] = stamp;
-        }
-    }
+    for (k = 1; k < PK_NKEYS; k++)
+        if ((waiting >> (32 + k)) & 1)
+            pkru = (pkru & ~PK_KEY_MASK(k)) | ((uint32_t)waiting & PK_KEY_MASK(k));
     return pkru;
+}
+
+uint32_t pk_revocations_catch_up(uint32_t pkru) { return apply_waiting(pkru, handled_since_mark); }
+
+static struct pending_slot *slot_of(pid_t tid)
+{
+    int i;
+    for (i = 0; i < MAX_TARGETS; i++)
+        if (__atomic_load_n(&pending[i].tid, __ATOMIC_ACQUIRE) == tid)
+            return &pending[i];
+    return NULL;
 }
 
 /* The PKRU slot of the interrupted context, or NULL if the frame is not an
@@ -145,17 +193,29 @@ static void answer(int value)
 static void revocation_handler(int signo, siginfo_t *info, void *ucontext)
 {
     int saved_errno = errno;
+    struct pending_slot *mine = slot_of(current_tid());
     uint32_t *slot = saved_pkru(ucontext);
+    uint64_t waiting;
     uint32_t value;
     (void)signo, (void)info;
-    if (slot) {
-        memcpy(&value, slot, sizeof value);
-        value = pk_settle_revocations(value);
-        memcpy(slot, &value, sizeof value);
-        answer(1);
-    } else {
-        answer(2);
+    if (!mine) {
+        errno = saved_errno;
+        return; /* a late signal with nothing left to apply */
     }
+    if (!slot) {
+        answer(2);
+        errno = saved_errno;
+        return;
+    }
+    waiting = __atomic_exchange_n(&mine->waiting, 0, __ATOMIC_ACQ_REL);
+    memcpy(&value, slot, sizeof value);
+    value = apply_waiting(value, waiting);
+    memcpy(slot, &value, sizeof value);
+    /* For a register write this signal interrupted: see hw_write_settled. */
+    handled_since_mark = merge_waiting(handled_since_mark, waiting);
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    handled_count = handled_count + 1;
+    answer(1);
     errno = saved_errno;
 }
 
@@ -230,7 +290,45 @@ static int is_target(pid_t tid)
 }
 
 /* Signal every thread not signalled yet; returns how many were new, or -1. */
-static int signal_new_threads(pid_t self, pid_t pid, int signo)
+/* Forget the slots of threads that are gone, so that a new thread that
+ * gets a recycled id inherits nothing. */
+static void clear_gone(pid_t pid)
+{
+    int i;
+    for (i = 0; i < MAX_TARGETS; i++) {
+        pid_t tid = pending[i].tid;
+        if (tid && syscall(SYS_tgkill, pid, tid, 0) != 0 && errno == ESRCH) {
+            __atomic_store_n(&pending[i].waiting, 0, __ATOMIC_RELEASE);
+            __atomic_store_n(&pending[i].tid, 0, __ATOMIC_RELEASE);
+        }
+    }
+}
+
+/* Add `keys` with their rights from `pkru_bits` to what `tid` must apply. */
+static int add_waiting(pid_t tid, uint32_t keys, uint32_t pkru_bits)
+{
+    struct pending_slot *slot = slot_of(tid);
+    uint64_t seen, wanted, mask = 0;
+    int k;
+    if (!slot) {
+        slot = slot_of(0);
+        if (!slot)
+            return -1;
+        __atomic_store_n(&slot->waiting, 0, __ATOMIC_RELEASE);
+        __atomic_store_n(&slot->tid, tid, __ATOMIC_RELEASE);
+    }
+    for (k = 1; k < PK_NKEYS; k++)
+        if (keys & (1u << k))
+            mask |= (1ull << (32 + k)) | PK_KEY_MASK(k);
+    seen = __atomic_load_n(&slot->waiting, __ATOMIC_ACQUIRE);
+    do {
+        wanted = (seen & ~mask) | (mask & ~(uint64_t)0xffffffffu) | (pkru_bits & (uint32_t)mask);
+    } while (!__atomic_compare_exchange_n(&slot->waiting, &seen, wanted, 1, __ATOMIC_ACQ_REL,
+                                          __ATOMIC_ACQUIRE));
+    return 0;
+}
+
+static int signal_new_threads(pid_t self, pid_t pid, int signo, uint32_t keys, uint32_t bits)
 {
     DIR *tasks = opendir("/proc/self/task");
     struct dirent *entry;
@@ -241,7 +339,7 @@ static int signal_new_threads(pid_t self, pid_t pid, int signo)
         pid_t tid = (pid_t)atoi(entry->d_name);
         if (tid <= 0 || tid == self || is_target(tid))
             continue;
-        if (target_count == MAX_TARGETS)
+        if (target_count == MAX_TARGETS || add_waiting(tid, keys, bits) != 0)
             break;
         __atomic_store_n(&target_answer[target_count], 0, __ATOMIC_RELEASE);
         __atomic_store_n(&target_tid[target_count], tid, __ATOMIC_RELEASE);
@@ -257,16 +355,22 @@ static int signal_new_threads(pid_t self, pid_t pid, int signo)
     return added;
 }
 
-static int all_answered(void)
+/* Every target answered, or is gone (it exited before it could). */
+static int all_answered(pid_t pid)
 {
-    int i;
-    for (i = 0; i < target_count; i++)
-        if (!__atomic_load_n(&target_answer[i], __ATOMIC_ACQUIRE))
-            return 0;
-    return 1;
+    int i, all = 1;
+    for (i = 0; i < target_count; i++) {
+        if (__atomic_load_n(&target_answer[i], __ATOMIC_ACQUIRE))
+            continue;
+        if (syscall(SYS_tgkill, pid, target_tid[i], 0) != 0 && errno == ESRCH)
+            __atomic_store_n(&target_answer[i], 3, __ATOMIC_RELEASE);
+        else
+            all = 0;
+    }
+    return all;
 }
 
-int pk_broadcast(double timeout, struct pk_broadcast *result)
+int pk_broadcast(uint32_t keys, uint32_t bits, double timeout, struct pk_broadcast *result)
 {
     pid_t self = current_tid(), pid = getpid();
     int signo = pk_revocation_signal(), added, i, status = PK_OK;
@@ -279,24 +383,25 @@ int pk_broadcast(double timeout, struct pk_broadcast *result)
     if (install_handler() != 0)
         return PK_E_ERRNO;
     __atomic_store_n(&target_count, 0, __ATOMIC_RELEASE);
+    clear_gone(pid);
     do {
-        added = signal_new_threads(self, pid, signo);
+        added = signal_new_threads(self, pid, signo, keys, bits);
         if (added < 0)
             return PK_E_ERRNO;
-        while (!all_answered() && now_seconds() < deadline) {
+        while (!all_answered(pid) && now_seconds() < deadline) {
             struct timespec pause = {0, 20000};
             nanosleep(&pause, NULL);
         }
         /* Threads created meanwhile: their creators may have copied the
          * old register into them before answering. */
-    } while (added > 0 && all_answered());
+    } while (added > 0 && all_answered(pid));
 
     if (result) {
         int listed = 0;
         result->threads = target_count;
         for (i = 0; i < target_count; i++) {
             int value = __atomic_load_n(&target_answer[i], __ATOMIC_ACQUIRE);
-            if (value == 1)
+            if (value == 1 || value == 3)
                 result->answered++;
             else if (value == 2)
                 result->refused++;
@@ -312,7 +417,7 @@ int pk_broadcast(double timeout, struct pk_broadcast *result)
         result->seconds = now_seconds() - started;
         if (result->unanswered || result->refused)
             status = PK_E_BROADCAST;
-    } else if (!all_answered()) {
+    } else if (!all_answered(pid)) {
         status = PK_E_BROADCAST;
     }
     __atomic_store_n(&target_count, 0, __ATOMIC_RELEASE);

@@ -88,6 +88,9 @@ static uint32_t last_serial;
 
 /* Software backend: the grants in force (process-wide) and the register. */
 static struct grants process_grants;
+/* The identity of each key that had a scope ended in a thread other than
+ * the one that entered it: that thread's own record is wrong since. */
+static uint32_t sw_cross_thread[PK_NKEYS];
 static uint32_t sw_base_pkru = 0x55555554u;  /* the kernel's init value */
 static uint32_t sw_pkru = 0x55555554u;
 
@@ -191,16 +194,16 @@ static inline void hw_write(uint32_t old, uint32_t value)
     shadow_valid = 1;
 }
 
-/* Write a value computed from a register read after `epoch` was read.  A
- * revocation's signal may have edited the register between that read and
- * this write, and the write would undo it: so look again afterwards and
- * apply what arrived (revoke.c stamps the epoch before it signals). */
-static inline void hw_write_settled(uint32_t old, uint32_t value, uint32_t epoch)
+/* Write a value computed from a register read after pk_revocations_mark()
+ * returned `mark`.  A revocation's handler may have edited the register
+ * between that read and this write, and the write would undo it: so look
+ * again afterwards and apply what the handler applied. */
+static inline void hw_write_settled(uint32_t old, uint32_t value, uint32_t mark)
 {
     hw_write(old, value);
-    if (LOAD(pk_revocation_epoch) != epoch) {
+    if (pk_revocations_moved(mark)) {
         uint32_t now = pk_rdpkru_unchecked();
-        hw_write(now, pk_settle_revocations(now));
+        hw_write(now, pk_revocations_catch_up(now));
     }
 }
 
@@ -283,8 +286,14 @@ int pk_after_fork_in_child(uint64_t pins)
     saved = process_grants;
     for (k = 1; k < PK_NKEYS; k++) {
         const struct grants *own = &thread_grants;
+        /* This thread's counts are its own grants only if no revocation
+         * voided them since and no scope of the key ever ended in a thread
+         * other than its own; otherwise drop them all (fail closed). */
+        int trusted = own->identity[k] == process_grants.identity[k] &&
+                      own->epoch[k] == LOAD(pk_revoked_at[k]) &&
+                      sw_cross_thread[k] != process_grants.identity[k];
         for (g = 0; g < 3; g++) {
-            uint32_t mine = own->identity[k] == process_grants.identity[k] ? own->count[k][g] : 0;
+            uint32_t mine = trusted ? own->count[k][g] : 0;
             if (process_grants.count[k][g] > mine)
                 process_grants.count[k][g] = mine;
         }
@@ -332,9 +341,9 @@ static int revoke_locked(int pkey, unsigned int rights, double timeout,
         return PK_OK;
     }
     {
-        int status = pk_broadcast(timeout, result);
+        int status = pk_broadcast(1u << pkey, rights << PK_KEY_SHIFT(pkey), timeout, result);
         uint32_t now = pk_rdpkru_unchecked();
-        hw_write(now, pk_settle_revocations(now)); /* and this thread, whatever happened */
+        hw_write(now, with_bits(now, pkey, rights)); /* and this thread, whatever happened */
         return status;
     }
 }
@@ -486,13 +495,13 @@ int pk_key_set(int pkey, int access_rights, uint64_t pins)
         return status;
     if (pk_mode == PK_MODE_HARDWARE) {
         struct grants *g = &thread_grants;
-        uint32_t epoch = LOAD(pk_revocation_epoch);
+        uint32_t mark = pk_revocations_mark();
         uint32_t old = pk_rdpkru_unchecked();
         adopt(g, pkey, LOAD(key_identity[pkey]));
         if (active(g, pkey))
             g->base[pkey] = (uint8_t)access_rights;
         else
-            hw_write_settled(old, with_bits(old, pkey, (unsigned)access_rights), epoch);
+            hw_write_settled(old, with_bits(old, pkey, (unsigned)access_rights), mark);
         return PK_OK;
     }
     pk_state_lock();
@@ -546,7 +555,7 @@ int pk_pkru_write(uint32_t value, uint64_t pins)
         return PK_E_KEY_ZERO;
     if (pk_mode == PK_MODE_HARDWARE) {
         struct grants *g = &thread_grants;
-        uint32_t epoch = LOAD(pk_revocation_epoch);
+        uint32_t mark = pk_revocations_mark();
         uint32_t old = pk_rdpkru_unchecked(), next = value;
         for (k = 1; k < PK_NKEYS; k++) {
             if (!LOAD(key_identity[k]))
@@ -557,7 +566,7 @@ int pk_pkru_write(uint32_t value, uint64_t pins)
                 next = with_bits(next, k, composed(g, k));
             }
         }
-        hw_write_settled(old, next, epoch);
+        hw_write_settled(old, next, mark);
         return PK_OK;
     }
     pk_state_lock();
@@ -628,23 +637,28 @@ int64_t pk_scope_enter(const struct pk_scope *scope, uint64_t pins)
     uint32_t keys = scope->keys, *usage = scope->usage;
     const uint32_t *identities = scope->identities;
     int kind = scope->kind;
-    uint32_t epoch;
+    uint32_t epoch = 0;
     int status;
     if (!pk_mode)
         return PK_E_UNSUPPORTED;
     if (kind < 0 || kind > 2)
         return PK_E_RIGHTS;
-    /* Read before validating: a revocation after this point voids the grant. */
-    epoch = LOAD(pk_revocation_epoch);
-    if ((status = check_identities(keys, identities)) != PK_OK)
-        return status;
+    /* The buffer first: a closed buffer says so, whatever became of its key. */
     if (usage && (status = usage_acquire(usage)) != PK_OK)
         return status;
+    if ((status = check_identities(keys, identities)) != PK_OK) {
+        usage_release(usage);
+        return status;
+    }
 
     if (pk_mode == PK_MODE_HARDWARE) {
-        uint32_t old = pk_rdpkru_unchecked();
+        uint32_t mark = pk_revocations_mark(), old = pk_rdpkru_unchecked();
+        int64_t token;
         count_grant(&thread_grants, keys, kind, identities, +1, old);
-        hw_write_settled(old, hw_compose(&thread_grants, keys, old), epoch);
+        /* After the counting: the token must not predate the revocation
+         * stamp the grant was counted under, or its exit would skip it. */
+        token = make_token(LOAD(pk_revocation_epoch));
+        hw_write_settled(old, hw_compose(&thread_grants, keys, old), mark);
         /* A pkey_free in another thread may have raced with this grant:
          * once the register is written, check again and take it back. */
         if (check_identities(keys, identities) != PK_OK) {
@@ -654,12 +668,14 @@ int64_t pk_scope_enter(const struct pk_scope *scope, uint64_t pins)
             usage_release(usage);
             return PK_E_KEY_CLOSED;
         }
-        return make_token(epoch);
+        return token;
     }
 
     pk_state_lock();
     status = check_identities(keys, identities);
     if (status == PK_OK) {
+        /* Under the mutex no revocation can come between these two. */
+        epoch = LOAD(pk_revocation_epoch);
         count_grant(&process_grants, keys, kind, identities, +1, sw_base_pkru);
         status = sw_commit(pins);
         if (status == PK_OK)
@@ -675,14 +691,17 @@ int64_t pk_scope_enter(const struct pk_scope *scope, uint64_t pins)
     return make_token(epoch);
 }
 
-/* The keys whose grant from `token` is still counted: not freed, not
- * revoked since the grant began. */
-static uint32_t live_keys(uint32_t keys, const uint32_t *identities, uint32_t epoch)
+/* The keys whose grant from `token` is still counted in `g`: not freed,
+ * not revoked since the grant began (the token's epoch), and counted under
+ * the key's latest revocation stamp (a revocation voids the counts). */
+static uint32_t live_keys(const struct grants *g, uint32_t keys, const uint32_t *identities,
+                          uint32_t epoch)
 {
     int k;
     for (k = 1; k < PK_NKEYS; k++)
         if ((keys & (1u << k)) &&
-            (LOAD(key_identity[k]) != identities[k] || revoked_since(k, epoch)))
+            (LOAD(key_identity[k]) != identities[k] || revoked_since(k, epoch) ||
+             g->epoch[k] != LOAD(pk_revoked_at[k])))
             keys &= ~(1u << k);
     return keys;
 }
@@ -730,19 +749,19 @@ int pk_scope_exit(const struct pk_scope *scope, int64_t token, uint64_t pins)
         return PK_E_RIGHTS;
 
     if (pk_mode == PK_MODE_HARDWARE) {
-        uint32_t old, live, next, seen = LOAD(pk_revocation_epoch);
+        uint32_t old, live, next, mark = pk_revocations_mark();
         /* Another thread's register cannot be touched from here: refuse,
          * and leave the grant for its own thread to end. */
         if (!own_thread)
             return PK_E_WRONG_THREAD;
-        live = live_keys(keys, identities, epoch);
+        live = live_keys(&thread_grants, keys, identities, epoch);
         if (!balanced(&thread_grants, live, kind, identities))
             return PK_E_UNBALANCED;
         old = pk_rdpkru_unchecked();
         count_grant(&thread_grants, live, kind, identities, -1, 0);
         next = hw_compose(&thread_grants, live, old);
         next = close_freed(&thread_grants, keys & ~live, kind, identities, next);
-        hw_write_settled(old, next, seen);
+        hw_write_settled(old, next, mark);
         usage_release(usage);
         return PK_OK;
     }
@@ -751,17 +770,23 @@ int pk_scope_exit(const struct pk_scope *scope, int64_t token, uint64_t pins)
      * thread still ends it (failing closed), and then reports the misuse. */
     pk_state_lock();
     {
-        uint32_t live = live_keys(keys, identities, epoch);
+        uint32_t live = live_keys(&process_grants, keys, identities, epoch);
         struct grants saved = process_grants;
         if (!balanced(&process_grants, live, kind, identities)) {
             status = PK_E_UNBALANCED;
         } else {
             count_grant(&process_grants, live, kind, identities, -1, 0);
             status = sw_commit(pins);
-            if (status != PK_OK)
+            if (status != PK_OK) {
                 process_grants = saved;
-            else if (own_thread)
+            } else if (own_thread) {
                 count_grant(&thread_grants, live, kind, identities, -1, 0);
+            } else {
+                int k;
+                for (k = 1; k < PK_NKEYS; k++)
+                    if (live & (1u << k))
+                        sw_cross_thread[k] = identities[k];
+            }
         }
     }
     pk_state_unlock();

@@ -21,6 +21,7 @@ from ._buffer import ProtectedBuffer, Unlocked
 from ._errors import (
     ArgumentError,
     BufferCorruptedError,
+    ClosedError,
     InvalidKeyError,
     KeyInUseError,
     MemoryLockWarning,
@@ -95,6 +96,7 @@ __all__ = [
     "ScopeError",
     "RevocationError",
     "BufferCorruptedError",
+    "ClosedError",
     "PkeysWarning",
     "MemoryLockWarning",
 ]

@@ -18,6 +18,7 @@ __all__ = [
     "InvalidKeyError",
     "KeyInUseError",
     "BufferCorruptedError",
+    "ClosedError",
     "ScopeError",
     "RevocationError",
     "PkeysWarning",
@@ -55,6 +56,11 @@ class KeyInUseError(InvalidKeyError):
 class BufferCorruptedError(PkeysError, RuntimeError):
     """A protected buffer's canary was overwritten: something wrote before
     its start.  The buffer has been wiped and unmapped all the same."""
+
+
+class ClosedError(PkeysError, ValueError):
+    """An operation on a closed ProtectedBuffer (a ValueError, as for a
+    closed file)."""
 
 
 class ScopeError(PkeysError, RuntimeError):

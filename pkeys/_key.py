@@ -50,8 +50,11 @@ class Scope:
     """While active, grants this thread (the whole process on the software
     backend) access to some keys: read-write, read-only, or none (deny).
 
-    Re-entrant and reusable: each entry is counted and each exit withdraws
-    one.  A scope must end in the thread that entered it (ScopeError).
+    Each entry adds one grant and each exit withdraws one.  One scope object
+    may be entered again inside its own block (exits then come in reverse
+    order); blocks that can end in any order -- asyncio tasks, generators,
+    threads -- each take their own scope from ``key.allow()``, which is
+    cheap.  A scope must end in the thread that entered it (ScopeError).
     Several active scopes on one key combine as: any deny wins, then any
     read-write grant, then any read-only grant; when the last one ends the
     key has the rights it had before the first began (or those given by
@@ -126,16 +129,15 @@ class Key:
     copied or pickled.
     """
 
-    __slots__ = ("_pkey", "_identity", "_scopes", "__weakref__")
+    __slots__ = ("_pkey", "_identity", "_handles", "__weakref__")
 
     def __init__(self, rights: int = PKEY_DISABLE_ACCESS) -> None:
         self._pkey = -1
         pkey, identity = _api.alloc_key(0, rights)
         self._identity = identity
-        # Scopes are re-entrant, so one of each kind serves every caller.
-        self._scopes = tuple(
-            Scope(scope_handle({pkey: identity}, kind)) for kind in (READ_WRITE, READ_ONLY, DENY)
-        )
+        # The C side of every scope of this key, made once.
+        self._handles = tuple(scope_handle({pkey: identity}, kind)
+                              for kind in (READ_WRITE, READ_ONLY, DENY))
         self._pkey = pkey
 
     @property
@@ -179,14 +181,14 @@ class Key:
         false, memory tagged with this key."""
         if self._pkey < 0:
             raise InvalidKeyError("this Key has been closed")
-        return self._scopes[0 if write else 1]
+        return Scope(self._handles[0 if write else 1])
 
     def deny(self) -> Scope:
         """A scope that denies this thread all access while it is active,
         whatever allow() scopes are active too."""
         if self._pkey < 0:
             raise InvalidKeyError("this Key has been closed")
-        return self._scopes[2]
+        return Scope(self._handles[2])
 
     def revoke(self, timeout: float = _api.REVOCATION_TIMEOUT) -> None:
         """Deny access to this key in every thread of the process, now.

@@ -23,6 +23,7 @@ code ever runs under.  What stays here is what only Python can do:
 from __future__ import annotations
 
 import itertools
+import mmap
 import os
 import sys
 import weakref
@@ -47,14 +48,16 @@ _UINTPTR = ffi.typeof("uintptr_t")
 class _Owner:
     """A foreign exporter and the span it had when its memory was tagged."""
 
-    __slots__ = ("ref", "base", "size")
+    __slots__ = ("ref", "base", "size", "lost")
 
     def __init__(self, ref: Callable[[], object], base: int, size: int) -> None:
         self.ref, self.base, self.size = ref, base, size
+        self.lost = False  # moved or shrank: its regions are frozen in C
 
     def pin(self) -> Any:
-        """A buffer export that keeps the memory mapped, or None if the
-        owner was collected, closed, or moved (``mmap.resize``)."""
+        """A buffer export that keeps the memory mapped; None if the owner
+        was collected or closed; ``MOVED`` if it now exports other memory
+        (``mmap.resize``), whose pages may still carry the key."""
         owner = self.ref()
         if owner is None:
             return None
@@ -64,10 +67,11 @@ class _Owner:
             return None
         if int(ffi.cast(_UINTPTR, export)) != self.base or len(export) < self.size:
             ffi.release(export)
-            return None
+            return MOVED
         return export
 
 
+MOVED = object()
 _owners: dict[int, _Owner] = {}
 _tokens = itertools.count(2)  # 0 and 1 are PK_OWNER_CALLER and PK_OWNER_PACKAGE
 # Keys whose Key object was collected while they still guarded memory.
@@ -76,17 +80,20 @@ _orphans: dict[int, int] = {}
 
 def exporter_of(target: object) -> object:
     """The object that owns the memory behind ``target``: through
-    memoryviews (``.obj``) and numpy arrays (``.base``) to the exporter."""
-    seen = 0
-    while seen < 64:
-        seen += 1
-        inner: object
+    memoryviews (``.obj``), numpy arrays (``.base``) and ctypes arrays made
+    with ``from_buffer`` (the memoryview they keep) to the exporter."""
+    for _ in range(64):
+        inner: object = None
         if isinstance(target, memoryview):
             inner = target.obj
         else:
-            inner = getattr(target, "base", None)
-            if inner is None or not _exports_buffer(inner):
-                return target
+            base = getattr(target, "base", None)
+            if base is not None and _exports_buffer(base):
+                inner = base
+            else:
+                kept = getattr(target, "_objects", None)  # ctypes
+                if isinstance(kept, dict):
+                    inner = next((v for v in kept.values() if isinstance(v, memoryview)), None)
         if inner is None:
             return target
         target = inner
@@ -102,18 +109,21 @@ def _exports_buffer(candidate: object) -> bool:
 
 
 def register_owner(exporter: object) -> int:
-    """A fresh owner token for a foreign exporter; its regions are dropped
-    when it is collected, closed or moved."""
+    """A fresh owner token for a foreign exporter.  An ``mmap`` is held
+    weakly, and its regions go when it is closed or collected; any other
+    exporter is held for as long as its regions are tracked, because its
+    memory may outlive it (a view of memory someone else owns) or be freed
+    without being unmapped (an allocator's)."""
     export = ffi.from_buffer(exporter)
     try:
         base, size = int(ffi.cast(_UINTPTR, export)), len(export)
     finally:
         ffi.release(export)
     token = next(_tokens)
-    try:
-        ref: Callable[[], object] = weakref.ref(exporter, lambda _: _owner_died(token))
-    except TypeError:
-        # No weak references (bytearray): hold it, so it cannot go under us.
+    ref: Callable[[], object]
+    if isinstance(exporter, mmap.mmap):
+        ref = weakref.ref(exporter, lambda _: _owner_died(token))
+    else:
         ref = (lambda held: lambda: held)(exporter)
     _owners[token] = _Owner(ref, base, size)
     return token
@@ -125,15 +135,28 @@ def _owner_died(token: int) -> None:
     _free_orphans()
 
 
+def _check_owner(token: int, owner: _Owner) -> Any:
+    """The owner's pin, after dropping it if it is gone and freezing its
+    regions if it moved; None unless it can be pinned."""
+    export = owner.pin()
+    if export is None:
+        _owner_died(token)
+        return None
+    if export is MOVED:
+        if not owner.lost:
+            owner.lost = True
+            lib.pk_owner_lost(token)
+        return None
+    return export
+
+
 def prune_owners() -> None:
     """Forget owners that are dead or no longer own any region."""
     for token, owner in list(_owners.items()):
-        export = owner.pin()
-        if export is None:
-            _owner_died(token)
-            continue
-        ffi.release(export)
-        if not lib.pk_owner_regions(token):
+        export = _check_owner(token, owner)
+        if export is not None:
+            ffi.release(export)
+        if token in _owners and not lib.pk_owner_regions(token):
             _owners.pop(token, None)
     _free_orphans()
 
@@ -157,11 +180,11 @@ def call_pinned(function: Callable[..., int], *args: object) -> int:
         pins = []
         try:
             for token, owner in list(_owners.items()):
-                export = owner.pin()
-                if export is None:
-                    _owner_died(token)  # moves the version: the call below would refuse
-                    continue
-                pins.append(export)
+                if owner.lost:
+                    continue  # its regions are never touched again
+                export = _check_owner(token, owner)  # a change moves the version:
+                if export is not None:               # the call below then refuses
+                    pins.append(export)
             status = function(*args, version)
             if status != NEED_PINS:
                 return status

@@ -14,8 +14,8 @@ from ._binding import ffi, lib
 from ._errors import (
     ArgumentError,
     InvalidKeyError,
+    ClosedError,
     KeyInUseError,
-    PkeysError,
     ScopeError,
     UnsupportedError,
     os_error,
@@ -91,10 +91,10 @@ _STATUS_MESSAGES = {
     lib.PK_E_BUSY: (BufferError, "the protected buffer is in use: a block of unlocked(), or a "
                     "readinto() or write(), has not ended yet (here, or in another thread or "
                     "task)"),
-    lib.PK_E_CLOSED: (PkeysError, "the protected buffer is closed"),
+    lib.PK_E_CLOSED: (ClosedError, "the protected buffer is closed"),
     lib.PK_E_WRONG_THREAD: (ScopeError, "a scope must end in the thread that entered it; on "
                             "hardware the entering thread keeps its access until it ends "
-                            "the scope itself"),
+                            "the scope itself, or key.revoke() ends it in every thread"),
     lib.PK_E_UNBALANCED: (ScopeError, "this scope was ended more often than it was entered"),
 }
 

@@ -258,10 +258,10 @@ def test_a_scope_ended_in_another_thread_is_refused(key, page):
     with pytest.raises(pkeys.ScopeError, match="thread that entered it"):
         in_thread(generator.close)
     if HARDWARE:
-        # Another thread's register cannot be changed from here: the
-        # entering thread keeps its grant and can still end it itself.
+        # Another thread's register cannot be changed by ending a scope
+        # there: the entering thread keeps its grant until a revocation.
         assert writable(page)
-        key.allow().__exit__(None, None, None)
+        key.revoke()
     # On the software backend the process-wide grant was withdrawn anyway.
     assert not readable(page)
 
@@ -529,3 +529,35 @@ def test_eight_threads_doing_everything(pages):
     assert pkeys._api.regions() == []
     if not HARDWARE:
         assert pkeys.rdpkru() & 0xFFFFFFFC == 0x55555554 & 0xFFFFFFFC
+
+
+def test_a_resized_owner_keeps_its_key_in_use_until_it_is_closed():
+    memory = mmap.mmap(-1, 4 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    key = pkeys.Key()
+    key.protect(memory)
+    memory.resize(2 * PAGE)  # the pages that stay (or moved) still carry the key
+    with pytest.raises(pkeys.KeyInUseError):
+        key.close()
+    memory.close()
+    key.close()
+
+
+def test_a_ctypes_view_is_tracked_by_the_mmap_behind_it():
+    import ctypes
+
+    memory = mmap.mmap(-1, PAGE)
+    key = pkeys.Key()
+    key.protect((ctypes.c_char * PAGE).from_buffer(memory))
+    gc.collect()  # the ctypes array is gone; the mmap that owns the memory is not
+    with pytest.raises(pkeys.KeyInUseError):
+        key.close()
+    memory.close()
+    key.close()
+
+
+def test_a_closed_buffer_refuses_like_a_closed_file():
+    buffer = pkeys.ProtectedBuffer(8)
+    buffer.close()
+    for operation in (buffer.unlocked, lambda: buffer.write(b"x"), lambda: buffer.address):
+        with pytest.raises(ValueError, match="closed"):
+            operation()

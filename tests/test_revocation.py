@@ -326,3 +326,125 @@ def test_revocations_during_blocking_io_lose_nothing(key):
     assert not any(thread.is_alive() for thread in threads), "deadlock"
     assert not errors, repr(errors[0])
     assert received == [message * 20]
+
+
+# -- regressions found by trying to break it --------------------------------
+def test_revoking_one_key_leaves_another_key_of_a_later_thread_alone(key, page):
+    key.protect(page)
+    pkeys.pkey_set(key, 0, threads="all")  # a revocation stamp older than the thread below
+    other = pkeys.Key()
+    ready, go, seen = threading.Event(), threading.Event(), []
+
+    def worker() -> None:
+        pkeys.pkey_set(key, pkeys.PKEY_DISABLE_ACCESS)  # this thread closes it for itself
+        ready.set()
+        go.wait(30)
+        seen.append((pkeys.pkey_get(key), pkeys.probe(page)))
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    ready.wait(30)
+    other.revoke()  # an unrelated key
+    go.set()
+    thread.join(30)
+    other.close()
+    pkeys.pkey_set(key, pkeys.PKEY_DISABLE_ACCESS, threads="all")
+    rights, fault = seen[0]
+    assert rights == pkeys.PKEY_DISABLE_ACCESS and fault is not None
+
+
+def test_a_scope_begun_after_a_revocation_survives_other_revocations(key, page):
+    key.protect(page)
+    key.revoke()
+
+    def reader():
+        with key.allow():
+            yield
+            yield pkeys.probe(page)
+
+    first, second = reader(), reader()
+    next(first)
+    other = pkeys.Key()
+    other.revoke()
+    next(second)
+    first.close()  # ends first: the second is still inside its block
+    assert next(second) is None
+    second.close()
+    other.close()
+    assert pkeys.probe(page) is not None
+
+
+@pytest.mark.pku
+@pytest.mark.parametrize("racer", ["pkey_set", "probe"])
+def test_a_revocation_survives_a_racing_register_write(key, page, racer):
+    key.protect(page)
+    other = pkeys.Key()
+    closed = __import__("mmap").mmap(-1, 4096, prot=0)
+    stop, registers = threading.Event(), []
+
+    def race() -> None:
+        i = 0
+        while not stop.is_set():
+            if racer == "pkey_set":
+                pkeys.pkey_set(other, i & 1)  # reads PKRU, writes it back in C
+            else:
+                pkeys.probe(closed)  # restores its saved PKRU after the fault
+            registers.append(pkeys.rdpkru())
+            i += 1
+
+    thread = threading.Thread(target=race)
+    thread.start()
+    try:
+        for _ in range(200 if not pkeys._select.emulated() else 60):
+            pkeys.pkey_set(key, 0, threads="all")
+            key.revoke()
+            mark = len(registers)
+            while len(registers) < mark + 3:
+                time.sleep(0)
+            bits = (registers[-1] >> (2 * key.pkey)) & 3
+            assert bits & pkeys.PKEY_DISABLE_ACCESS, f"the racing thread reopened pkey {key.pkey}"
+    finally:
+        stop.set()
+        thread.join(30)
+        other.close()
+        closed.close()
+
+
+def test_threads_that_exited_do_not_stall_a_revocation(key):
+    for _ in range(10):
+        threads = [threading.Thread(target=lambda: None) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        started = time.monotonic()
+        key.revoke(timeout=2)
+        assert time.monotonic() - started < 1.5
+
+
+def test_a_forked_child_drops_grants_its_own_record_cannot_vouch_for(key, page):
+    key.protect(page)
+    scope = key.allow()
+    scope.__enter__()
+    key.revoke()  # voids this thread's grant...
+    scope.__exit__(None, None, None)  # ...so its exit withdraws nothing
+    ready, go = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with key.allow():
+            ready.set()
+            go.wait(30)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    ready.wait(30)
+    try:
+        def child() -> None:
+            assert pkeys.pkey_get(key) == pkeys.PKEY_DISABLE_ACCESS
+            assert pkeys.probe(page) is not None
+
+        result = run_in_child(child)
+        assert result.exitcode == 0, result.stderr
+    finally:
+        go.set()
+        thread.join(30)

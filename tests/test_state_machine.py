@@ -46,10 +46,10 @@ class KeysAndScopes(RuleBasedStateMachine):
         self.base: dict[int, int] = {}  # id(Key) -> rights outside scopes
         self.live: dict[int, pkeys.Key] = {}
         self.pages: dict[int, mmap.mmap] = {}
-        self.active: list[tuple[pkeys.Key, str]] = []
+        self.active: list[tuple[pkeys.Key, str, object]] = []
 
     def expected(self, key: pkeys.Key) -> int:
-        kinds = [kind for owner, kind in self.active if owner is key]
+        kinds = [kind for owner, kind, _ in self.active if owner is key]
         return expected_rights(self.base[id(key)], kinds)
 
     @rule(target=keys, rights=st.sampled_from([0, AD, WD, AD | WD]))
@@ -71,7 +71,7 @@ class KeysAndScopes(RuleBasedStateMachine):
             with pytest.raises(pkeys.KeyInUseError):
                 key.close()
             page.close()
-        self.active = [(owner, kind) for owner, kind in self.active if owner is not key]
+        self.active = [entry for entry in self.active if entry[0] is not key]
         key.close()
         del self.live[id(key)], self.base[id(key)]
 
@@ -97,18 +97,19 @@ class KeysAndScopes(RuleBasedStateMachine):
         scope = {"read-write": key.allow(), "read-only": key.allow(write=False),
                  "deny": key.deny()}[kind]
         scope.__enter__()
-        self.active.append((key, kind))
-        return (key, kind, scope)
+        entry = (key, kind, scope)
+        self.active.append(entry)
+        return entry
 
     @rule(entry=consumes(scopes))
     def exit(self, entry):
         if entry is None:
             return
         key, kind, scope = entry
-        if (key, kind) not in self.active:
+        if not any(active is entry for active in self.active):
             return  # its key was freed: nothing to withdraw, and nothing changes
         scope.__exit__(None, None, None)
-        self.active.remove((key, kind))
+        self.active = [active for active in self.active if active is not entry]
 
     @rule()
     def fork(self):
@@ -134,9 +135,7 @@ class KeysAndScopes(RuleBasedStateMachine):
 
     def teardown(self):
         while self.active:
-            key, kind = self.active.pop()
-            scope = {"read-write": key.allow(), "read-only": key.allow(write=False),
-                     "deny": key.deny()}[kind]
+            _, _, scope = self.active.pop()
             scope.__exit__(None, None, None)
         for page in self.pages.values():
             page.close()
