@@ -16,7 +16,7 @@ from __future__ import annotations
 from . import glibc as glibc
 from . import pkru as pkru
 from . import sys as sys
-from ._buffer import ProtectedBuffer, Unlocked
+from ._buffer import ProtectedBuffer, Unlocked, virtual_key_limit, virtual_key_stats
 from ._errors import (
     ArgumentError,
     BufferCorruptedError,
@@ -30,6 +30,7 @@ from ._errors import (
 )
 from ._fault import Fault, FaultKind, probe
 from ._key import Key, Scope, _backend, _reason, allow
+from ._prompt import prompt
 from ._rights import (
     PKEY_DISABLE_ACCESS,
     PKEY_DISABLE_WRITE,
@@ -68,6 +69,9 @@ __all__ = [
     "Scope",
     "ProtectedBuffer",
     "Unlocked",
+    "prompt",
+    "virtual_key_limit",
+    "virtual_key_stats",
     "allow",
     "probe",
     "Fault",

@@ -64,8 +64,16 @@ def collect() -> dict[str, Any]:
         "allocated_keys": backend.allocated_keys(),
         "rlimit_memlock": {"soft": _limit(memlock_soft), "hard": _limit(memlock_hard)},
         "vm": _vm_status(),
+        "secretmem": _secret_memory(),
     }
     return report
+
+
+def _secret_memory() -> dict[str, Any]:
+    from ._secretmem import availability, seal_availability
+
+    (available, reason), (sealable, seal_reason) = availability(), seal_availability()
+    return {"available": available, "reason": reason, "mseal": sealable, "mseal_reason": seal_reason}
 
 
 def _vm_status() -> dict[str, Any]:
@@ -111,6 +119,9 @@ def _render(report: dict[str, Any]) -> str:
     lines.append(
         f"RLIMIT_MEMLOCK soft {_bytes(memlock['soft'])}, hard {_bytes(memlock['hard'])}"
     )
+    secret = report["secretmem"]
+    lines.append(f"secretmem      {'yes' if secret['available'] else 'no'}: {secret['reason']}")
+    lines.append(f"mseal          {'yes' if secret['mseal'] else 'no'}: {secret['mseal_reason']}")
     vm = report["vm"]
     lines.append(
         "emulated PKU VM "
