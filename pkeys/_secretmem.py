@@ -18,7 +18,7 @@ import re
 
 from ._binding import lib
 
-__all__ = ["availability", "seal_availability", "kernel_version"]
+__all__ = ["availability", "explain", "kernel_version", "seal_availability"]
 
 _ENABLE_PARAMETER = "/sys/module/secretmem/parameters/enable"
 
@@ -37,25 +37,31 @@ def availability() -> tuple[bool, str]:
     status = lib.pk_secretmem_probe()
     if status == 0:
         return True, "memfd_secret works: protected buffers use secret memory by default"
-    err = -status
-    if err != errno.ENOSYS:
-        return False, f"memfd_secret failed: {os.strerror(err)}"
-    release = platform.release()
-    if kernel_version(release) < (5, 14):
-        return False, f"kernel {release} predates memfd_secret (Linux 5.14)"
     try:
         with open(_ENABLE_PARAMETER) as parameter:
-            enabled = parameter.read().strip()
+            enabled: str | None = parameter.read().strip()
     except FileNotFoundError:
-        return False, "the kernel was built without CONFIG_SECRETMEM (memfd_secret: ENOSYS)"
+        enabled = None
     except OSError:
         enabled = ""
+    return False, explain(-status, platform.release(), enabled)
+
+
+def explain(err: int, release: str, enabled: str | None) -> str:
+    """Why memfd_secret failed with ``err``, given the kernel ``release``
+    and the ``secretmem.enable`` parameter (None: no such module)."""
+    if err != errno.ENOSYS:
+        return f"memfd_secret failed: {os.strerror(err)}"
+    if kernel_version(release) < (5, 14):
+        return f"kernel {release} predates memfd_secret (Linux 5.14)"
+    if enabled is None:
+        return "the kernel was built without CONFIG_SECRETMEM (memfd_secret: ENOSYS)"
     if enabled in ("N", "0"):
-        return False, (
+        return (
             "secretmem is disabled (secretmem.enable=0, the default before Linux 6.5): "
             "boot with secretmem.enable=1 on the kernel command line"
         )
-    return False, (
+    return (
         "memfd_secret: ENOSYS although CONFIG_SECRETMEM is built in (the kernel cannot "
         "remove pages from its direct map on this machine)"
     )
