@@ -193,7 +193,8 @@ uint32_t pk_fork_generation(void);
 struct pk_vbuf;
 struct pk_vbuf *pk_vbuf_new(uintptr_t inner, size_t inner_length, int pkey, uint32_t identity,
                             int inherit);
-void pk_vbuf_free(struct pk_vbuf *b);
+void pk_vbuf_detach(struct pk_vbuf *b);
+void pk_vbuf_destroy(struct pk_vbuf *b);
 int64_t pk_vbuf_enter(struct pk_vbuf *b, int kind, uint64_t pins);
 int pk_vbuf_exit(struct pk_vbuf *b, int kind, int64_t token, uint64_t pins);
 int pk_vbuf_copy(struct pk_vbuf *b, uintptr_t dst, uintptr_t src, size_t len, int kind,

@@ -328,12 +328,13 @@ struct pk_vbuf *pk_vbuf_new(uintptr_t inner, size_t inner_length, int pkey, uint
 }
 
 /*
- * The buffer's last step: give back its pool key (its pages become
- * PROT_NONE with key 0 first, or are forgotten if already unmapped), free
- * that key so that the pool holds keys only for live buffers, and free the
- * struct.  The caller has closed the buffer, so nobody uses it.
+ * The buffer's last step but one: give back its pool key (its pages become
+ * PROT_NONE with key 0 first, or are forgotten if already unmapped) and
+ * free that key, so that the pool holds keys only for live buffers.  The
+ * caller has closed the buffer, so nobody uses it; later calls find it
+ * closed.  Idempotent.
  */
-void pk_vbuf_free(struct pk_vbuf *b)
+void pk_vbuf_detach(struct pk_vbuf *b)
 {
     int s;
     if (!b)
@@ -345,12 +346,26 @@ void pk_vbuf_free(struct pk_vbuf *b)
             PK_OK)
             pk_region_forget(b->inner, b->inner_length);
         pool[s].holder = NULL;
+        STORE(b->slot, -1);
         if (pk_key_free(pool[s].pkey, pool[s].identity, 0) == PK_OK) {
             pool[s].pkey = 0;
             pool_keys--;
         }
     }
     pool_unlock();
+}
+
+/* The last step: free the struct.  Python calls it when its last reference
+ * to the buffer goes (ffi.gc), never earlier: a thread that raced with
+ * close() may still call in, and must find a closed cell, not freed
+ * memory. */
+void pk_vbuf_destroy(struct pk_vbuf *b)
+{
+    if (!b)
+        return;
+    /* A buffer whose close never ran (a failed creation) still closes here. */
+    __atomic_or_fetch(&b->usage, USAGE_CLOSED, __ATOMIC_SEQ_CST);
+    pk_vbuf_detach(b);
     free(b);
 }
 

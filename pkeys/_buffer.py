@@ -269,9 +269,12 @@ class _Mapping:
             self.owns_key = True
         self.key = key
         pkey, identity = (key.pkey, key.identity) if key is not None else (0, 0)
-        self.vbuf = lib.pk_vbuf_new(self.inner, self.inner_length, pkey, identity, self.inherit)
-        if self.vbuf == ffi.NULL:
+        record = lib.pk_vbuf_new(self.inner, self.inner_length, pkey, identity, self.inherit)
+        if record == ffi.NULL:
             raise MemoryError("could not allocate a protected buffer's record")
+        # Freed with the last Python reference, not at close: a thread that
+        # raced with close() may still call in, and must find it closed.
+        self.vbuf = ffi.gc(record, lib.pk_vbuf_destroy)
         if key is not None:
             _api.tag(self.inner, self.inner_length, PROT_READ | PROT_WRITE, pkey, identity,
                      owner=lib.PK_OWNER_PACKAGE)
@@ -408,8 +411,7 @@ class _Mapping:
 
     def _free_record(self) -> None:
         if self.vbuf != ffi.NULL:
-            lib.pk_vbuf_free(self.vbuf)
-            self.vbuf = ffi.NULL
+            lib.pk_vbuf_detach(self.vbuf)  # a virtual key goes back to the pool, freed
 
     def _keep_sealed(self) -> None:
         """A sealed range cannot be untagged or unmapped: it stays, wiped,
@@ -504,7 +506,8 @@ class ProtectedBuffer:
             if not 0 < size < MAX_SIZE:
                 raise ArgumentError(f"size must be in 1..2**40-1 bytes, not {size}")
         own = not isinstance(path_or_fd, int)
-        fd = os.open(path_or_fd, os.O_RDONLY | os.O_CLOEXEC) if own else path_or_fd  # type: ignore[arg-type]
+        fd: int = (path_or_fd if isinstance(path_or_fd, int)
+                   else os.open(path_or_fd, os.O_RDONLY | os.O_CLOEXEC))
         try:
             if size is None:
                 info = os.fstat(fd)

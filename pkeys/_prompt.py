@@ -38,9 +38,11 @@ def prompt(prompt: str = "Secret: ", size: int = 1024, *, tty: int | str | None 
     size = require_int(size, "size")
     if not 0 < size < 1 << 30:
         raise ArgumentError(f"size must be in 1..2**30-1 bytes, not {size}")
-    own = not isinstance(tty, int) or isinstance(tty, bool)
-    fd = os.open(tty or "/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC) if own else tty
-    assert isinstance(fd, int)
+    if isinstance(tty, bool) or not isinstance(tty, (int, str, type(None))):
+        raise TypeError(f"tty must be a path or a file descriptor, not {type(tty).__name__}")
+    own = not isinstance(tty, int)
+    fd: int = (tty if isinstance(tty, int)
+               else os.open(tty or "/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC))
     try:
         saved = termios.tcgetattr(fd)
         quiet = list(saved)

@@ -153,6 +153,11 @@ def test_a_forked_child_gets_a_clear_error_and_closes_cleanly():
         assert out == SECRET
 
 
+def _maps_count() -> int:
+    with open("/proc/self/maps") as maps:
+        return len(maps.readlines())
+
+
 def _unprivileged_with_no_memlock() -> None:
     resource.setrlimit(resource.RLIMIT_MEMLOCK, (0, 0))
     if os.geteuid() == 0:  # root may lock regardless of the limit: become nobody
@@ -164,7 +169,7 @@ def _unprivileged_with_no_memlock() -> None:
 def test_memlock_refusal_falls_back_to_anonymous_or_raises_when_required():
     def child() -> None:
         _unprivileged_with_no_memlock()
-        maps_before = len(open("/proc/self/maps").readlines())
+        maps_before = _maps_count()
         with pytest.raises(pkeys.UnsupportedError, match="RLIMIT_MEMLOCK"):
             pkeys.ProtectedBuffer(16, secretmem=True)
         with pytest.warns(pkeys.MemoryLockWarning, match="anonymous memory instead"):
@@ -175,7 +180,7 @@ def test_memlock_refusal_falls_back_to_anonymous_or_raises_when_required():
         buffer.readinto(out)
         assert out == b"still works here"
         buffer.close()
-        assert len(open("/proc/self/maps").readlines()) <= maps_before + 2
+        assert _maps_count() <= maps_before + 2
 
     result = run_in_child(child)
     assert result.exitcode == 0, result.stderr

@@ -107,9 +107,8 @@ def test_buffers_in_use_are_never_evicted_and_running_out_is_clear(limit):
             view[:] = b"first!!!"
             with pytest.raises(BufferError, match="virtual keys are held by protected buffers"):
                 second.write(b"second!!")
-            with pytest.raises(BufferError, match="virtual keys"):
-                with second.unlocked():
-                    pass
+            with pytest.raises(BufferError, match="virtual keys"), second.unlocked():
+                pass
             assert bytes(view) == b"first!!!"
         second.write(b"second!!")  # first is idle now: evicted
         out = bytearray(8)
@@ -282,3 +281,38 @@ def test_a_cold_open_costs_more_than_a_hot_one_but_stays_bounded():
     finally:
         for buffer in buffers:
             buffer.close()
+
+
+def test_uses_racing_with_close_get_errors_never_freed_memory():
+    """close() from one thread while others keep using the buffer: each use
+    either runs, or is refused (BufferError while in use, PkeysError once
+    closed); the buffer's record outlives every caller."""
+    for _ in range(20):
+        buffer = pkeys.ProtectedBuffer(16, secretmem=False)
+        buffer.write(content(1))
+        outcomes: list[str] = []
+
+        def user(buffer: pkeys.ProtectedBuffer = buffer) -> None:
+            out = bytearray(16)
+            for _ in range(200):
+                try:
+                    buffer.readinto(out)
+                    assert out == content(1)
+                    outcomes.append("read")
+                except pkeys.PkeysError as exc:
+                    assert "closed" in str(exc)
+                    outcomes.append("closed")
+                    return
+
+        threads = [threading.Thread(target=user) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        while True:
+            try:
+                buffer.close()
+                break
+            except BufferError:
+                continue  # a read was under way: try again
+        for thread in threads:
+            thread.join(30)
+        assert buffer.closed and outcomes
