@@ -18,6 +18,7 @@ SOURCES = [
     f"{CSRC}/glibc.c",
     f"{CSRC}/state.c",
     f"{CSRC}/regions.c",
+    f"{CSRC}/revoke.c",
     f"{CSRC}/guard.c",
     f"{CSRC}/secret.c",
     f"{CSRC}/bench.c",
@@ -36,6 +37,8 @@ ffibuilder.set_source(
     include_dirs=[CSRC],
     libraries=["dl", "pthread"],
     extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra"],
+    # Stable ABI only (Py_LIMITED_API): the wheel is tagged abi3 in setup.py.
+    py_limited_api=True,
 )
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ int pk_bench_null_syscall(uint64_t n, struct pk_bench *out)
 /* Threads that exist and sleep: their CPUs may still hold the mm's TLB
  * entries, which is what makes mprotect send shootdown IPIs. */
 struct idle_threads {
-    pthread_t threads[16];
+    pthread_t threads[64];
     int count;
     pthread_mutex_t lock;
     pthread_cond_t wake;
@@ -141,7 +141,7 @@ static int idle_start(struct idle_threads *idle, int count)
     memset(idle, 0, sizeof *idle);
     pthread_mutex_init(&idle->lock, NULL);
     pthread_cond_init(&idle->wake, NULL);
-    for (idle->count = 0; idle->count < count && idle->count < 16; idle->count++)
+    for (idle->count = 0; idle->count < count && idle->count < 64; idle->count++)
         if (pthread_create(&idle->threads[idle->count], NULL, idle_main, idle) != 0)
             return -1;
     return 0;
@@ -190,6 +190,31 @@ int pk_bench_mprotect(uint64_t n, uintptr_t addr, size_t len, int pkey, int idle
     return status;
 }
 
+/* Revoke (and restore) a key in every thread while `idle_threads` other
+ * threads exist: the latency of Key.revoke() against the re-tagging with
+ * pkey_mprotect that users would otherwise reach for. */
+int pk_bench_revoke(uint64_t n, int pkey, int idle_threads, struct pk_bench *out)
+{
+    struct stopwatch w;
+    struct idle_threads idle;
+    uint64_t i;
+    int status = PK_OK;
+    if (!pk_ospke_enabled)
+        return PK_E_UNSUPPORTED;
+    if (idle_start(&idle, idle_threads) != 0) {
+        idle_stop(&idle);
+        return PK_E_ERRNO;
+    }
+    start(&w);
+    for (i = 0; i < n && status == PK_OK; i++)
+        status = pk_key_set_all(pkey, 0, (i & 1) ? 0 : (int)PK_AD, 5.0, NULL, 0);
+    stop(&w, i, out);
+    idle_stop(&idle);
+    if (status == PK_OK)
+        status = pk_key_set_all(pkey, 0, 0, 5.0, NULL, 0);
+    return status;
+}
+
 /* ---- contention: page faults vs. access flips ----------------------- */
 
 #define FAULT_PAGES 64
@@ -234,6 +259,9 @@ static void *flipper(void *arg)
             /* Takes the mm lock for write, like every protection change. */
             pk_sys_pkey_mprotect(c->region, c->page, (count & 1) ? PROT_NONE : PROT_READ | PROT_WRITE,
                                  c->pkey);
+        } else if (c->flip_mode == PK_FLIP_REVOKE) {
+            /* No mm lock: a signal to every thread, the workers included. */
+            pk_key_set_all(c->pkey, 0, (count & 1) ? 0 : (int)PK_AD, 5.0, NULL, 0);
         } else {
             /* This thread's register only: no lock, no other CPU involved. */
             pk_wrpkru_unchecked(base ^ ((count & 1) ? (1u << PK_KEY_SHIFT(c->pkey)) : 0));
@@ -263,7 +291,7 @@ int pk_bench_contention(int workers, int flip_mode, int pkey, uint32_t flips_per
     struct timespec duration;
     if (workers < 1 || workers > 64 || seconds <= 0)
         return PK_E_RIGHTS;
-    if (flip_mode == PK_FLIP_WRPKRU && !pk_ospke_enabled)
+    if ((flip_mode == PK_FLIP_WRPKRU || flip_mode == PK_FLIP_REVOKE) && !pk_ospke_enabled)
         return PK_E_UNSUPPORTED;
     memset(&c, 0, sizeof c);
     c.flip_mode = flip_mode;

@@ -71,7 +71,23 @@ int pk_state_mode(void);
 #define PK_GRANT_DENY 2
 
 int pk_key_alloc(unsigned int flags, unsigned int access_rights, uint32_t *identity);
-int pk_key_free(int pkey, uint32_t identity, uint64_t pins);
+/* What a revocation reached (revoke.c). */
+#define PK_BROADCAST_LISTED 64
+struct pk_broadcast {
+    int threads;              /* other threads signalled */
+    int answered;             /* ...that applied the change */
+    int unanswered;           /* ...that did not answer in time (signal blocked?) */
+    int refused;              /* ...whose signal frame could not be edited */
+    int listed[PK_BROADCAST_LISTED]; /* thread ids of the unanswered, then the refused */
+    double seconds;           /* how long it took */
+};
+#define PK_E_BROADCAST -15    /* some thread did not take the new rights */
+int pk_key_free(int pkey, uint32_t identity, double timeout, struct pk_broadcast *result,
+                uint64_t pins);
+int pk_key_set_all(int pkey, uint32_t identity, int access_rights, double timeout,
+                   struct pk_broadcast *result, uint64_t pins);
+int pk_revocation_signal(void);
+int pk_revocation_selftest(void);
 uint32_t pk_key_identity(int pkey);
 int pk_key_get(int pkey);
 int pk_key_set(int pkey, int access_rights, uint64_t pins);
@@ -169,6 +185,8 @@ int pk_bench_contention(int workers, int flip_mode, int pkey, uint32_t flips_per
 #define PK_FLIP_NONE 0
 #define PK_FLIP_PKEY_MPROTECT 1
 #define PK_FLIP_WRPKRU 2
+#define PK_FLIP_REVOKE 3
+int pk_bench_revoke(uint64_t n, int pkey, int idle_threads, struct pk_bench *out);
 
 /* ---- secretmem.c, virtual.c: the memory under protected buffers, and
  * virtual keys (any number of buffers on 15 hardware keys) ------------- */

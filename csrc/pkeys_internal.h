@@ -76,4 +76,14 @@ int pk_regions_apply(uint32_t old_pkru, uint32_t new_pkru);
 int pk_regions_need_pins(uint32_t keys, uint64_t pins);
 int pk_regions_count(int pkey);
 
+/* Revocations: state.c stamps them, revoke.c delivers them. */
+extern uint32_t pk_revocation_epoch;
+extern uint32_t pk_revoked_at[PK_NKEYS];
+extern uint32_t pk_revoked_bits[PK_NKEYS];
+/* Signal every other thread and wait until each has applied every
+ * revocation stamped so far, then apply them here too.  State mutex held. */
+int pk_broadcast(double timeout, struct pk_broadcast *result);
+/* `pkru` with every revocation this thread has not applied yet applied. */
+uint32_t pk_settle_revocations(uint32_t pkru);
+
 #endif

@@ -60,10 +60,13 @@ void pk_state_unlock(void) { pthread_mutex_unlock(&state_mutex); }
 static uint32_t key_identity[PK_NKEYS];
 static uint32_t allocated_keys;
 static uint32_t last_identity;          /* under the mutex */
-/* Bumped by each revocation (none yet besides pkey_free); a grant whose
- * token predates its key's revoked_at is already void. */
-static uint32_t revocation_epoch;
-static uint32_t revoked_at[PK_NKEYS];
+/* Revocations (revoke.c): each bumps the epoch and stamps its keys with it
+ * and with the rights every thread must now have.  A grant whose token
+ * predates its key's stamp is already void.  0 means never revoked since
+ * the key was allocated. */
+uint32_t pk_revocation_epoch;
+uint32_t pk_revoked_at[PK_NKEYS];
+uint32_t pk_revoked_bits[PK_NKEYS];
 
 #define LOAD(x) __atomic_load_n(&(x), __ATOMIC_SEQ_CST)
 #define STORE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_SEQ_CST)
@@ -72,6 +75,7 @@ static uint32_t revoked_at[PK_NKEYS];
 
 struct grants {
     uint32_t identity[PK_NKEYS];   /* the key the counts below belong to */
+    uint32_t epoch[PK_NKEYS];      /* ...and the revocation they came after */
     uint32_t count[PK_NKEYS][3];   /* indexed by PK_GRANT_* */
     uint8_t base[PK_NKEYS];        /* rights outside every grant, while any is active */
 };
@@ -114,12 +118,15 @@ static inline unsigned composed(const struct grants *g, int k)
     return g->base[k];
 }
 
-/* The grants of `g` for key k, cleared if they belonged to a freed key. */
+/* The grants of `g` for key k, cleared if they belonged to a freed key or
+ * were voided by a revocation since. */
 static inline void adopt(struct grants *g, int k, uint32_t identity)
 {
-    if (g->identity[k] != identity) {
+    uint32_t stamp = LOAD(pk_revoked_at[k]);
+    if (g->identity[k] != identity || g->epoch[k] != stamp) {
         memset(g->count[k], 0, sizeof g->count[k]);
         g->identity[k] = identity;
+        g->epoch[k] = stamp;
     }
 }
 
@@ -137,7 +144,7 @@ static inline int64_t make_token(uint32_t epoch)
 
 static inline int revoked_since(int k, uint32_t epoch)
 {
-    return (int32_t)(LOAD(revoked_at[k]) - epoch) > 0;
+    return (int32_t)(LOAD(pk_revoked_at[k]) - epoch) > 0;
 }
 
 /* ---- usage cells of protected buffers ---------------------------------- */
@@ -182,6 +189,19 @@ static inline void hw_write(uint32_t old, uint32_t value)
         pk_wrpkru_unchecked(value);
     shadow = value;
     shadow_valid = 1;
+}
+
+/* Write a value computed from a register read after `epoch` was read.  A
+ * revocation's signal may have edited the register between that read and
+ * this write, and the write would undo it: so look again afterwards and
+ * apply what arrived (revoke.c stamps the epoch before it signals). */
+static inline void hw_write_settled(uint32_t old, uint32_t value, uint32_t epoch)
+{
+    hw_write(old, value);
+    if (LOAD(pk_revocation_epoch) != epoch) {
+        uint32_t now = pk_rdpkru_unchecked();
+        hw_write(now, pk_settle_revocations(now));
+    }
 }
 
 /* The emulated register that the software backend's state implies. */
@@ -276,6 +296,49 @@ int pk_after_fork_in_child(uint64_t pins)
     return status;
 }
 
+/*
+ * The rights of `pkey` in every thread at once, and every grant on it
+ * voided (scopes that are active keep no access and re-grant nothing when
+ * they end).  Called with the mutex held.
+ */
+static int revoke_locked(int pkey, unsigned int rights, double timeout,
+                         struct pk_broadcast *result, uint64_t pins)
+{
+    uint32_t epoch;
+    if (pk_mode == PK_MODE_SOFTWARE) {
+        uint32_t saved_base = sw_base_pkru;
+        uint32_t saved_counts[3];
+        int status;
+        memcpy(saved_counts, process_grants.count[pkey], sizeof saved_counts);
+        sw_base_pkru = with_bits(sw_base_pkru, pkey, rights);
+        memset(process_grants.count[pkey], 0, sizeof process_grants.count[pkey]);
+        status = sw_commit(pins);
+        if (status != PK_OK) {
+            sw_base_pkru = saved_base;
+            memcpy(process_grants.count[pkey], saved_counts, sizeof saved_counts);
+            return status;
+        }
+    }
+    /* Stamp before signalling: a thread that writes its register after
+     * reading an older epoch looks again (hw_write_settled). */
+    epoch = __atomic_add_fetch(&pk_revocation_epoch, 1, __ATOMIC_SEQ_CST);
+    if (!epoch)
+        epoch = __atomic_add_fetch(&pk_revocation_epoch, 1, __ATOMIC_SEQ_CST);
+    STORE(pk_revoked_bits[pkey], rights);
+    STORE(pk_revoked_at[pkey], epoch);
+    if (pk_mode == PK_MODE_SOFTWARE) {
+        if (result)
+            memset(result, 0, sizeof *result);
+        return PK_OK;
+    }
+    {
+        int status = pk_broadcast(timeout, result);
+        uint32_t now = pk_rdpkru_unchecked();
+        hw_write(now, pk_settle_revocations(now)); /* and this thread, whatever happened */
+        return status;
+    }
+}
+
 /* ---- allocation -------------------------------------------------------- */
 
 static int check_number(int pkey)
@@ -324,7 +387,7 @@ int pk_key_alloc(unsigned int flags, unsigned int access_rights, uint32_t *ident
     }
     if (++last_identity == 0)
         ++last_identity;
-    STORE(revoked_at[pkey], revocation_epoch);
+    STORE(pk_revoked_at[pkey], 0u);
     STORE(key_identity[pkey], last_identity);
     process_grants.identity[pkey] = last_identity;
     __atomic_or_fetch(&allocated_keys, 1u << pkey, __ATOMIC_SEQ_CST);
@@ -333,22 +396,35 @@ int pk_key_alloc(unsigned int flags, unsigned int access_rights, uint32_t *ident
     return pkey;
 }
 
-/*
- * Free a key: refused for key 0, for a key still guarding tracked memory,
- * and (identity != 0) for a Key object whose key was already freed.  The
- * kernel leaves every thread's rights alone, so a later allocation of the
- * number would inherit them: this thread's are reset to access-disable.
- */
-int pk_key_free(int pkey, uint32_t identity, uint64_t pins)
+/* Whether `pkey` may be given `access_rights`: an allocated key other than
+ * key 0, and rights in 0..3. */
+static int check_settable(int pkey, int access_rights)
 {
     int status;
-    (void)pins;
     if (!pk_mode)
         return PK_E_UNSUPPORTED;
     if ((status = check_number(pkey)) != PK_OK)
         return status;
     if (pkey == 0)
         return PK_E_KEY_ZERO;
+    if (access_rights < 0 || access_rights > 3)
+        return PK_E_RIGHTS;
+    return PK_OK;
+}
+
+/*
+ * Free a key: refused for key 0, for a key still guarding tracked memory,
+ * and (identity != 0) for a Key object whose key was already freed.  The
+ * kernel leaves every thread's rights alone, so a later allocation of the
+ * number would inherit them: on hardware the key is first revoked in every
+ * thread (revoke.c), and the free is refused if some thread did not answer.
+ */
+int pk_key_free(int pkey, uint32_t identity, double timeout, struct pk_broadcast *result,
+                uint64_t pins)
+{
+    int status = check_settable(pkey, 0);
+    if (status != PK_OK)
+        return status;
     pk_state_lock();
     if (identity && LOAD(key_identity[pkey]) != identity) {
         status = PK_E_KEY_CLOSED;
@@ -356,6 +432,9 @@ int pk_key_free(int pkey, uint32_t identity, uint64_t pins)
         status = PK_E_NOT_ALLOCATED;
     } else if (pk_regions_count(pkey)) {
         status = PK_E_IN_USE;
+    } else if (pk_mode == PK_MODE_HARDWARE &&
+               (status = revoke_locked(pkey, PK_AD, timeout, result, pins)) != PK_OK) {
+        /* Some thread may still have access: the number must not be reused. */
     } else if (pk_mode == PK_MODE_HARDWARE && pk_sys_pkey_free(pkey) != 0) {
         status = PK_E_ERRNO;
     } else {
@@ -402,22 +481,18 @@ int pk_key_get(int pkey)
  * take over when the last one ends. */
 int pk_key_set(int pkey, int access_rights, uint64_t pins)
 {
-    int status;
-    if (!pk_mode)
-        return PK_E_UNSUPPORTED;
-    if ((status = check_number(pkey)) != PK_OK)
+    int status = check_settable(pkey, access_rights);
+    if (status != PK_OK)
         return status;
-    if (pkey == 0)
-        return PK_E_KEY_ZERO;
-    if (access_rights < 0 || access_rights > 3)
-        return PK_E_RIGHTS;
     if (pk_mode == PK_MODE_HARDWARE) {
         struct grants *g = &thread_grants;
+        uint32_t epoch = LOAD(pk_revocation_epoch);
         uint32_t old = pk_rdpkru_unchecked();
-        if (g->identity[pkey] == LOAD(key_identity[pkey]) && active(g, pkey))
+        adopt(g, pkey, LOAD(key_identity[pkey]));
+        if (active(g, pkey))
             g->base[pkey] = (uint8_t)access_rights;
         else
-            hw_write(old, with_bits(old, pkey, (unsigned)access_rights));
+            hw_write_settled(old, with_bits(old, pkey, (unsigned)access_rights), epoch);
         return PK_OK;
     }
     pk_state_lock();
@@ -428,6 +503,25 @@ int pk_key_set(int pkey, int access_rights, uint64_t pins)
         if (status != PK_OK)
             sw_base_pkru = saved;
     }
+    pk_state_unlock();
+    return status;
+}
+
+int pk_key_set_all(int pkey, uint32_t identity, int access_rights, double timeout,
+                   struct pk_broadcast *result, uint64_t pins)
+{
+    int status = check_settable(pkey, access_rights);
+    if (status != PK_OK)
+        return status;
+    pk_state_lock();
+    if (identity && LOAD(key_identity[pkey]) != identity)
+        status = PK_E_KEY_CLOSED;
+    else if (!LOAD(key_identity[pkey]))
+        status = PK_E_NOT_ALLOCATED;
+    else if (pk_mode == PK_MODE_SOFTWARE && pk_regions_need_pins(1u << pkey, pins))
+        status = PK_E_NEED_PINS;
+    else
+        status = revoke_locked(pkey, (unsigned)access_rights, timeout, result, pins);
     pk_state_unlock();
     return status;
 }
@@ -452,14 +546,18 @@ int pk_pkru_write(uint32_t value, uint64_t pins)
         return PK_E_KEY_ZERO;
     if (pk_mode == PK_MODE_HARDWARE) {
         struct grants *g = &thread_grants;
+        uint32_t epoch = LOAD(pk_revocation_epoch);
         uint32_t old = pk_rdpkru_unchecked(), next = value;
         for (k = 1; k < PK_NKEYS; k++) {
-            if (g->identity[k] && g->identity[k] == LOAD(key_identity[k]) && active(g, k)) {
+            if (!LOAD(key_identity[k]))
+                continue;
+            adopt(g, k, LOAD(key_identity[k]));
+            if (active(g, k)) {
                 g->base[k] = (uint8_t)bits_of(value, k);
                 next = with_bits(next, k, composed(g, k));
             }
         }
-        hw_write(old, next);
+        hw_write_settled(old, next, epoch);
         return PK_OK;
     }
     pk_state_lock();
@@ -537,7 +635,7 @@ int64_t pk_scope_enter(const struct pk_scope *scope, uint64_t pins)
     if (kind < 0 || kind > 2)
         return PK_E_RIGHTS;
     /* Read before validating: a revocation after this point voids the grant. */
-    epoch = LOAD(revocation_epoch);
+    epoch = LOAD(pk_revocation_epoch);
     if ((status = check_identities(keys, identities)) != PK_OK)
         return status;
     if (usage && (status = usage_acquire(usage)) != PK_OK)
@@ -546,7 +644,7 @@ int64_t pk_scope_enter(const struct pk_scope *scope, uint64_t pins)
     if (pk_mode == PK_MODE_HARDWARE) {
         uint32_t old = pk_rdpkru_unchecked();
         count_grant(&thread_grants, keys, kind, identities, +1, old);
-        hw_write(old, hw_compose(&thread_grants, keys, old));
+        hw_write_settled(old, hw_compose(&thread_grants, keys, old), epoch);
         /* A pkey_free in another thread may have raced with this grant:
          * once the register is written, check again and take it back. */
         if (check_identities(keys, identities) != PK_OK) {
@@ -632,7 +730,7 @@ int pk_scope_exit(const struct pk_scope *scope, int64_t token, uint64_t pins)
         return PK_E_RIGHTS;
 
     if (pk_mode == PK_MODE_HARDWARE) {
-        uint32_t old, live, next;
+        uint32_t old, live, next, seen = LOAD(pk_revocation_epoch);
         /* Another thread's register cannot be touched from here: refuse,
          * and leave the grant for its own thread to end. */
         if (!own_thread)
@@ -644,7 +742,7 @@ int pk_scope_exit(const struct pk_scope *scope, int64_t token, uint64_t pins)
         count_grant(&thread_grants, live, kind, identities, -1, 0);
         next = hw_compose(&thread_grants, live, old);
         next = close_freed(&thread_grants, keys & ~live, kind, identities, next);
-        hw_write(old, next);
+        hw_write_settled(old, next, seen);
         usage_release(usage);
         return PK_OK;
     }

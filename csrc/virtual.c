@@ -49,6 +49,9 @@
 #define USAGE_EVICTING 0x40000000u
 #define USAGE_COUNT 0x3fffffffu
 #define TAKE_SLOW 1 /* acquire(): the cell is being evicted; retry under the mutex */
+/* Freeing a pool key revokes it in every thread first (state.c); a key that
+ * some thread did not give up in time stays in the pool, unused until then. */
+#define REVOKE_TIMEOUT 1.0
 
 #define LOAD(x) __atomic_load_n(&(x), __ATOMIC_SEQ_CST)
 #define STORE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_SEQ_CST)
@@ -347,7 +350,7 @@ void pk_vbuf_detach(struct pk_vbuf *b)
             pk_region_forget(b->inner, b->inner_length);
         pool[s].holder = NULL;
         STORE(b->slot, -1);
-        if (pk_key_free(pool[s].pkey, pool[s].identity, 0) == PK_OK) {
+        if (pk_key_free(pool[s].pkey, pool[s].identity, REVOKE_TIMEOUT, NULL, 0) == PK_OK) {
             pool[s].pkey = 0;
             pool_keys--;
         }
@@ -533,7 +536,7 @@ int pk_vkeys_release_idle(void)
                                              __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
             evict(s);
         if (pool[s].pkey > 0 && !pool[s].holder &&
-            pk_key_free(pool[s].pkey, pool[s].identity, 0) == PK_OK) {
+            pk_key_free(pool[s].pkey, pool[s].identity, REVOKE_TIMEOUT, NULL, 0) == PK_OK) {
             pool[s].pkey = 0;
             pool_keys--;
             freed++;

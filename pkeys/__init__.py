@@ -1,9 +1,10 @@
 """Linux memory protection keys (x86 PKU/MPK) for Python.
 
 The functions here validate their arguments, track the keys this process
-allocated through them, and dispatch to the backend chosen at import: the
+allocated through them, and run on the backend chosen once at import: the
 hardware (per-thread PKRU register) where the OS has enabled PKU, or a
-process-wide ``mprotect`` emulation elsewhere.  ``PKEYS_BACKEND`` in the
+process-wide ``mprotect`` emulation elsewhere.  Signatures and behaviour
+are identical on both.  ``PKEYS_BACKEND`` in the
 environment (``auto``, ``hardware``, ``software``) overrides the choice.
 
 Raw layers without validation: :mod:`pkeys.sys` (the syscalls),
@@ -25,11 +26,23 @@ from ._errors import (
     MemoryLockWarning,
     PkeysError,
     PkeysWarning,
+    RevocationError,
     ScopeError,
     UnsupportedError,
 )
 from ._fault import Fault, FaultKind, probe
-from ._key import Key, Scope, _backend, _reason, allow
+from . import _key
+from ._api import (
+    allocated_keys,
+    pkey_alloc,
+    pkey_free,
+    pkey_get,
+    pkey_mprotect,
+    pkey_set,
+    rdpkru,
+    wrpkru,
+)
+from ._key import Key, Scope, allow
 from ._prompt import prompt
 from ._rights import (
     PKEY_DISABLE_ACCESS,
@@ -42,6 +55,7 @@ from ._rights import (
     PkeyRights,
 )
 from ._select import hardware_supported
+from ._types import KeyLike
 
 __version__ = "0.1.0"
 
@@ -66,6 +80,7 @@ __all__ = [
     "backend",
     "backend_reason",
     "Key",
+    "KeyLike",
     "Scope",
     "ProtectedBuffer",
     "Unlocked",
@@ -82,64 +97,17 @@ __all__ = [
     "InvalidKeyError",
     "KeyInUseError",
     "ScopeError",
+    "RevocationError",
     "BufferCorruptedError",
     "PkeysWarning",
     "MemoryLockWarning",
 ]
 
-# The backend's functions themselves, not wrappers: dispatch costs nothing
-# per call.  Signatures and behaviour are identical on every backend.
-pkey_alloc = _backend.pkey_alloc
-pkey_alloc.__doc__ = """pkey_alloc(flags=0, access_rights=0) -> int
-
-Allocate a protection key; ``access_rights`` become this thread's rights
-for it.  ``flags`` must be 0.  OSError(ENOSPC) when none is left."""
-
-pkey_free = _backend.pkey_free
-pkey_free.__doc__ = """pkey_free(pkey)
-
-Free a key allocated through pkeys.  Key 0, unallocated keys, double
-frees and keys still guarding tracked memory are refused (ValueError
-subclasses).  This thread's rights for the number are left at
-access-disable, so a later reuse inherits nothing."""
-
-pkey_mprotect = _backend.pkey_mprotect
-pkey_mprotect.__doc__ = """pkey_mprotect(target, length, prot, pkey)
-
-Set ``prot`` on memory and tag it with ``pkey``.  ``target`` is a
-page-aligned int address, or a writable buffer over page-aligned memory
-(``mmap.mmap``); ``length=None`` means the whole buffer."""
-
-pkey_get = _backend.pkey_get
-pkey_get.__doc__ = """pkey_get(pkey) -> PkeyRights
-
-This thread's rights for an allocated key (or key 0)."""
-
-pkey_set = _backend.pkey_set
-pkey_set.__doc__ = """pkey_set(pkey, rights)
-
-Set this thread's rights for an allocated key (not key 0).  The register
-is written only if the value changes."""
-
-rdpkru = _backend.rdpkru
-rdpkru.__doc__ = """rdpkru() -> int
-
-This thread's PKRU (the emulated, process-wide one on the software backend)."""
-
-wrpkru = _backend.wrpkru
-wrpkru.__doc__ = """wrpkru(value)
-
-Write this thread's PKRU; a value that would deny key 0 is refused."""
-
-allocated_keys = _backend.allocated_keys
-allocated_keys.__doc__ = "The keys allocated through pkeys in this process, ascending."
-
-
 def backend() -> str:
     """``"hardware"`` or ``"software"``: the backend chosen at import."""
-    return _backend.NAME
+    return _key.chosen_backend.NAME
 
 
 def backend_reason() -> str:
     """Why that backend was chosen, in one sentence."""
-    return _reason
+    return _key.chosen_reason

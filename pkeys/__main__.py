@@ -9,15 +9,30 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="pkeys", description="Linux memory protection keys (x86 PKU) from Python."
     )
+    parser.add_argument("--version", action="version", version=f"pkeys {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     doctor = commands.add_parser(
-        "doctor", help="report PKU support, the backend and this thread's PKRU"
+        "doctor",
+        help="report PKU support, the backend and this thread's PKRU",
+        description="Report what this machine offers (CPU, kernel, glibc, PKRU, locked memory "
+        "and its limit) and which backend pkeys uses. Exits 0 when that backend works, the "
+        "software emulation included, and 1 when it does not.",
     )
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
-    commands.add_parser("demo", help="protect a page and show access denied, then allowed")
+    doctor.add_argument("--require-hardware", action="store_true",
+                        help="exit 1 unless hardware protection keys are usable")
+    commands.add_parser(
+        "demo",
+        help="protect a page and show access denied, then allowed",
+        description="Tag a page holding a secret with a new key, then try to read and write "
+        "it (in forked children) with access denied, read-only and open, and from another "
+        "thread.",
+    )
     vm = commands.add_parser(
         "vm",
         help="run a command on an emulated PKU CPU (QEMU TCG); `pkeys vm setup` prepares it",
@@ -30,13 +45,27 @@ def _parser() -> argparse.ArgumentParser:
     vm.add_argument("--smp", type=int, default=1, metavar="N", help="virtual CPUs (default 1)")
     vm.add_argument("--mem", type=int, default=2048, metavar="MB", help="guest memory (default 2048)")
     bench = commands.add_parser(
-        "bench", help="measure instructions vs syscalls, the Python layer, and mm-lock contention"
+        "bench",
+        help="measure instructions vs syscalls, the Python layer, and mm-lock contention",
+        description="Time RDPKRU/WRPKRU against syscalls in C, the Python layer against a bare "
+        "cffi call (pyperf), and page-fault throughput while another thread flips access; "
+        "print the table and the targets. See bench/README.md.",
     )
     from .bench.cli import add_arguments
 
     add_arguments(bench)
     vm.add_argument("vm_args", nargs=argparse.REMAINDER, metavar="CMD", help="`setup`, or -- CMD ARGS...")
+    _describe_by_help(commands)
     return parser
+
+
+def _describe_by_help(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """A subcommand given no description of its own gets its one-line help,
+    so that `pkeys COMMAND --help` never starts with bare usage."""
+    for summary in commands._choices_actions:
+        subcommand = commands.choices[summary.dest]
+        if subcommand.description is None:
+            subcommand.description = summary.help
 
 
 def _vm(args: argparse.Namespace) -> int:
@@ -76,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "doctor":
         from .doctor import main as doctor_main
 
-        return doctor_main(as_json=args.json)
+        return doctor_main(as_json=args.json, require_hardware=args.require_hardware)
     if args.command == "demo":
         from .demo import main as demo_main
 

@@ -16,6 +16,8 @@ from . import _state
 from ._binding import ffi, lib
 from ._memory import check_prot, resolve
 from ._rights import NUM_KEYS, RIGHTS_BY_VALUE, PkeyRights
+from ._types import KeyLike
+from ._errors import ArgumentError
 from ._validate import (
     check_alloc_args,
     check_key_range,
@@ -40,6 +42,7 @@ __all__ = [
     "free_key",
     "tag",
     "key_number",
+    "set_all_threads",
 ]
 
 _get = lib.pk_key_get
@@ -49,6 +52,10 @@ _NEED_PINS = _state.NEED_PINS
 _E_KEY_CLOSED = lib.PK_E_KEY_CLOSED
 _E_IN_USE = lib.PK_E_IN_USE
 _E_NOSPC = lib.PK_E_NOSPC
+_E_BROADCAST = lib.PK_E_BROADCAST
+
+# How long a change for every thread waits for them all to answer.
+REVOCATION_TIMEOUT = 5.0
 
 # Set by pkeys._key once Key exists, so that a Key argument takes a fast
 # path (a slot read) instead of __index__.
@@ -80,16 +87,53 @@ def alloc_key(flags: object = 0, access_rights: object = 0) -> tuple[int, int]:
     return pkey, identity[0]
 
 
-def free_key(pkey: int, identity: int) -> None:
-    """Free ``pkey`` if it still has ``identity`` (0: whatever it has)."""
-    status = lib.pk_key_free(pkey, identity, 0)
+def free_key(pkey: int, identity: int, timeout: float = REVOCATION_TIMEOUT) -> None:
+    """Free ``pkey`` if it still has ``identity`` (0: whatever it has),
+    after revoking it in every thread."""
+    result = ffi.new("struct pk_broadcast *")
+    status = lib.pk_key_free(pkey, identity, timeout, result, 0)
     if status == _E_IN_USE:
         _state.prune_owners()  # owners collected or closed since they were tagged
-        status = lib.pk_key_free(pkey, identity, 0)
+        status = lib.pk_key_free(pkey, identity, timeout, result, 0)
     if status == _E_IN_USE:
         raise_in_use(pkey)
+    if status == _E_BROADCAST:
+        raise revocation_error(pkey, result, "the key stays allocated, so its number is "
+                               "not handed out again")
     if status:
         raise_status(status, pkey)
+
+
+def set_all_threads(pkey: int, identity: int, access_rights: int,
+                    timeout: float = REVOCATION_TIMEOUT) -> None:
+    """``access_rights`` for ``pkey`` in every thread of the process, and
+    every active grant on it voided; returns once every thread has them."""
+    result = ffi.new("struct pk_broadcast *")
+    status = _call_pinned(lib.pk_key_set_all, pkey, identity, access_rights, timeout, result)
+    if status == _E_BROADCAST:
+        raise revocation_error(pkey, result, "")
+    if status:
+        raise_status(status, pkey, access_rights)
+
+
+def revocation_error(pkey: int, result: Any, consequence: str) -> Exception:
+    from ._errors import RevocationError
+
+    listed = [result.listed[i] for i in range(min(result.unanswered + result.refused,
+                                                  lib.PK_BROADCAST_LISTED))]
+    unanswered, refused = tuple(listed[:result.unanswered]), tuple(listed[result.unanswered:])
+    parts = [f"pkey {pkey}: the change reached {result.answered} of {result.threads} other "
+             f"thread(s) and this one"]
+    if unanswered:
+        parts.append(f"threads {list(unanswered)} did not answer signal "
+                     f"{lib.pk_revocation_signal()} within {result.seconds:.2f} s (blocked "
+                     "there?); they apply it when they handle it")
+    if refused:
+        parts.append(f"the signal frames of threads {list(refused)} could not be edited")
+    if consequence:
+        parts.append(consequence)
+    return RevocationError("; ".join(parts), threads=result.threads, answered=result.answered,
+                           unanswered=unanswered, refused=refused)
 
 
 def raise_in_use(pkey: int) -> None:
@@ -104,19 +148,28 @@ def raise_in_use(pkey: int) -> None:
 
 
 def pkey_alloc(flags: int = 0, access_rights: int = 0) -> int:
+    """Allocate a protection key; ``access_rights`` become this thread's
+    rights for it.  ``flags`` must be 0.  OSError(ENOSPC) when none is left."""
     return alloc_key(flags, access_rights)[0]
 
 
-def pkey_free(pkey: int) -> None:
+def pkey_free(pkey: KeyLike) -> None:
+    """Free a key allocated through pkeys.  Key 0, unallocated keys, double
+    frees and keys still guarding tracked memory are refused (ValueError
+    subclasses).  The key is first revoked in every thread, so a later key
+    that gets the number inherits no thread's rights."""
     pkey = key_number(pkey)
     if pkey == 0:
         raise_status(lib.PK_E_KEY_ZERO)
     free_key(pkey, 0)
 
 
-def pkey_get(pkey: int) -> PkeyRights:
+def pkey_get(pkey: KeyLike) -> PkeyRights:
+    """This thread's rights for an allocated key (or key 0), as in force now
+    (the process's on the software backend)."""
     if type(pkey) is not int:  # a Key (a slot read), or the checked conversion
-        pkey = pkey._pkey if type(pkey) is key_type and pkey._pkey >= 0 else key_number(pkey)
+        pkey = (pkey._pkey if type(pkey) is key_type and pkey._pkey >= 0  # type: ignore[attr-defined]
+                else key_number(pkey))
     try:
         rights = _get(pkey)
     except OverflowError:
@@ -126,9 +179,17 @@ def pkey_get(pkey: int) -> PkeyRights:
     return RIGHTS_BY_VALUE[rights]
 
 
-def pkey_set(pkey: int, access_rights: int) -> None:
+def pkey_set(pkey: KeyLike, access_rights: int, *, threads: str = "current") -> None:
+    """Set the rights for an allocated key (not key 0) outside scopes: this
+    thread's, or with ``threads="all"`` every thread's at once (active
+    scopes on the key lose their grants; see Key.revoke).  Inside an active
+    scope they take effect when it ends.  The register is written only if
+    the value changes."""
+    if threads != "current":
+        return _set_for(pkey, access_rights, threads)
     if type(pkey) is not int:
-        pkey = pkey._pkey if type(pkey) is key_type and pkey._pkey >= 0 else key_number(pkey)
+        pkey = (pkey._pkey if type(pkey) is key_type and pkey._pkey >= 0  # type: ignore[attr-defined]
+                else key_number(pkey))
     if type(access_rights) is not int:
         access_rights = check_rights(access_rights)
     try:
@@ -140,6 +201,17 @@ def pkey_set(pkey: int, access_rights: int) -> None:
             status = _call_pinned(_set, pkey, access_rights)
         if status:
             raise_status(status, pkey, access_rights)
+    return None
+
+
+def _set_for(pkey: object, access_rights: object, threads: object) -> None:
+    if threads != "all":
+        raise ArgumentError(f'threads must be "current" or "all", not {threads!r}')
+    identity = pkey._identity if type(pkey) is key_type else 0  # type: ignore[attr-defined]
+    number = key_number(pkey)
+    if number == 0:
+        raise_status(lib.PK_E_KEY_ZERO)
+    set_all_threads(number, identity, check_rights(access_rights))
 
 
 def tag(target: object, length: object, prot: object, pkey: int, identity: int,
@@ -161,11 +233,18 @@ def tag(target: object, length: object, prot: object, pkey: int, identity: int,
         _state.prune_owners()
 
 
-def pkey_mprotect(target: object, length: int | None, prot: int, pkey: int) -> None:
+def pkey_mprotect(target: object, length: int | None, prot: int, pkey: KeyLike) -> None:
+    """Set ``prot`` on memory and tag it with ``pkey``.  ``target`` is a
+    page-aligned int address, or a writable buffer over page-aligned memory
+    (an ``mmap.mmap``, or a view or numpy array over one); ``length=None``
+    means the whole buffer.  The region is tracked by the object that owns
+    the memory, not by the view."""
     tag(target, length, prot, key_number(pkey), 0)
 
 
 def rdpkru() -> int:
+    """This thread's PKRU (the emulated, process-wide one on the software
+    backend)."""
     value = lib.pk_pkru_read()
     if value < 0:
         raise_status(value)
@@ -173,6 +252,9 @@ def rdpkru() -> int:
 
 
 def wrpkru(value: int) -> None:
+    """Write this thread's PKRU, as the rights outside scopes (keys with
+    active scopes keep them until they end); a value that would deny key 0
+    is refused."""
     value = check_pkru(value)
     status = _call_pinned(lib.pk_pkru_write, value)
     if status:
@@ -184,6 +266,7 @@ def is_allocated(pkey: int) -> bool:
 
 
 def allocated_keys() -> list[int]:
+    """The keys allocated through pkeys in this process, ascending."""
     mask = lib.pk_allocated_mask()
     return [k for k in range(NUM_KEYS) if mask & (1 << k)]
 

@@ -87,7 +87,7 @@ from ._errors import (
     PkeysError,
     UnsupportedError,
 )
-from ._key import Key, _backend
+from ._key import Key, chosen_backend
 from ._rights import PAGE_SIZE, PROT_NONE, PROT_READ, PROT_WRITE
 from ._validate import raise_status, require_int
 
@@ -454,7 +454,16 @@ class ProtectedBuffer:
     ``memfd_secret`` pages where the kernel offers them, ``True`` requires
     them, ``False`` never uses them (see :attr:`backing`).  ``seal=True``
     seals the mapping with ``mseal`` for the rest of the process (hardware
-    backend, Linux 6.10+).  See the module documentation for the lifecycle.
+    backend, Linux 6.10+).
+
+    The data sits between two ``PROT_NONE`` guard pages, flush against the
+    trailing one, after a random canary; its pages are locked, left out of
+    core dumps and kept from forked children (zeroed, or for secret memory
+    absent), and closed by its key or by ``PROT_NONE``.  Only
+    :meth:`unlocked`, :meth:`readinto`, :meth:`write` and :meth:`read_from`
+    open it, and :meth:`close` (or the finalizer) checks the canary, wipes
+    the touched pages, unlocks, gives back its key and unmaps.  The module
+    documentation has every step.
     """
 
     __slots__ = ("_mapping", "_label", "_finalizer", "__weakref__")
@@ -692,7 +701,7 @@ class ProtectedBuffer:
 
 
 def _check_seal() -> None:
-    if _backend.NAME != "hardware":
+    if chosen_backend.NAME != "hardware":
         raise UnsupportedError(
             "seal=True needs hardware protection keys: the software backend opens and closes "
             "a buffer with mprotect, which a sealed mapping refuses for good"

@@ -19,6 +19,7 @@ __all__ = [
     "KeyInUseError",
     "BufferCorruptedError",
     "ScopeError",
+    "RevocationError",
     "PkeysWarning",
     "MemoryLockWarning",
     "os_error",
@@ -59,6 +60,24 @@ class BufferCorruptedError(PkeysError, RuntimeError):
 class ScopeError(PkeysError, RuntimeError):
     """A scope was ended where it cannot be: in a thread other than the one
     that entered it, or more often than it was entered."""
+
+
+class RevocationError(PkeysError, TimeoutError):
+    """A change of rights for every thread did not reach every thread: some
+    did not answer the revocation signal in time (it is blocked there, or
+    the thread is stuck outside Python), or their signal frame could not be
+    edited.  ``threads`` were signalled, ``answered`` applied the change;
+    ``unanswered`` and ``refused`` are the thread ids of the others.  The
+    calling thread and every thread that answered have the new rights; a
+    thread that answers later applies them then."""
+
+    def __init__(self, message: str, *, threads: int = 0, answered: int = 0,
+                 unanswered: tuple[int, ...] = (), refused: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.threads = threads
+        self.answered = answered
+        self.unanswered = unanswered
+        self.refused = refused
 
 
 class PkeysWarning(UserWarning):

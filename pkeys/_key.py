@@ -17,9 +17,10 @@ from ._binding import ffi, lib
 from ._errors import InvalidKeyError
 from ._rights import PKEY_DISABLE_ACCESS, PROT_READ, PROT_WRITE, PkeyRights
 from ._select import choose
+from ._types import KeyLike
 from ._validate import check_key_range, raise_status
 
-_backend, _reason = choose()
+chosen_backend, chosen_reason = choose()
 
 _enter = lib.pk_scope_enter
 _exit = lib.pk_scope_exit
@@ -105,7 +106,7 @@ class Scope:
             status = _state.call_pinned(_exit, self._handle, token)
             if not status:
                 return
-        if status == _WRONG_THREAD and _backend.NAME == "hardware":
+        if status == _WRONG_THREAD and chosen_backend.NAME == "hardware":
             self._tokens.append(token)  # still active in the thread that entered it
         raise_status(status)
 
@@ -187,10 +188,22 @@ class Key:
             raise InvalidKeyError("this Key has been closed")
         return self._scopes[2]
 
+    def revoke(self, timeout: float = _api.REVOCATION_TIMEOUT) -> None:
+        """Deny access to this key in every thread of the process, now.
+
+        Returns once every thread has applied it (RevocationError names
+        those that did not answer within ``timeout`` seconds).  Scopes that
+        are active on the key lose their access, and re-grant nothing when
+        they end.  Same as ``pkey_set(key, PKEY_DISABLE_ACCESS,
+        threads="all")``."""
+        _api.set_all_threads(self.pkey, self._identity, PKEY_DISABLE_ACCESS, timeout)
+
     def close(self) -> None:
         """Free the key.  Idempotent.  Refused (KeyInUseError) while it still
-        guards tracked memory; this thread's rights for the number are left
-        at access-disable."""
+        guards tracked memory.  The key is first revoked in every thread, so
+        a later key that gets the same number inherits no thread's rights
+        (RevocationError, and the key stays allocated, if a thread did not
+        answer)."""
         if self._pkey >= 0:
             _api.free_key(self._pkey, self._identity)
             self._pkey = -1
@@ -205,9 +218,10 @@ class Key:
         if getattr(self, "_pkey", -1) < 0:
             return
         warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
-        status = lib.pk_key_free(self._pkey, self._identity, 0)
-        if status == lib.PK_E_IN_USE:
-            # Still guarding memory: freed as soon as that memory goes.
+        status = lib.pk_key_free(self._pkey, self._identity, _api.REVOCATION_TIMEOUT, _NULL, 0)
+        if status in (lib.PK_E_IN_USE, lib.PK_E_BROADCAST):
+            # Still guarding memory, or some thread still has to answer:
+            # freed as soon as that memory goes.
             _state.adopt_orphan(self._pkey, self._identity)
         self._pkey = -1
 
@@ -218,7 +232,7 @@ class Key:
             rights = _api.pkey_get(self._pkey).name or "UNRESTRICTED"
         except Exception:
             rights = "?"
-        return f"<pkeys.Key {self._pkey} rights={rights} backend={_backend.NAME}>"
+        return f"<pkeys.Key {self._pkey} rights={rights} backend={chosen_backend.NAME}>"
 
     def __reduce_ex__(self, protocol: object) -> NoReturn:
         raise TypeError("a pkeys.Key cannot be pickled or copied: it is its key's only owner")
@@ -235,7 +249,7 @@ class Key:
 _api.key_type = Key
 
 
-def allow(*keys: Key | int, write: bool = True) -> Scope:
+def allow(*keys: KeyLike, write: bool = True) -> Scope:
     """One scope, one register write, for several keys at once."""
     identities: dict[int, int] = {}
     for key in keys:

@@ -10,9 +10,9 @@ UnsupportedError saying why.
 from __future__ import annotations
 
 import os
-from types import ModuleType
 
 from ._binding import lib
+from ._types import Backend
 
 __all__ = ["hardware_supported", "hardware_absence_reason", "choose", "cpu_model", "emulated"]
 
@@ -53,12 +53,13 @@ def hardware_absence_reason() -> str:
     return ""
 
 
-def choose(environ: os._Environ[str] | dict[str, str] = os.environ) -> tuple[ModuleType, str]:
+def choose(environ: os._Environ[str] | dict[str, str] = os.environ) -> tuple[Backend, str]:
     """The backend module and a sentence saying why it was chosen.  The
     choice is made in C too, once: every operation runs in that mode."""
     from . import _hardware, _software, _unavailable, _validate
 
     requested = environ.get("PKEYS_BACKEND", "").strip().lower() or "auto"
+    chosen: Backend
     if requested not in CHOICES:
         _unavailable.reason = (
             f"PKEYS_BACKEND={requested!r} is not one of {', '.join(CHOICES)}"

@@ -80,6 +80,7 @@ def exporter_of(target: object) -> object:
     seen = 0
     while seen < 64:
         seen += 1
+        inner: object
         if isinstance(target, memoryview):
             inner = target.obj
         else:
@@ -143,8 +144,8 @@ def adopt_orphan(pkey: int, identity: int) -> None:
 
 def _free_orphans() -> None:
     for pkey, identity in list(_orphans.items()):
-        status = lib.pk_key_free(pkey, identity, 0)
-        if status != lib.PK_E_IN_USE:
+        status = lib.pk_key_free(pkey, identity, 5.0, ffi.NULL, 0)
+        if status not in (lib.PK_E_IN_USE, lib.PK_E_BROADCAST):
             _orphans.pop(pkey, None)
 
 

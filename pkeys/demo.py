@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import mmap
 import threading
+from collections.abc import Callable
 
 import pkeys
 
@@ -20,10 +21,11 @@ SECRET = b"correct horse battery staple"
 
 
 def _read_first_byte(page: mmap.mmap) -> int:
-    return ffi.cast("volatile unsigned char *", ffi.from_buffer(page))[0]
+    byte: int = ffi.cast("volatile unsigned char *", ffi.from_buffer(page))[0]
+    return byte
 
 
-def _attempt(what: str, action) -> bool:
+def _attempt(what: str, action: Callable[[], object]) -> bool:
     """Run ``action`` in a child; print and return whether it was allowed."""
     result = run_in_child(action)
     allowed = result.exitcode == 0

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import platform
-import resource
 import sys
 from typing import Any
 
-from . import _key, glibc
+import psutil
+
+import pkeys
+
+from . import _api, glibc
 from ._binding import lib
+from ._errors import UnsupportedError
 from ._rights import NUM_KEYS
 from ._select import cpu_model, emulated, hardware_absence_reason, hardware_supported
 
@@ -20,22 +25,50 @@ SOFTWARE_DIFFERENCES = [
     "each rights change costs an mprotect syscall per region, not one instruction",
     "a denied access faults with SEGV_ACCERR, not SEGV_PKUERR",
     "ProtectedBuffer.unlocked() opens the buffer to every thread for the block",
+    "a key that denies access makes PROT_EXEC memory unexecutable too",
 ]
 
 
 def _limit(value: int) -> int | None:
-    return None if value == resource.RLIM_INFINITY else value
+    return None if value == psutil.RLIM_INFINITY else value
+
+
+def locked_bytes() -> int:
+    """This process's locked memory (``VmLck``), which ProtectedBuffer's
+    ``mlock`` adds to; psutil has no field for it."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmLck:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def backend_failure() -> str | None:
+    """None when the chosen backend can allocate and free a key; else why not."""
+    try:
+        pkey = pkeys.pkey_alloc()
+    except UnsupportedError as refused:
+        return str(refused)
+    except OSError as error:
+        # Every key taken is a full backend, not a broken one.
+        if error.errno == errno.ENOSPC:
+            return None
+        raise
+    pkeys.pkey_free(pkey)
+    return None
 
 
 def collect() -> dict[str, Any]:
     """Everything ``pkeys doctor`` reports, as plain data."""
-    backend = _key._backend
     try:
-        pkru: int | None = backend.rdpkru()
-    except Exception:
+        pkru: int | None = pkeys.rdpkru()
+    except UnsupportedError:
         pkru = None
-    memlock_soft, memlock_hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    shadow = backend.shadow_pkru()
+    process = psutil.Process()
+    memlock_soft, memlock_hard = process.rlimit(psutil.RLIMIT_MEMLOCK)
+    shadow = _api.shadow_pkru()
+    allocated = pkeys.allocated_keys()
+    failure = backend_failure()
     report: dict[str, Any] = {
         "cpu": {
             "model": cpu_model(),
@@ -49,20 +82,26 @@ def collect() -> dict[str, Any]:
         "hardware_supported": hardware_supported(),
         "hardware_absence_reason": hardware_absence_reason() or None,
         "backend": {
-            "name": backend.NAME,
-            "reason": _key._reason,
-            "differences_from_hardware": SOFTWARE_DIFFERENCES if backend.NAME == "software" else [],
+            "name": pkeys.backend(),
+            "reason": pkeys.backend_reason(),
+            "works": failure is None,
+            "failure": failure,
+            "differences_from_hardware": SOFTWARE_DIFFERENCES
+            if pkeys.backend() == "software" else [],
         },
         "pkru": None
         if pkru is None
         else {
             "value": f"{pkru:#010x}",
-            "scope": "this thread" if backend.NAME == "hardware" else "process (emulated)",
+            "scope": "this thread" if pkeys.backend() == "hardware" else "process (emulated)",
             "keys": {str(k): _rights_name((pkru >> (2 * k)) & 3) for k in range(NUM_KEYS)},
             "matches_package_record": None if shadow is None else shadow == pkru,
         },
-        "allocated_keys": backend.allocated_keys(),
+        "allocated_keys": allocated,
+        "revocation": _revocation_status(),
+        "locked_memory": locked_bytes(),
         "rlimit_memlock": {"soft": _limit(memlock_soft), "hard": _limit(memlock_hard)},
+        "threads": process.num_threads(),
         "vm": _vm_status(),
         "secretmem": _secret_memory(),
     }
@@ -74,6 +113,17 @@ def _secret_memory() -> dict[str, Any]:
 
     (available, reason), (sealable, seal_reason) = availability(), seal_availability()
     return {"available": available, "reason": reason, "mseal": sealable, "mseal_reason": seal_reason}
+
+
+def _revocation_status() -> dict[str, Any]:
+    """Whether Key.revoke() can reach other threads here: it edits the PKRU
+    saved in their signal frames, which depends on the kernel."""
+    if pkeys.backend() != "hardware":
+        return {"mechanism": "process-wide rights (software backend)", "works": True,
+                "signal": None}
+    works = lib.pk_revocation_selftest() == 1
+    return {"mechanism": "signal-frame PKRU edit", "works": works,
+            "signal": lib.pk_revocation_signal()}
 
 
 def _vm_status() -> dict[str, Any]:
@@ -101,6 +151,8 @@ def _render(report: dict[str, Any]) -> str:
         + ("all present" if not missing else "missing " + ", ".join(missing)),
         f"backend        {report['backend']['name']}: {report['backend']['reason']}",
     ]
+    if not report["backend"]["works"]:
+        lines.append(f"  NOT WORKING  {report['backend']['failure']}")
     for difference in report["backend"]["differences_from_hardware"]:
         lines.append(f"  unlike PKU:  {difference}")
     pkru = report["pkru"]
@@ -115,23 +167,33 @@ def _render(report: dict[str, Any]) -> str:
             lines.append("  warning      PKRU differs from what pkeys last wrote: something else wrote it")
     keys = report["allocated_keys"]
     lines.append(f"allocated keys {', '.join(map(str, keys)) if keys else 'none'}")
+    revocation = report["revocation"]
+    lines.append(
+        f"all threads    {revocation['mechanism']}: "
+        + ("works" if revocation["works"] else "does NOT work on this kernel")
+        + (f" (signal {revocation['signal']})" if revocation["signal"] else "")
+    )
     memlock = report["rlimit_memlock"]
+    lines.append(f"locked memory  {_bytes(report['locked_memory'])} (ProtectedBuffer mlocks its pages)")
     lines.append(
         f"RLIMIT_MEMLOCK soft {_bytes(memlock['soft'])}, hard {_bytes(memlock['hard'])}"
     )
     secret = report["secretmem"]
     lines.append(f"secretmem      {'yes' if secret['available'] else 'no'}: {secret['reason']}")
     lines.append(f"mseal          {'yes' if secret['mseal'] else 'no'}: {secret['mseal_reason']}")
+    lines.append(f"threads        {report['threads']}")
     vm = report["vm"]
     lines.append(
         "emulated PKU VM "
-        + ("ready: `python -m pkeys vm -- CMD` runs CMD on an emulated PKU CPU" if vm["ready"] else
-           f"not ready (missing {', '.join(vm['missing'])}): run `python -m pkeys vm setup`")
+        + ("ready: `pkeys vm -- CMD` runs CMD on an emulated PKU CPU" if vm["ready"] else
+           f"not ready (missing {', '.join(vm['missing'])}): run `pkeys vm setup`")
     )
+    hardware = ("hardware protection keys are usable" if report["hardware_supported"] else
+                f"no hardware protection keys: {report['hardware_absence_reason']}")
+    backend = report["backend"]
     lines.append(
-        "verdict        "
-        + ("hardware protection keys are usable" if report["hardware_supported"] else
-           f"no hardware protection keys: {report['hardware_absence_reason']}")
+        f"verdict        {hardware}; the {backend['name']} backend "
+        + ("works" if backend["works"] else "does NOT work")
     )
     return "\n".join(lines)
 
@@ -144,12 +206,15 @@ def _bytes(value: int | None) -> str:
     return "unlimited" if value is None else f"{value} bytes"
 
 
-def main(as_json: bool = False) -> int:
-    """Print the report; 0 when hardware PKU is usable, 1 otherwise."""
+def main(as_json: bool = False, require_hardware: bool = False) -> int:
+    """Print the report.  The exit status is 0 when the chosen backend works
+    (the software one included), 1 when it does not; with
+    ``require_hardware``, 0 only when hardware PKU is usable."""
     report = collect()
     if as_json:
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         print(_render(report))
-    return 0 if report["hardware_supported"] else 1
+    usable = report["hardware_supported"] if require_hardware else report["backend"]["works"]
+    return 0 if usable else 1

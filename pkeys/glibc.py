@@ -42,7 +42,8 @@ def available() -> dict[str, bool]:
 
 def version() -> str:
     """The running glibc's version, or ``""`` for another libc."""
-    return ffi.string(lib.pk_glibc_version()).decode()
+    name: bytes = ffi.string(lib.pk_glibc_version())
+    return name.decode()
 
 
 def _require(name: str, needs_register: bool = False) -> None:

@@ -19,7 +19,8 @@ handler.
 :func:`read` and :func:`write` touch the register itself, with no
 validation beyond the value's range, and raise :class:`UnsupportedError`
 where the OS has not enabled PKU (the instructions would raise SIGILL).
-The helpers below only compute values.
+The helpers below only compute values.  Wherever they take a key, a
+:class:`pkeys.Key` will do as well as its number (:data:`KeyLike`).
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ from collections.abc import Iterable
 from ._binding import lib
 from ._errors import UnsupportedError
 from ._rights import INIT_PKRU, NUM_KEYS, RIGHTS_BY_VALUE, PkeyRights
+from ._types import KeyLike
 from ._validate import UNSUPPORTED_MESSAGE, check_key_range, check_pkru, check_rights
 
 __all__ = [
     "INIT_PKRU",
+    "KeyLike",
     "read",
     "write",
     "rights_of",
@@ -40,7 +43,6 @@ __all__ = [
     "granting",
     "decode",
 ]
-
 
 
 def read() -> int:
@@ -62,14 +64,14 @@ def write(value: int) -> None:
         raise UnsupportedError(UNSUPPORTED_MESSAGE)
 
 
-def rights_of(pkru: int, pkey: int) -> PkeyRights:
+def rights_of(pkru: int, pkey: KeyLike) -> PkeyRights:
     """The rights that ``pkru`` gives key ``pkey``."""
     pkru = check_pkru(pkru)
     pkey = check_key_range(pkey)
     return RIGHTS_BY_VALUE[(pkru >> (2 * pkey)) & 3]
 
 
-def with_rights(pkru: int, pkey: int, rights: int) -> int:
+def with_rights(pkru: int, pkey: KeyLike, rights: int) -> int:
     """``pkru`` with key ``pkey``'s rights replaced by ``rights``."""
     pkru = check_pkru(pkru)
     pkey = check_key_range(pkey)
@@ -78,7 +80,7 @@ def with_rights(pkru: int, pkey: int, rights: int) -> int:
     return (pkru & ~(3 << shift)) | (int(rights) << shift)
 
 
-def granting(pkru: int, pkeys: Iterable[int], *, write: bool = True) -> int:
+def granting(pkru: int, pkeys: Iterable[KeyLike], *, write: bool = True) -> int:
     """``pkru`` with every key in ``pkeys`` opened for reading, and for
     writing too unless ``write`` is false."""
     pkru = check_pkru(pkru)

@@ -106,7 +106,7 @@ class ShadowPKRU:
         assert actual == self.value, f"PKRU {actual:#010x}, expected {self.value:#010x}"
         from pkeys import _key
 
-        recorded = _key._backend.shadow_pkru()
+        recorded = _key.chosen_backend.shadow_pkru()
         if recorded is not None:
             assert recorded == actual, f"package record {recorded:#010x} != PKRU {actual:#010x}"
 

@@ -25,6 +25,6 @@ def test_backends_share_names_and_signatures(name):
 def test_the_chosen_backend_is_the_mode_c_runs_in():
     from pkeys import _key
 
-    assert _key._backend.NAME == pkeys.backend()
-    assert lib.pk_state_mode() == _key._backend.MODE
+    assert _key.chosen_backend.NAME == pkeys.backend()
+    assert lib.pk_state_mode() == _key.chosen_backend.MODE
     assert {backend.NAME for backend in BACKENDS} == {"hardware", "software"}

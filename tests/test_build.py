@@ -1,10 +1,13 @@
-"""The C shim: warning-free, and correct where there is no PKU at all."""
+"""The C shim (warning-free, correct where there is no PKU at all) and what
+gets published: the sdist and the repaired abi3 wheel."""
 
 from __future__ import annotations
 
+import os
 import pathlib
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -78,6 +81,130 @@ def test_type_stub_covers_the_whole_api_header():
     header = (CSRC / "pkeys_api.h").read_text()
     stub = (ROOT / "pkeys" / "_pkeys_cffi.pyi").read_text()
     functions = set(re.findall(r"\b(pk_[a-z0-9_]+)\(", header))
-    constants = set(re.findall(r"^#define (PK_[A-Z0-9_]+) ", header, re.M))
+    constants = set(re.findall(r"^#define (PK_[A-Z0-9_]+) ", header, re.MULTILINE))
     missing = {name for name in functions | constants if name not in stub}
     assert not missing, f"add to pkeys/_pkeys_cffi.pyi: {sorted(missing)}"
+
+
+# ---- what gets published: sdist, abi3 wheel, manylinux repair ---------------
+
+SITE_PACKAGES = pathlib.Path(__import__("cffi").__file__).resolve().parent.parent
+
+
+def run_isolated(args: list[str], cwd: pathlib.Path, *path: pathlib.Path,
+                 dependencies: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run this interpreter without site processing, so that neither the
+    editable install's import hook nor anything but ``path`` (and, with
+    ``dependencies``, the site-packages holding cffi and psutil) decides
+    where ``pkeys`` comes from."""
+    search = [*path, SITE_PACKAGES] if dependencies else list(path)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(map(str, search))}
+    return subprocess.run([sys.executable, "-S", *args], check=False, cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def copy_package(destination: pathlib.Path, *, with_extension: bool) -> pathlib.Path:
+    ignored = ["__pycache__"] + ([] if with_extension else ["*.so"])
+    shutil.copytree(ROOT / "pkeys", destination / "pkeys", ignore=shutil.ignore_patterns(*ignored))
+    return destination
+
+
+def test_a_source_tree_without_the_extension_says_what_to_do(tmp_path):
+    # `python -m pkeys` from a checkout: the current directory comes first
+    # on sys.path, so the uncompiled tree is what gets imported.
+    tree = copy_package(tmp_path / "checkout", with_extension=False)
+    result = run_isolated(["-m", "pkeys", "--version"], tree)
+    assert result.returncode == 1
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("ImportError: pkeys was imported from " + str(tree / "pkeys"))
+    assert "no compiled extension" in last_line
+    assert "run from another directory" in last_line
+    assert "`pip install -e .`" in last_line
+
+
+def test_a_missing_dependency_is_not_blamed_on_the_source_tree(tmp_path):
+    tree = copy_package(tmp_path / "built", with_extension=True)
+    assert list((tree / "pkeys").glob("_pkeys_cffi*.so")), "the editable install builds it"
+    result = run_isolated(["-c", "import pkeys"], tree, dependencies=False)
+    assert result.returncode == 1
+    assert "ModuleNotFoundError: No module named '_cffi_backend'" in result.stderr
+    assert "source tree" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory) -> pathlib.Path:
+    out = tmp_path_factory.mktemp("dist")
+    env = dict(os.environ, PYTHON=sys.executable,
+               PATH=f"{pathlib.Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    result = subprocess.run(["bash", str(ROOT / "tools" / "build-wheel.sh"), str(out)],
+                            check=False, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+def only(paths: list[pathlib.Path]) -> pathlib.Path:
+    assert len(paths) == 1, paths
+    return paths[0]
+
+
+@pytest.mark.slow
+def test_wheel_is_manylinux_abi3_and_complete(dist):
+    import platform
+    import re
+    import zipfile
+
+    wheel = only(list(dist.glob("*.whl")))
+    machine = platform.machine()
+    name = re.fullmatch(rf"pkeys-([^-]+)-cp311-abi3-(manylinux_\d+_\d+_{machine})\.whl", wheel.name)
+    assert name, wheel.name
+
+    shown = subprocess.run([sys.executable, "-m", "auditwheel", "show", str(wheel)],
+                           check=False, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert f'is consistent with\nthe following platform tag: "{name[2]}"' in shown.stdout
+
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        dist_info = f"pkeys-{name[1]}.dist-info"
+        wheel_metadata = archive.read(f"{dist_info}/WHEEL").decode()
+        license_text = archive.read(f"{dist_info}/licenses/LICENSE").decode()
+        metadata = archive.read(f"{dist_info}/METADATA").decode()
+    assert f"Tag: cp311-abi3-{name[2]}" in wheel_metadata
+    assert "Root-Is-Purelib: false" in wheel_metadata
+    assert license_text == (ROOT / "LICENSE").read_text()
+    assert "License-Expression: MIT" in metadata and "License-File: LICENSE" in metadata
+    for required in ("pkeys/_pkeys_cffi.abi3.so", "pkeys/_pkeys_cffi.pyi", "pkeys/py.typed"):
+        assert required in names
+    assert any(n.startswith("pkeys/") and n.endswith("/vm_init.sh") for n in names), sorted(names)
+    sources = {str(p.relative_to(ROOT)) for p in (ROOT / "pkeys").rglob("*.py")}
+    assert sources <= names, f"modules missing from the wheel: {sorted(sources - names)}"
+
+
+@pytest.mark.slow
+def test_sdist_carries_the_license_and_the_c_sources(dist):
+    import tarfile
+
+    sdist = only(list(dist.glob("*.tar.gz")))
+    with tarfile.open(sdist) as archive:
+        names = {n.split("/", 1)[1] for n in archive.getnames() if "/" in n}
+    needed = {"LICENSE", "_build_ffi.py", "setup.py", "pyproject.toml", "pkeys/_pkeys_cffi.pyi",
+              "pkeys/py.typed"} | {str(p.relative_to(ROOT)) for p in SOURCES}
+    assert needed <= names, sorted(needed - names)
+
+
+@pytest.mark.slow
+def test_the_installed_wheel_runs_from_anywhere(dist, tmp_path):
+    wheel = only(list(dist.glob("*.whl")))
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                    "--disable-pip-version-check", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, text=True, timeout=120)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = "import pkeys, pkeys._binding as b; print(pkeys.__file__); print(b.lib.pk_arch_is_x86())"
+    result = run_isolated(["-c", code], elsewhere, site)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == str(site / "pkeys" / "__init__.py")
+    version = run_isolated(["-m", "pkeys", "--version"], elsewhere, site)
+    assert version.returncode == 0, version.stderr
+    assert version.stdout.strip() == f"pkeys {wheel.name.split('-')[1]}"

@@ -2,30 +2,52 @@
 
 from __future__ import annotations
 
+import argparse
+import ctypes
 import json
+import mmap
+import os
 import subprocess
 import sys
 
+import pytest
+
 import pkeys
+
+from . import _libc
 
 
 def run_pkeys(*args: str, **kwargs) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "pkeys", *args], capture_output=True, text=True, timeout=120, **kwargs
+        [sys.executable, "-m", "pkeys", *args], check=False, capture_output=True, text=True,
+        timeout=120, **kwargs
     )
 
 
-def test_doctor_reports_backend_and_exit_status():
+def test_doctor_exits_0_whenever_the_backend_works():
     result = run_pkeys("doctor")
-    expected = 0 if pkeys.hardware_supported() else 1
-    assert result.returncode == expected, result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     for heading in ("CPU", "PKU", "OSPKE", "kernel", "glibc", "backend", "PKRU", "allocated keys",
-                    "RLIMIT_MEMLOCK", "emulated PKU VM"):
+                    "locked memory", "RLIMIT_MEMLOCK", "threads", "emulated PKU VM"):
         assert heading in out, heading
+    assert f"the {pkeys.backend()} backend works" in out
     assert pkeys.backend_reason() in out
     if pkeys.backend() == "software":
         assert "process-wide" in out and "SEGV_ACCERR" in out
+
+
+def test_doctor_require_hardware_exits_1_without_pku():
+    result = run_pkeys("doctor", "--require-hardware")
+    assert result.returncode == (0 if pkeys.hardware_supported() else 1), result.stderr
+
+
+def test_doctor_exits_1_when_the_requested_backend_cannot_work():
+    env = dict(os.environ, PKEYS_BACKEND="no-such-backend")
+    result = run_pkeys("doctor", env=env)
+    assert result.returncode == 1
+    assert "NOT WORKING" in result.stdout and "no-such-backend" in result.stdout
+    assert "does NOT work" in result.stdout
 
 
 def test_doctor_json_matches_the_library():
@@ -40,11 +62,41 @@ def test_doctor_json_matches_the_library():
     assert int(report["pkru"]["value"], 16) == pkeys.rdpkru()
     assert len(report["pkru"]["keys"]) == 16
     assert "ready" in report["vm"]
+    assert report["backend"]["works"] is True and report["backend"]["failure"] is None
+
+
+def test_doctor_reports_this_process_locked_memory_limit_and_threads():
+    import resource
+    import threading
+
+    from pkeys import doctor
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    memory = mmap.mmap(-1, 4 * mmap.PAGESIZE)
+    span = (ctypes.c_void_p(_libc.address_of(memory)), ctypes.c_size_t(len(memory)))
+    stop = threading.Event()
+    worker = threading.Thread(target=stop.wait)
+    alone = doctor.collect()
+    worker.start()
+    try:
+        before = doctor.collect()
+        if libc.mlock(*span) != 0:
+            pytest.skip(f"mlock of 4 pages refused: {os.strerror(ctypes.get_errno())}")
+        locked = doctor.collect()
+        libc.munlock(*span)
+    finally:
+        stop.set()
+        worker.join()
+        memory.close()
+    assert locked["locked_memory"] - before["locked_memory"] == 4 * mmap.PAGESIZE
+    assert before["threads"] == alone["threads"] + 1
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    expected = {"soft": None if soft == resource.RLIM_INFINITY else soft,
+                "hard": None if hard == resource.RLIM_INFINITY else hard}
+    assert before["rlimit_memlock"] == expected
 
 
 def test_doctor_honours_the_backend_variable():
-    import os
-
     env = dict(os.environ, PKEYS_BACKEND="software")
     report = json.loads(run_pkeys("doctor", "--json", env=env).stdout)
     assert report["backend"]["name"] == "software"
@@ -52,13 +104,12 @@ def test_doctor_honours_the_backend_variable():
 
 
 def test_hardware_backend_requested_without_pku_fails_clearly_at_first_use():
-    import os
-
     if pkeys.hardware_supported():
         return
     env = dict(os.environ, PKEYS_BACKEND="hardware")
     code = "import pkeys\ntry:\n    pkeys.pkey_alloc()\nexcept pkeys.UnsupportedError as e:\n    print(e)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
+                            text=True, env=env)
     assert result.returncode == 0, result.stderr
     assert "PKEYS_BACKEND=hardware" in result.stdout and "unset it" in result.stdout
 
@@ -81,3 +132,29 @@ def test_vm_without_a_command_is_a_usage_error():
 
 def test_unknown_command_is_a_usage_error():
     assert run_pkeys("frobnicate").returncode == 2
+
+
+def test_version_is_the_package_version():
+    from importlib.metadata import version
+
+    result = run_pkeys("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"pkeys {pkeys.__version__}\n"
+    # pyproject.toml reads its version from pkeys.__version__: one source.
+    assert version("pkeys") == pkeys.__version__
+
+
+def test_every_subcommand_has_a_description():
+    from pkeys.__main__ import _parser
+
+    commands = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(commands.choices) == {"doctor", "demo", "vm", "bench"}
+    for name in commands.choices:
+        result = run_pkeys(name, "--help")
+        assert result.returncode == 0, result.stderr
+        # usage, a blank line, then the description (not straight to the options)
+        paragraphs = result.stdout.split("\n\n")
+        assert len(paragraphs) >= 3, result.stdout
+        description = paragraphs[1]
+        assert not description.startswith(("options:", "positional arguments:")), name
+        assert len(description.split()) >= 5, (name, description)

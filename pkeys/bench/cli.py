@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 
-from .. import _select
-from .._binding import ffi, lib
+from .._binding import ffi
 from . import contention, machine, report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="one value per case and short contention runs: checks that every "
-                             "case runs, not how fast")
+                             "case runs; its verdicts are indicative only")
     parser.add_argument("--rigorous", action="store_true", help="pyperf's rigorous mode (slow)")
     parser.add_argument("--processes", type=int, metavar="N",
                         help="pyperf worker processes per case (fewer is faster; each is a new "
@@ -32,53 +29,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="length of each contention run (default 1, 0.2 with --quick)")
 
 
-def _direct_cycles(quick: bool) -> dict[str, float]:
-    """TSC cycles per operation of the C loops, measured in this process."""
-    import mmap
+def _direct_cycles(quick: bool) -> tuple[dict[str, float], float | None]:
+    """TSC cycles per operation of the suite's C loops, run again in this
+    process, and the TSC's rate in GHz: ticks over nanoseconds of those
+    same loops (each loop reads both clocks)."""
+    from . import suite
 
-    n = 2_000 if quick else 200_000
-    slow = 200 if quick else 20_000
+    # At least as long as a pyperf value; far longer outside --quick.
+    scale = 1 if quick else 20
     result = ffi.new("struct pk_bench *")
-    page = mmap.mmap(-1, 64 * mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    pin = ffi.from_buffer(page)
-    address = int(ffi.cast("uintptr_t", pin))
-    ffi.release(pin)
     cycles: dict[str, float] = {}
-    key = None
+    total_ticks = total_ns = 0
     try:
-        hardware = _select.hardware_supported()
-        if hardware:
-            import pkeys
-
-            key = pkeys.Key(rights=0) if pkeys.backend() == "hardware" else None
-        loops: dict[str, Callable[[], int]] = {
-            "c/null_syscall/getppid": lambda: lib.pk_bench_null_syscall(n, result)
-        }
-        for pages in (1, 64):
-            for threads in (0, 3):
-                length = pages * mmap.PAGESIZE
-                loops[f"c/mprotect/{pages}page-{threads}threads"] = functools.partial(
-                    lib.pk_bench_mprotect, slow, address, length, -1, threads, result)
-                if key:
-                    loops[f"c/pkey_mprotect/{pages}page-{threads}threads"] = functools.partial(
-                        lib.pk_bench_mprotect, slow, address, length, key.pkey, threads, result)
-        if key:
-            loops["c/rdpkru/insn"] = lambda: lib.pk_bench_rdpkru(n, result)
-            loops["c/wrpkru/same"] = lambda: lib.pk_bench_wrpkru(n, 0, key.pkey, result)
-            loops["c/wrpkru/alternate"] = lambda: lib.pk_bench_wrpkru(n, 1, key.pkey, result)
-            loops["c/pkey_set/glibc"] = lambda: lib.pk_bench_glibc_pkey_set(n, key.pkey, result)
-        for name, loop in loops.items():
-            if loop() == 0 and result.iterations and result.cycles:
+        for name, (run, minimum) in suite.C_LOOPS.items():
+            if suite.CASES[name][0] and not suite.HARDWARE:
+                continue
+            if run(minimum * scale, result) == 0 and result.iterations and result.cycles:
                 cycles[name] = result.cycles / result.iterations
-        if key:
-            import pkeys
-
-            pkeys.pkey_mprotect(page, None, mmap.PROT_READ | mmap.PROT_WRITE, 0)
+                total_ticks += result.cycles
+                total_ns += result.nanoseconds
     finally:
-        if key:
-            key.close()
-        page.close()
-    return cycles
+        suite.release_cached()
+    return cycles, (total_ticks / total_ns if total_ns else None)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -110,22 +82,24 @@ def main(args: argparse.Namespace) -> int:
         print("running the pyperf suite (" + ("quick" if args.quick else mode[0].lstrip("-")) + ")...",
               file=sys.stderr, flush=True)
         # pyperf prints a line per case on stdout; keep stdout for the table.
-        completed = subprocess.run(command, stdout=sys.stderr)
+        completed = subprocess.run(command, check=False, stdout=sys.stderr)
         if completed.returncode != 0:
             print("pkeys bench: the pyperf suite failed", file=sys.stderr)
             return 1
         suite = pyperf.BenchmarkSuite.load(raw)
 
     print("measuring TSC cycles of the C loops and mm-lock contention...", file=sys.stderr, flush=True)
-    cycles = _direct_cycles(args.quick)
+    cycles, tsc_ghz = _direct_cycles(args.quick)
     seconds = args.contention_seconds or (0.2 if args.quick else 1.0)
     samples = contention.run(seconds=seconds)
     results = report.Results(
         machine=about,
-        ns_per_op={b.get_name(): b.mean() * 1e9 for b in suite.get_benchmarks()},
+        timings={b.get_name(): report.Timing.of(b.get_values()) for b in suite.get_benchmarks()},
         cycles_per_op=cycles,
         contention=samples,
         case_names=list(CASES),
+        tsc_ghz=tsc_ghz,
+        quick=args.quick,
     )
     print(report.table(results))
     if args.output:
@@ -138,6 +112,8 @@ def main(args: argparse.Namespace) -> int:
             }
             if benchmark.get_name() in cycles:
                 extra["pkeys_tsc_cycles_per_op"] = f"{cycles[benchmark.get_name()]:.1f}"
+            if tsc_ghz:
+                extra["pkeys_tsc_ghz"] = f"{tsc_ghz:.3f}"
             benchmark.update_metadata(extra)
         for sample in samples:
             run = pyperf.Run(

@@ -4,7 +4,8 @@ in other threads.
 ``pkey_mprotect`` (like ``mprotect``) takes the mm lock for write, so while
 one thread flips a region's access that way, threads that page-fault (and
 take the same lock for read) stall.  ``WRPKRU`` changes only the flipping
-thread's register and takes no lock at all.  The workers run in C
+thread's register and takes no lock at all.  A revocation (``Key.revoke``)
+takes no mm lock either, but interrupts every thread with a signal.  The workers run in C
 (pthreads: Python threads would serialise on the GIL): each maps 64 fresh
 pages, touches every one, unmaps them, and repeats.
 """
@@ -21,6 +22,7 @@ MODES = {
     "none": lib.PK_FLIP_NONE,
     "pkey_mprotect": lib.PK_FLIP_PKEY_MPROTECT,
     "wrpkru": lib.PK_FLIP_WRPKRU,
+    "revoke": lib.PK_FLIP_REVOKE,
 }
 
 
@@ -69,7 +71,7 @@ def run(*, seconds: float = 1.0, flips_per_second: int = 10_000) -> list[Sample]
     key = pkeys.Key(rights=0) if hardware_supported() and pkeys.backend() == "hardware" else None
     try:
         pkey = key.pkey if key else -1
-        modes = ["none", "pkey_mprotect"] + (["wrpkru"] if key else [])
+        modes = ["none", "pkey_mprotect"] + (["wrpkru", "revoke"] if key else [])
         for workers in worker_counts():
             baseline = None
             for mode in modes:

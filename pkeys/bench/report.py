@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,10 +18,20 @@ TARGETS = [
     ("pkeys.pkey_get <= 1.5x cffi no-op", "pkeys/pkey_get/safe", FLOOR, "<=", 1.5),
     ("pkeys.pkey_set (same value) <= 1.5x cffi no-op", "pkeys/pkey_set/same", FLOOR, "<=", 1.5),
     ("pkeys.pkey_set (toggling) <= 1.5x cffi no-op", "pkeys/pkey_set/toggle", FLOOR, "<=", 1.5),
-    ("Key.allow() enter+exit <= 3x cffi no-op", "pkeys/allow/key", FLOOR, "<=", 3.0),
+    ("pkeys.pkey_get(Key) <= 1.5x cffi no-op", "pkeys/pkey_get/key", FLOOR, "<=", 1.5),
+    ("pkeys.pkey_set(Key, same) <= 1.5x cffi no-op", "pkeys/pkey_set/key-same", FLOOR, "<=", 1.5),
     ("ctypes pkey_set >= 3x pkeys.pkey_set", "ctypes/pkey_set/glibc", "pkeys/pkey_set/toggle", ">=", 3.0),
     ("software pkey_set (1 region) <= 1.3x raw mprotect", "software/pkey_set/1region",
      "software/mprotect/raw", "<=", 1.3),
+]
+
+# (description, case, [(case, times) subtracted], bound): the Python-level
+# overhead of a round trip beyond the register writes it makes, in no-ops.
+OVERHEAD_TARGETS = [
+    ("Key.allow() round trip beyond 2 WRPKRU <= 2x cffi no-op", "pkeys/allow/key",
+     [("c/wrpkru/alternate", 2)], 2.0),
+    ("unlocked() round trip (hot buffer) beyond 2 WRPKRU <= 2x cffi no-op",
+     "pkeys/unlocked/hot", [("c/wrpkru/alternate", 2)], 2.0),
 ]
 
 # syscall / instruction pairs: what the 2016 debate was about
@@ -38,18 +50,83 @@ RATIOS = [
 ]
 
 
+@dataclass(frozen=True)
+class Timing:
+    """One case's pyperf values, in ns per operation: the median and the
+    quartiles around it (all three equal for a single value)."""
+
+    median: float
+    low: float
+    high: float
+    values: int
+
+    @classmethod
+    def of(cls, seconds: Sequence[float]) -> Timing:
+        ns = sorted(value * 1e9 for value in seconds)
+        if len(ns) == 1:
+            return cls(ns[0], ns[0], ns[0], 1)
+        low, median, high = statistics.quantiles(ns, n=4, method="inclusive")
+        return cls(median, low, high, len(ns))
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """numerator / denominator, from the medians, with the range that the
+    two cases' quartiles allow at the extremes."""
+
+    value: float
+    low: float
+    high: float
+    single_values: bool  # one value per case: no spread to speak of
+
+    def verdict(self, comparison: str, bound: float) -> str:
+        met = self.value <= bound if comparison == "<=" else self.value >= bound
+        text = f"{self.value:5.2f}x "
+        if not self.single_values:
+            text += f"({self.low:.2f}-{self.high:.2f}) "
+        text += "met" if met else "MISSED"
+        if self.single_values:
+            text += " (indicative)"
+        elif self.low <= bound <= self.high:
+            text += " (the spread crosses the bound)"
+        return text
+
+
 @dataclass
 class Results:
     machine: dict[str, Any]
-    ns_per_op: dict[str, float]  # pyperf means, in ns
+    timings: dict[str, Timing]  # from the pyperf values
     cycles_per_op: dict[str, float]  # direct TSC measurements of the C loops
     contention: list[Sample]
     case_names: list[str]  # every case the suite defines, run or not
+    tsc_ghz: float | None = None  # TSC ticks per ns, measured over the C loops
+    quick: bool = False
 
-    def ratio(self, numerator: str, denominator: str) -> float | None:
-        if numerator in self.ns_per_op and denominator in self.ns_per_op:
-            return self.ns_per_op[numerator] / self.ns_per_op[denominator]
-        return None
+    @property
+    def ns_per_op(self) -> dict[str, float]:
+        """The medians."""
+        return {name: timing.median for name, timing in self.timings.items()}
+
+    def overhead(self, name: str, subtracted: list[tuple[str, int]]) -> Ratio | None:
+        """(name - the subtracted cases) / the cffi no-op, from the medians,
+        with the range the quartiles allow."""
+        needed = [name, FLOOR, *(case for case, _ in subtracted)]
+        if any(case not in self.timings for case in needed):
+            return None
+        top, floor = self.timings[name], self.timings[FLOOR]
+        minus = [(self.timings[case], times) for case, times in subtracted]
+        median = top.median - sum(t.median * times for t, times in minus)
+        low = top.low - sum(t.high * times for t, times in minus)
+        high = top.high - sum(t.low * times for t, times in minus)
+        single = any(t.values == 1 for t in (top, floor, *(t for t, _ in minus)))
+        return Ratio(median / floor.median, low / floor.high, high / floor.low, single)
+
+    def ratio(self, numerator: str, denominator: str) -> Ratio | None:
+        if numerator not in self.timings or denominator not in self.timings:
+            return None
+        top, bottom = self.timings[numerator], self.timings[denominator]
+        return Ratio(top.median / bottom.median, top.low / bottom.high, top.high / bottom.low,
+                     top.values == 1 or bottom.values == 1)
 
 
 def _ns(value: float) -> str:
@@ -58,46 +135,90 @@ def _ns(value: float) -> str:
     return f"{value:,.1f} ns"
 
 
+def _ns_range(low: float, high: float) -> str:
+    if high >= 10_000:
+        return f"{low / 1000:,.1f}-{high / 1000:,.1f} us"
+    return f"{low:,.1f}-{high:,.1f} ns"
+
+
 def table(results: Results) -> str:
     m = results.machine
     lines = [
-        f"pkeys bench on {m['cpu_model']} (PKU {'yes' if m['pku'] else 'no'}, "
-        f"OSPKE {'yes' if m['ospke'] else 'no'}), Linux {m['kernel']}, Python {m['python']}",
+        (f"pkeys bench on {m['cpu_model']} (PKU {'yes' if m['pku'] else 'no'}, "
+         f"OSPKE {'yes' if m['ospke'] else 'no'}), Linux {m['kernel']}, Python {m['python']}"),
     ]
     if m["emulated"]:
         lines.append(
             "!! EMULATED CPU (QEMU TCG): these timings are NOT hardware numbers; "
             "only the semantics are real."
         )
-    floor = results.ns_per_op.get(FLOOR)
+    if results.tsc_ghz:
+        lines.append(
+            f"TSC {results.tsc_ghz:.3f} GHz, measured (ticks per ns over the C loops): the "
+            "cycles column counts these constant-rate ticks, not core clock cycles"
+        )
+    counts = sorted({timing.values for timing in results.timings.values()})
+    if results.quick or counts == [1]:
+        lines.append("--quick: one value per case, so no spread; every verdict is indicative only")
+    elif counts:
+        lines.append(f"time/op: median of {'-'.join(map(str, (counts[0], counts[-1])))} pyperf "
+                     "values per case; IQR: the middle half of them")
+    floor = results.timings.get(FLOOR)
     lines.append("")
-    lines.append(f"{'case':<40} {'time/op':>12} {'x cffi no-op':>13} {'TSC cycles/op':>14}")
+    lines.append(f"{'case':<40} {'time/op':>12} {'IQR':>19} {'x cffi no-op':>13} "
+                 f"{'TSC cycles/op':>14}")
+    disagreeing = []
     for name in results.case_names:
-        if name not in results.ns_per_op:
+        timing = results.timings.get(name)
+        if timing is None:
             lines.append(f"{name:<40} {NO_PKU:>12}")
             continue
-        ns = results.ns_per_op[name]
-        relative = f"{ns / floor:,.2f}x" if floor else "-"
+        relative = f"{timing.median / floor.median:,.2f}x" if floor else "-"
+        spread = _ns_range(timing.low, timing.high) if timing.values > 1 else ""
         cycles = results.cycles_per_op.get(name)
+        cycles_text = f"{cycles:,.1f}" if cycles is not None else ""
+        if cycles is not None and results.tsc_ghz and not (
+            0.5 <= cycles / (timing.median * results.tsc_ghz) <= 2.0
+        ):
+            cycles_text += " !"
+            disagreeing.append(name)
         lines.append(
-            f"{name:<40} {_ns(ns):>12} {relative:>13} "
-            f"{(f'{cycles:,.1f}' if cycles is not None else ''):>14}"
+            f"{name:<40} {_ns(timing.median):>12} {spread:>19} {relative:>13} {cycles_text:>14}"
+        )
+    if disagreeing:
+        lines.append(
+            "  ! cycles/op and time/op x TSC GHz differ by more than 2x: they come from "
+            "separate runs (the cycles from this process, the time from pyperf's workers), "
+            "and one of them was disturbed; run again"
         )
     lines.append("")
     lines.append("syscall / instruction")
     for label, numerator, denominator in RATIOS:
-        value = results.ratio(numerator, denominator)
-        lines.append(f"  {label:<58} {f'{value:,.1f}x' if value else NO_PKU:>12}")
+        ratio = results.ratio(numerator, denominator)
+        lines.append(f"  {label:<58} {f'{ratio.value:,.1f}x' if ratio else NO_PKU:>12}")
     lines.append("")
-    lines.append("targets (ratios measured side by side in this run)")
+    lines.append("targets (median ratios measured side by side in this run, with the range "
+                 "the quartiles allow)")
     for label, numerator, denominator, comparison, bound in TARGETS:
-        value = results.ratio(numerator, denominator)
-        if value is None:
-            verdict = NO_PKU
-        else:
-            met = value <= bound if comparison == "<=" else value >= bound
-            verdict = f"{value:5.2f}x  {'met' if met else 'MISSED'}"
+        ratio = results.ratio(numerator, denominator)
+        verdict = NO_PKU if ratio is None else ratio.verdict(comparison, bound)
         lines.append(f"  {label:<58} {verdict:>12}")
+    for label, name, subtracted, bound in OVERHEAD_TARGETS:
+        overhead = results.overhead(name, subtracted)
+        verdict = NO_PKU if overhead is None else overhead.verdict("<=", bound)
+        lines.append(f"  {label:<58} {verdict:>12}")
+    revocations = [(threads, results.timings.get(f"c/revoke/{threads}threads"),
+                    results.timings.get(f"c/pkey_mprotect/1page-{threads}threads"))
+                   for threads in (1, 2, 4, 8, 16, 64)]
+    if any(revoke for _, revoke, _ in revocations):
+        lines.append("")
+        lines.append("rights for every thread: Key.revoke() vs re-tagging one page with "
+                     "pkey_mprotect (C, medians)")
+        lines.append(f"  {'threads':>7} {'revoke':>12} {'pkey_mprotect':>14} {'revoke/mprotect':>16}")
+        for threads, revoke, retag in revocations:
+            if revoke and retag:
+                lines.append(f"  {threads:>7} {_ns(revoke.median):>12} {_ns(retag.median):>14} "
+                             f"{revoke.median / retag.median:>15.1f}x")
     if results.contention:
         lines.append("")
         lines.append("page-fault throughput while one thread flips access "
@@ -133,8 +254,9 @@ def plot(results: Results, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in results.case_names if n in results.ns_per_op]
-    values = [results.ns_per_op[n] for n in names]
+    medians = results.ns_per_op
+    names = [n for n in results.case_names if n in medians]
+    values = [medians[n] for n in names]
     colors = {"c": "#4c72b0", "baseline": "#8c8c8c", "pkeys": "#55a868", "glibc": "#c44e52",
               "ctypes": "#dd8452", "software": "#8172b3"}
     figure, (bars, lines) = plt.subplots(
@@ -148,7 +270,7 @@ def plot(results: Results, path: str) -> None:
         title += " - EMULATED, not hardware timings"
     bars.set_title(title, fontsize=9)
     bars.tick_params(axis="y", labelsize=7)
-    for mode, style in (("pkey_mprotect", "o-"), ("wrpkru", "s-")):
+    for mode, style in (("pkey_mprotect", "o-"), ("wrpkru", "s-"), ("revoke", "^-")):
         points = sorted((s.workers, s.relative) for s in results.contention if s.mode == mode)
         if points:
             lines.plot([p[0] for p in points], [p[1] for p in points], style,

@@ -22,6 +22,7 @@ import ctypes.util
 import mmap
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pyperf
 
@@ -33,12 +34,22 @@ HARDWARE = pkeys.hardware_supported() and pkeys.backend() == "hardware"
 PAGE = mmap.PAGESIZE
 SYS_PKEY_MPROTECT = 329
 
-# name -> (needs PKU, time function(loops) -> seconds)
-CASES: dict[str, tuple[bool, Callable[[int], float]]] = {}
+# pyperf's time function: loops -> seconds for that many operations
+TimeFunction = Callable[[int], float]
+
+# name -> (needs PKU, time function)
+CASES: dict[str, tuple[bool, TimeFunction]] = {}
+
+# A C loop shorter than this is dominated by the two clock reads around it
+# and by the first, cold iteration: with pyperf's single-loop --quick values
+# a null syscall read 2,185 ns instead of ~200.
+MIN_C_ITERATIONS = 10_000
+# The same for calls from Python, whose first calls also warm caches.
+MIN_PYTHON_CALLS = 1_000
 
 
-def case(name: str, needs_pku: bool = False):  # type: ignore[no-untyped-def]
-    def register(function: Callable[[int], float]) -> Callable[[int], float]:
+def case(name: str, needs_pku: bool = False) -> Callable[[TimeFunction], TimeFunction]:
+    def register(function: TimeFunction) -> TimeFunction:
         CASES[name] = (needs_pku, function)
         return function
 
@@ -92,51 +103,100 @@ def _page(name: str, pages: int = 1) -> tuple[mmap.mmap, int]:
 
 # ---- C-level loops ---------------------------------------------------------
 
-def _c_loop(run: Callable[[int, object], int]) -> Callable[[int], float]:
+# run(iterations, struct pk_bench *) -> status
+CRun = Callable[[int, Any], int]
+
+# name -> (run, minimum iterations).  pyperf times these in its workers;
+# `pkeys bench` runs the very same loops again in its own process for the
+# TSC cycles, so both columns measure one code path on the same memory.
+C_LOOPS: dict[str, tuple[CRun, int]] = {}
+
+
+def _c_loop(run: CRun, minimum: int = MIN_C_ITERATIONS) -> TimeFunction:
     def time_it(loops: int) -> float:
         result = ffi.new("struct pk_bench *")
-        status = run(loops, result)
+        iterations = max(loops, minimum)
+        status = run(iterations, result)
         if status:
             raise RuntimeError(f"C loop failed with status {status}, errno {ffi.errno}")
-        return result.nanoseconds / 1e9
+        # What `loops` operations took, at the rate of the longer run.
+        return float(result.nanoseconds) / 1e9 * loops / iterations
 
     return time_it
 
 
-case("c/rdpkru/insn", True)(_c_loop(lambda n, r: lib.pk_bench_rdpkru(n, r)))
-case("c/wrpkru/same", True)(_c_loop(lambda n, r: lib.pk_bench_wrpkru(n, 0, _hardware_key(), r)))
-case("c/wrpkru/alternate", True)(_c_loop(lambda n, r: lib.pk_bench_wrpkru(n, 1, _hardware_key(), r)))
-case("c/pkey_set/glibc", True)(_c_loop(lambda n, r: lib.pk_bench_glibc_pkey_set(n, _hardware_key(), r)))
-case("c/null_syscall/getppid")(_c_loop(lambda n, r: lib.pk_bench_null_syscall(n, r)))
+def c_case(name: str, run: CRun, *, needs_pku: bool = False,
+           minimum: int = MIN_C_ITERATIONS) -> None:
+    C_LOOPS[name] = (run, minimum)
+    case(name, needs_pku)(_c_loop(run, minimum))
+
+
+c_case("c/rdpkru/insn", lambda n, r: lib.pk_bench_rdpkru(n, r), needs_pku=True)
+c_case("c/wrpkru/same", lambda n, r: lib.pk_bench_wrpkru(n, 0, _hardware_key(), r), needs_pku=True)
+c_case("c/wrpkru/alternate", lambda n, r: lib.pk_bench_wrpkru(n, 1, _hardware_key(), r),
+       needs_pku=True)
+c_case("c/pkey_set/glibc", lambda n, r: lib.pk_bench_glibc_pkey_set(n, _hardware_key(), r),
+       needs_pku=True)
+c_case("c/null_syscall/getppid", lambda n, r: lib.pk_bench_null_syscall(n, r))
+
+
+def _mprotect_loop(pkey: Callable[[], int], pages: int, threads: int) -> CRun:
+    def run(n: int, result: Any) -> int:
+        _, address = _page(f"toggle{pages}", pages)
+        return lib.pk_bench_mprotect(n, address, pages * PAGE, pkey(), threads, result)
+
+    return run
+
 
 for _pages in (1, 64):
     for _threads in (0, 3):
-        def _mprotect_case(pkey_fn: Callable[[], int], pages: int = _pages, threads: int = _threads):
-            def run(n: int, result: object) -> int:
-                _, address = _page(f"toggle{pages}", pages)
-                return lib.pk_bench_mprotect(n, address, pages * PAGE, pkey_fn(), threads, result)
+        # A protection change costs microseconds: fewer iterations suffice.
+        c_case(f"c/pkey_mprotect/{_pages}page-{_threads}threads",
+               _mprotect_loop(_hardware_key, _pages, _threads), needs_pku=True,
+               minimum=MIN_C_ITERATIONS // 10)
+        c_case(f"c/mprotect/{_pages}page-{_threads}threads",
+               _mprotect_loop(lambda: -1, _pages, _threads), minimum=MIN_C_ITERATIONS // 10)
 
-            return _c_loop(run)
 
-        case(f"c/pkey_mprotect/{_pages}page-{_threads}threads", True)(_mprotect_case(_hardware_key))
-        case(f"c/mprotect/{_pages}page-{_threads}threads")(_mprotect_case(lambda: -1))
+# Rights for every thread at once (Key.revoke) against re-tagging the memory,
+# the alternative users would reach for, with as many other threads alive.
+REVOCATION_THREADS = (1, 2, 4, 8, 16, 64)
+for _threads in REVOCATION_THREADS:
+    c_case(f"c/revoke/{_threads}threads",
+           (lambda t: lambda n, r: lib.pk_bench_revoke(n, _hardware_key(), t, r))(_threads),
+           needs_pku=True, minimum=100)
+    if _threads not in (0, 3):
+        c_case(f"c/pkey_mprotect/1page-{_threads}threads",
+               _mprotect_loop(_hardware_key, 1, _threads), needs_pku=True,
+               minimum=MIN_C_ITERATIONS // 10)
 
 
 # ---- Python-level cases ------------------------------------------------------
 
-def _timed(body: Callable[[], object]) -> Callable[[int], float]:
+def _timed(body: Callable[[], object]) -> TimeFunction:
     """Time ``loops`` calls of ``body`` (with a 10x unrolled inner loop so
     that the for-loop itself weighs little)."""
 
     def time_it(loops: int) -> float:
         call = body
-        outer = range(max(1, loops // 10))
+        outer = range(max(MIN_PYTHON_CALLS, loops) // 10)
         start = time.perf_counter()
         for _ in outer:
             call(); call(); call(); call(); call(); call(); call(); call(); call(); call()  # noqa: E702
         return (time.perf_counter() - start) * loops / (len(outer) * 10)
 
     return time_it
+
+
+def _at_least(time_it: TimeFunction) -> TimeFunction:
+    """``time_it`` run for at least MIN_PYTHON_CALLS operations, its time
+    scaled back to the ``loops`` asked for."""
+
+    def scaled(loops: int) -> float:
+        calls = max(MIN_PYTHON_CALLS, loops)
+        return time_it(calls) * loops / calls
+
+    return scaled
 
 
 def _python_noop() -> None:
@@ -182,10 +242,10 @@ def _rdpkru(loops: int) -> float:
     return _timed(pkeys.rdpkru)(loops)
 
 
-def _two_key_toggle(set_: Callable[[int, int], object], key: int) -> Callable[[int], float]:
+def _two_key_toggle(set_: Callable[[int, int], object], key: int) -> TimeFunction:
     # Alternate rights so every call writes the register.
     def time_it(loops: int) -> float:
-        pairs = range(max(1, loops // 2))
+        pairs = range(max(MIN_PYTHON_CALLS, loops) // 2)
         start = time.perf_counter()
         for _ in pairs:
             set_(key, 1)
@@ -335,7 +395,7 @@ def _ctypes_mprotect(loops: int) -> float:
                 raise OSError(ctypes.get_errno(), "pkey_mprotect failed")
         return time.perf_counter() - start
 
-    return time_it(loops)
+    return _at_least(time_it)(loops)
 
 
 @case("pkeys/pkey_mprotect/safe", True)
@@ -351,7 +411,7 @@ def _safe_mprotect(loops: int) -> float:
             protect(memory, None, prots[i & 1], key)
         return time.perf_counter() - start
 
-    return time_it(loops)
+    return _at_least(time_it)(loops)
 
 
 def _software_set(loops: int) -> float:
@@ -385,7 +445,7 @@ def _raw_mprotect(loops: int) -> float:
             mprotect(address, PAGE, prots[i & 1])
         return time.perf_counter() - start
 
-    return time_it(loops)
+    return _at_least(time_it)(loops)
 
 
 def main() -> None:
