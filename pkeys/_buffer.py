@@ -136,7 +136,7 @@ def _raise(status: int) -> None:
 def _call(function: Any, *args: object) -> int:
     """``function(*args, pins)``, pinning foreign owners when the software
     backend asks (only a shared ``key=`` can guard foreign memory)."""
-    status = function(*args, 0)
+    status: int = function(*args, 0)
     if status == _NEED_PINS:
         status = _state.call_pinned(function, *args)
     if status < 0:

@@ -292,7 +292,7 @@ def test_uses_racing_with_close_get_errors_never_freed_memory():
         buffer.write(content(1))
         outcomes: list[str] = []
 
-        def user(buffer: pkeys.ProtectedBuffer = buffer) -> None:
+        def user(buffer: pkeys.ProtectedBuffer = buffer, outcomes: list[str] = outcomes) -> None:
             out = bytearray(16)
             for _ in range(200):
                 try:
