@@ -22,6 +22,8 @@ SOURCES = [
     f"{CSRC}/guard.c",
     f"{CSRC}/secret.c",
     f"{CSRC}/bench.c",
+    f"{CSRC}/secretmem.c",
+    f"{CSRC}/virtual.c",
 ]
 HEADERS = [f"{CSRC}/pkeys_api.h", f"{CSRC}/pkeys_internal.h"]
 

@@ -188,3 +188,56 @@ int pk_bench_contention(int workers, int flip_mode, int pkey, uint32_t flips_per
 #define PK_FLIP_WRPKRU 2
 #define PK_FLIP_REVOKE 3
 int pk_bench_revoke(uint64_t n, int pkey, int idle_threads, struct pk_bench *out);
+
+/* ---- secretmem.c, virtual.c: the memory under protected buffers, and
+ * virtual keys (any number of buffers on 15 hardware keys) ------------- */
+#define PK_E_NOT_INHERITED -20 /* a secretmem buffer used in a forked child */
+#define PK_E_ALL_KEYS_BUSY -21 /* every pool key's buffer is in use right now */
+
+/* What a forked child has of a buffer's pages. */
+#define PK_INHERIT_ZEROS 0     /* anonymous with MADV_WIPEONFORK: zeros, canary too */
+#define PK_INHERIT_NONE 1      /* secretmem with MADV_DONTFORK: nothing mapped */
+#define PK_INHERIT_COPY 2      /* anonymous without WIPEONFORK (kernel < 4.14) */
+
+#define PK_VKEYS_DEFAULT_LIMIT 8 /* hardware keys the pool may take; the rest stay free */
+
+int pk_secretmem_probe(void);
+int pk_secretmem_map(uintptr_t addr, size_t len);
+int pk_mseal_available(void);
+int pk_mseal(uintptr_t addr, size_t len);
+int pk_mlock_onfault(uintptr_t addr, size_t len);
+size_t pk_wipe_touched(uintptr_t addr, size_t len);
+uint32_t pk_fork_generation(void);
+
+struct pk_vbuf;
+struct pk_vbuf *pk_vbuf_new(uintptr_t inner, size_t inner_length, int pkey, uint32_t identity,
+                            int inherit);
+void pk_vbuf_detach(struct pk_vbuf *b);
+void pk_vbuf_destroy(struct pk_vbuf *b);
+int64_t pk_vbuf_enter(struct pk_vbuf *b, int kind, uint64_t pins);
+int pk_vbuf_exit(struct pk_vbuf *b, int kind, int64_t token, uint64_t pins);
+int pk_vbuf_copy(struct pk_vbuf *b, uintptr_t dst, uintptr_t src, size_t len, int kind,
+                 int internal, uint64_t pins);
+int pk_vbuf_equal(struct pk_vbuf *b, uintptr_t addr, const unsigned char *expected, size_t len,
+                  uint64_t pins);
+int64_t pk_vbuf_wipe(struct pk_vbuf *b, uintptr_t addr, size_t len, int touched_only,
+                     uint64_t pins);
+int64_t pk_vbuf_read(struct pk_vbuf *b, int fd, uintptr_t dst, size_t len, int stop_at_newline,
+                     uint64_t pins);
+int pk_vbuf_close(struct pk_vbuf *b);
+void pk_vbuf_reopen(struct pk_vbuf *b);
+int pk_vbuf_users(const struct pk_vbuf *b);
+int pk_vbuf_pkey(const struct pk_vbuf *b);
+int pk_vbuf_forked(const struct pk_vbuf *b);
+
+struct pk_vkeys_stats {
+    int limit;              /* the most keys the pool may take */
+    int keys;               /* keys it holds now */
+    int held;               /* of those, keys a buffer holds */
+    uint32_t mask;          /* bit k: key k is the pool's */
+    uint64_t assignments;   /* cold opens: a buffer took a key */
+    uint64_t evictions;     /* of those, ones that took it from another buffer */
+};
+int pk_vkeys_limit(int limit);
+int pk_vkeys_release_idle(void);
+void pk_vkeys_stats(struct pk_vkeys_stats *out);

@@ -17,7 +17,7 @@ from __future__ import annotations
 from . import glibc as glibc
 from . import pkru as pkru
 from . import sys as sys
-from ._buffer import ProtectedBuffer, Unlocked
+from ._buffer import ProtectedBuffer, Unlocked, virtual_key_limit, virtual_key_stats
 from ._errors import (
     ArgumentError,
     BufferCorruptedError,
@@ -44,6 +44,7 @@ from ._api import (
     wrpkru,
 )
 from ._key import Key, Scope, allow
+from ._prompt import prompt
 from ._rights import (
     PKEY_DISABLE_ACCESS,
     PKEY_DISABLE_WRITE,
@@ -84,6 +85,9 @@ __all__ = [
     "Scope",
     "ProtectedBuffer",
     "Unlocked",
+    "prompt",
+    "virtual_key_limit",
+    "virtual_key_stats",
     "allow",
     "probe",
     "Fault",

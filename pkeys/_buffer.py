@@ -1,111 +1,174 @@
 """``ProtectedBuffer``: memory for secrets that the rest of the program
-cannot read or overwrite by accident, even from another thread.
+cannot read or overwrite by accident, even from another thread, and that
+the kernel's remote accesses cannot read either where it offers secret
+memory.
 
 The lifecycle, after libsodium's ``sodium_malloc`` and memguard:
 
 Creation
-  1. Map ``2 + n`` anonymous *private* pages as one Python ``mmap`` (CPython
-     counts the buffer exports of an mmap; that is how ``close()`` knows
-     whether a view is still alive).
-  2. Make the first and last page ``PROT_NONE`` guards.
-  3. Place the data at the very end of the inner pages, so the byte after
+  1. Reserve ``2 + n`` anonymous *private* pages as one Python ``mmap``.
+     CPython counts the buffer exports of an mmap; that is how ``close()``
+     knows whether a view is still alive, whatever backs the pages inside.
+  2. Back the inner ``n`` pages with ``memfd_secret`` where the kernel
+     offers it (``secretmem=None``, the default, or ``True``): a fresh
+     secret file mapped over them, ``MAP_SHARED | MAP_FIXED``, so that they
+     sit exactly between the guards.  Those pages leave the kernel's direct
+     map: ``/proc/PID/mem`` and ``process_vm_readv`` cannot read them.
+     When RLIMIT_MEMLOCK refuses them, the pages stay anonymous and a
+     ``MemoryLockWarning`` says so (``secretmem=True`` raises instead).
+  3. Make the first and last page ``PROT_NONE`` guards.
+  4. Place the data at the very end of the inner pages, so the byte after
      it is in the trailing guard page and an overrun faults at once.  A
      random canary sits just before the data and catches underruns.
-  4. ``mlock`` the inner pages so they never reach swap; best effort: when
-     ``RLIMIT_MEMLOCK`` refuses, ``locked`` is False and a warning says so.
-  5. ``MADV_DONTDUMP`` keeps them out of core dumps, and
-     ``MADV_WIPEONFORK`` makes a forked child see zeros.
-  6. Tag the inner pages with the buffer's key (its own, allocated with
-     access disabled, unless a shared ``key=`` is given).  From here on no
-     thread can touch them without opening the key.
-  7. Register a label so that an unguarded fault names the buffer.
+  5. Lock the inner pages so they never reach swap: secretmem pages are
+     locked by the kernel; anonymous ones with ``mlock2(MLOCK_ONFAULT)``,
+     which locks each page when it is first touched and so never commits
+     untouched ones.  Best effort: when RLIMIT_MEMLOCK refuses, ``locked``
+     is False and a warning says so.
+  6. ``MADV_DONTDUMP`` keeps them out of core dumps.  Anonymous pages get
+     ``MADV_WIPEONFORK`` (a forked child sees zeros); secretmem pages, which
+     refuse it, get ``MADV_DONTFORK`` (a forked child has none: using the
+     buffer there raises PkeysError).
+  7. Give the buffer its key.  With ``key=`` (or ``seal=True``) the inner
+     pages are tagged with that key, whose access is disabled.  Otherwise
+     the buffer has a *virtual key* (``csrc/virtual.c``): its pages are
+     ``PROT_NONE`` until it is used, and each use borrows one of a pool of
+     hardware keys, evicting the least recently used idle buffer.  From
+     here on no thread can touch the pages without opening the buffer.
+  8. Register a label so that an unguarded fault names the buffer.
+  9. With ``seal=True``, ``mseal`` the whole range: nobody can re-key,
+     ``mprotect``, move or unmap it again, the buffer included.
 
 Access
-  ``unlocked()`` opens the key (this thread only, on hardware) for a
-  block and yields a memoryview that is released on exit.  ``readinto``
-  and ``write`` copy in C with access open only for the copy.  Each of
-  them holds one *use* of the buffer (an atomic count in C) while it runs.
+  ``unlocked()`` opens the buffer (this thread only, on hardware) for a
+  block and yields a memoryview that is released on exit.  ``readinto``,
+  ``write`` and ``read_from`` copy in C with access open only for the
+  copy.  Each of them holds one *use* of the buffer (an atomic count in C)
+  while it runs; a buffer in use keeps its key.
 
 Close (also run by the finalizer)
   1. Refuse, with BufferError, while a view is still exported or another
      thread or task is using the buffer; otherwise mark it closed in the
      same atomic step, so that no new use can begin.
-  2. Check the canary, remembering a mismatch.
-  3. Wipe every inner byte with a write the compiler cannot drop.
-  4. ``munlock``, unregister the label, forget the region, unmap.
+  2. Check the canary (in C, in constant time), remembering a mismatch.
+     In a forked child it is skipped: WIPEONFORK zeroed it, or the pages
+     were never inherited.
+  3. Wipe every page that was ever touched (``pk_wipe_touched``), with a
+     write the compiler cannot drop.  Untouched pages hold nothing, and
+     writing them would commit them (1 GiB for a 1 GiB buffer).
+  4. ``munlock``, unregister the label, give back the virtual key (pages
+     ``PROT_NONE``, key freed) or forget the region, unmap.
   5. Free the key if the buffer owns it.
   6. Only then report a canary mismatch, as BufferCorruptedError.
 
   A buffer collected while a view of it escaped (a numpy array made in
-  ``unlocked()`` and kept) is wiped and unlocked at once; the last view
-  unmaps the memory when it goes, and the key is freed then.
+  ``unlocked()`` and kept) is wiped at once; the last view unmaps the
+  memory when it goes.  A sealed buffer is wiped and stays mapped, with
+  its key, for the rest of the process.
 """
 
 from __future__ import annotations
 
-import hmac
+import errno
 import mmap
 import os
+import stat
 import warnings
 import weakref
 from types import TracebackType
 from typing import Any
 
-from . import _api, _state
+from . import _api, _secretmem, _state
 from ._binding import ffi, lib
-from ._errors import ArgumentError, BufferCorruptedError, MemoryLockWarning
-from ._key import Key, scope_handle
+from ._errors import (
+    ArgumentError,
+    BufferCorruptedError,
+    MemoryLockWarning,
+    PkeysError,
+    UnsupportedError,
+)
+from ._key import Key, chosen_backend
 from ._rights import PAGE_SIZE, PROT_NONE, PROT_READ, PROT_WRITE
 from ._validate import raise_status, require_int
 
-__all__ = ["ProtectedBuffer"]
+__all__ = ["ProtectedBuffer", "Unlocked", "virtual_key_limit", "virtual_key_stats"]
 
 CANARY_SIZE = 16
 MAX_SIZE = 1 << 40
 # The kernel's values (asm-generic/mman-common.h, every architecture);
 # CPython's mmap module only has the names its build headers had.
+MADV_DONTFORK = getattr(mmap, "MADV_DONTFORK", 10)
 MADV_DONTDUMP = getattr(mmap, "MADV_DONTDUMP", 16)
 MADV_WIPEONFORK = getattr(mmap, "MADV_WIPEONFORK", 18)
-_copy = lib.pk_keyed_copy
 _NEED_PINS = _state.NEED_PINS
+_READ_ONLY = lib.PK_GRANT_READ_ONLY
+_READ_WRITE = lib.PK_GRANT_READ_WRITE
+_UINTPTR = ffi.typeof("uintptr_t")
 
 
 def _address(memory: object) -> int:
     pin = ffi.from_buffer(memory)
     try:
-        return int(ffi.cast("uintptr_t", pin))
+        return int(ffi.cast(_UINTPTR, pin))
     finally:
         ffi.release(pin)
 
 
-def _check(status: int, function: Any, *args: object) -> None:
-    """Raise for a failed keyed operation, pinning foreign owners first when
-    the software backend asks for it."""
+def _raise(status: int) -> None:
+    """Raise for a negative status from a ``pk_vbuf_*`` call."""
+    if status == lib.PK_E_NOT_INHERITED:
+        raise PkeysError(
+            "this protected buffer's secret memory stays in the process that made it: a "
+            "forked child has none of its pages (MADV_DONTFORK). Close it in the child, or "
+            "make the buffer after the fork"
+        )
+    if status == lib.PK_E_ALL_KEYS_BUSY:
+        stats = virtual_key_stats()
+        raise BufferError(
+            f"all {stats['keys']} virtual keys are held by protected buffers in use right now "
+            "(open blocks of unlocked(), here or in other threads); end some first, raise "
+            "the pool's limit with pkeys.virtual_key_limit(n) (at most 15), or give buffers "
+            "that are used together a shared key="
+        )
+    raise_status(status)
+
+
+def _call(function: Any, *args: object) -> int:
+    """``function(*args, pins)``, pinning foreign owners when the software
+    backend asks (only a shared ``key=`` can guard foreign memory)."""
+    status: int = function(*args, 0)
     if status == _NEED_PINS:
         status = _state.call_pinned(function, *args)
-    if status:
-        raise_status(status)
+    if status < 0:
+        _raise(status)
+    return status
 
 
 class _Mapping:
     """The resources of one buffer; closed by ProtectedBuffer.close() or
     the finalizer, never both (the usage cell's close is the one way in)."""
 
-    def __init__(self, size: int, key: Key | None, label: str, lock: bool) -> None:
+    def __init__(self, size: int, key: Key | None, label: str, lock: bool,
+                 secretmem: bool | None, seal: bool) -> None:
         self.closed = False
         self.size = size
-        self.owns_key = key is None
+        self.key: Key | None = None
+        self.owns_key = False
         self.label_slot = -1
         self.locked = False
-        self.usage = ffi.new("uint32_t *")
+        self.backing = "anonymous"
+        self.inherit = lib.PK_INHERIT_COPY
+        self.sealed = False
+        self.tagged = False
+        self.vbuf: Any = ffi.NULL
         # Set when the ProtectedBuffer was collected while in use: the last
         # use to end closes it.
         self.orphaned = False
         inner_pages = (size + CANARY_SIZE + PAGE_SIZE - 1) // PAGE_SIZE
         self.inner_length = inner_pages * PAGE_SIZE
-        # MAP_PRIVATE, not mmap's default MAP_SHARED: a shared mapping would
-        # let a forked child read and write the parent's secret, and the
-        # kernel refuses MADV_WIPEONFORK on it.
+        # 1. The reservation.  MAP_PRIVATE, not mmap's default MAP_SHARED: a
+        # shared mapping would let a forked child read and write the
+        # parent's secret, and the kernel refuses MADV_WIPEONFORK on it.
         self.map: mmap.mmap | None = mmap.mmap(
             -1, self.inner_length + 2 * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
         )
@@ -113,31 +176,58 @@ class _Mapping:
         try:
             self.base = _address(self.map)
             self.inner = self.base + PAGE_SIZE
-            self.data = self.inner + self.inner_length - size
-            self.data_offset = self.data - self.base
-            self.canary_address = self.data - CANARY_SIZE
-            self._guard_pages()
-            if lock:
+            self._place(size)
+            self._back(secretmem)                 # 2
+            self._guard_pages()                   # 3
+            if lock:                              # 5
                 self._lock()
-            self._advise()
-            self.canary = os.urandom(CANARY_SIZE)
-            # Written while the pages are still key 0, before they are tagged.
+            self._advise()                        # 6
+            self.canary = os.urandom(CANARY_SIZE)  # 4, while the pages are key 0
             ffi.memmove(ffi.cast("void *", self.canary_address), self.canary, CANARY_SIZE)
-            self.key = key if key is not None else Key()
-            self.pkey = self.key.pkey
-            self.identity = self.key.identity
-            self.scopes = {
-                kind: scope_handle({self.pkey: self.identity}, kind, self.usage)
-                for kind in (lib.PK_GRANT_READ_ONLY, lib.PK_GRANT_READ_WRITE)
-            }
-            _api.tag(self.inner, self.inner_length, PROT_READ | PROT_WRITE, self.pkey,
-                     self.identity, owner=lib.PK_OWNER_PACKAGE)
-            self.label_slot = lib.pk_label_add(
-                self.base, self.base + self.map_length, self.pkey, label.encode()[:63]
+            self._give_key(key, seal)             # 7
+            self.label_slot = lib.pk_label_add(   # 8
+                self.base, self.base + self.map_length,
+                self.key.pkey if self.key is not None else -1, label.encode()[:63]
             )
+            if seal:                              # 9
+                self._seal()
         except BaseException:
             self._release(check_canary=False)
             raise
+
+    def _place(self, size: int) -> None:
+        """Data flush against the trailing guard page, canary before it."""
+        self.size = size
+        self.data = self.inner + self.inner_length - size
+        self.data_offset = self.data - self.base
+        self.canary_address = self.data - CANARY_SIZE
+
+    def _back(self, secretmem: bool | None) -> None:
+        if secretmem is False:
+            return
+        available, reason = _secretmem.availability()
+        if not available:
+            if secretmem:
+                raise UnsupportedError(f"secretmem=True, but secret memory is unavailable: {reason}")
+            return
+        status = lib.pk_secretmem_map(self.inner, self.inner_length)
+        if status == 0:
+            self.backing = "secretmem"
+            return
+        err = -status
+        if err in (errno.EAGAIN, errno.ENOMEM, errno.EPERM):
+            why = (f"the kernel refused {self.inner_length} bytes of secret memory "
+                   f"({os.strerror(err)}): they count against RLIMIT_MEMLOCK (ulimit -l)")
+        else:
+            why = f"memfd_secret mapping failed: {os.strerror(err)}"
+        if secretmem:
+            raise UnsupportedError(f"secretmem=True, but {why}")
+        warnings.warn(
+            f"{why}; this buffer uses anonymous memory instead, which /proc/PID/mem and "
+            "process_vm_readv can read",
+            MemoryLockWarning,
+            stacklevel=5,
+        )
 
     def _guard_pages(self) -> None:
         for page in (self.base, self.inner + self.inner_length):
@@ -145,7 +235,10 @@ class _Mapping:
                 raise OSError(ffi.errno, os.strerror(ffi.errno))
 
     def _lock(self) -> None:
-        if lib.pk_mlock(self.inner, self.inner_length) == 0:
+        if self.backing == "secretmem":
+            self.locked = True  # the kernel locks secret memory itself
+            return
+        if lib.pk_mlock_onfault(self.inner, self.inner_length) == 0:
             self.locked = True
             return
         err = ffi.errno
@@ -153,13 +246,48 @@ class _Mapping:
             f"could not mlock a protected buffer ({os.strerror(err)}); its pages may "
             "be swapped out. Raise RLIMIT_MEMLOCK (ulimit -l) to lock them.",
             MemoryLockWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
 
     def _advise(self) -> None:
         self.dontdump = lib.pk_madvise(self.inner, self.inner_length, MADV_DONTDUMP) == 0
-        # Kernels before 4.14 lack WIPEONFORK (EINVAL): the rest still holds.
-        self.wipeonfork = lib.pk_madvise(self.inner, self.inner_length, MADV_WIPEONFORK) == 0
+        if self.backing == "secretmem":
+            # secretmem refuses WIPEONFORK; without DONTFORK a child would
+            # share the MAP_SHARED pages, so this one must hold.
+            if lib.pk_madvise(self.inner, self.inner_length, MADV_DONTFORK) != 0:
+                raise OSError(ffi.errno, "MADV_DONTFORK on secret memory: " + os.strerror(ffi.errno))
+            self.inherit = lib.PK_INHERIT_NONE
+            return
+        # Kernels before 4.14 lack WIPEONFORK (EINVAL): the child then sees a copy.
+        if lib.pk_madvise(self.inner, self.inner_length, MADV_WIPEONFORK) == 0:
+            self.inherit = lib.PK_INHERIT_ZEROS
+
+    def _give_key(self, key: Key | None, seal: bool) -> None:
+        if key is None and seal:
+            # A sealed range can never be re-keyed: no virtual key for it.
+            key = Key()
+            self.owns_key = True
+        self.key = key
+        pkey, identity = (key.pkey, key.identity) if key is not None else (0, 0)
+        record = lib.pk_vbuf_new(self.inner, self.inner_length, pkey, identity, self.inherit)
+        if record == ffi.NULL:
+            raise MemoryError("could not allocate a protected buffer's record")
+        # Freed with the last Python reference, not at close: a thread that
+        # raced with close() may still call in, and must find it closed.
+        self.vbuf = ffi.gc(record, lib.pk_vbuf_destroy)
+        if key is not None:
+            _api.tag(self.inner, self.inner_length, PROT_READ | PROT_WRITE, pkey, identity,
+                     owner=lib.PK_OWNER_PACKAGE)
+            self.tagged = True
+        elif lib.pk_sys_mprotect(self.inner, self.inner_length, PROT_NONE) != 0:
+            # Virtual: closed by page protection until its first use.
+            raise OSError(ffi.errno, os.strerror(ffi.errno))
+
+    def _seal(self) -> None:
+        status = lib.pk_mseal(self.base, self.map_length)
+        if status:
+            raise OSError(-status, "mseal: " + os.strerror(-status))
+        self.sealed = True
 
     def views_exported(self) -> bool:
         # CPython refuses to resize an mmap with live exports; resizing to
@@ -169,24 +297,56 @@ class _Mapping:
             self.map.resize(self.map_length)
         except BufferError:
             return True
+        except OSError:
+            return False  # sealed: the kernel refuses mremap, so there were no exports
         return False
 
-    def copy(self, dst: int, src: int, length: int, kind: int) -> None:
-        args = (dst, src, length, self.pkey, self.identity, kind, self.usage)
-        _check(_copy(*args, 0), _copy, *args)
+    def copy(self, dst: int, src: int, length: int, kind: int, internal: int = 0) -> None:
+        _call(lib.pk_vbuf_copy, self.vbuf, dst, src, length, kind, internal)
+
+    def read(self, fd: int, dst: int, length: int, stop_at_newline: bool) -> int:
+        status = lib.pk_vbuf_read(self.vbuf, fd, dst, length, int(stop_at_newline), 0)
+        if status == _NEED_PINS:
+            status = _state.call_pinned(lib.pk_vbuf_read, self.vbuf, fd, dst, length,
+                                        int(stop_at_newline))
+        if status < 0:
+            _raise(status)
+        return status
+
+    def equal(self, address: int, expected: bytes) -> bool:
+        return _call(lib.pk_vbuf_equal, self.vbuf, address, expected, len(expected)) == 1
+
+    def trim(self, length: int) -> None:
+        """Keep the first ``length`` bytes as the whole buffer, moved flush
+        against the trailing guard again; the bytes left behind are wiped
+        and the canary rewritten before the new start.  Only for a buffer
+        nobody else has seen yet (from_file, prompt)."""
+        old_data, old_canary = self.data, self.canary_address
+        new_data = self.inner + self.inner_length - length
+        if new_data == old_data:
+            return
+        self.copy(new_data, old_data, length, _READ_WRITE)
+        _call(lib.pk_vbuf_wipe, self.vbuf, old_canary, new_data - old_canary, 0)
+        self._place(length)
+        canary = ffi.from_buffer(self.canary)
+        try:
+            self.copy(self.canary_address, int(ffi.cast(_UINTPTR, canary)), CANARY_SIZE,
+                      _READ_WRITE)
+        finally:
+            ffi.release(canary)
 
     def close(self) -> None:
         """Close everything, or raise and change nothing."""
         if self.closed:
             return
         # The one atomic step from idle to closed: no use can begin after it.
-        status = lib.pk_usage_close(self.usage)
+        status = lib.pk_vbuf_close(self.vbuf)
         if status == lib.PK_E_CLOSED:
             return
         if status:
             raise_status(status)
         if self.views_exported():
-            lib.pk_usage_reopen(self.usage)
+            lib.pk_vbuf_reopen(self.vbuf)
             raise BufferError(
                 "a view of the protected buffer is still alive (a memoryview or array made "
                 "inside unlocked()); release it before close()"
@@ -204,34 +364,40 @@ class _Mapping:
             pass
         except Exception:  # noqa: BLE001 - a finalizer must not raise
             return
-        if lib.pk_usage_close(self.usage):
+        if lib.pk_vbuf_close(self.vbuf):
             self.orphaned = True  # in use: the last use to end closes it
             return
         self._release(check_canary=False, unmap=False)
 
     def _release(self, check_canary: bool, unmap: bool = True) -> None:
         corrupted = False
-        if hasattr(self, "scopes") and not self.key.closed:
-            if check_canary:
-                seen = ffi.new("char[]", CANARY_SIZE)
-                self._keyed(lib.pk_keyed_copy, int(ffi.cast("uintptr_t", seen)),
-                            self.canary_address, CANARY_SIZE, lib.PK_GRANT_READ_ONLY)
-                corrupted = not hmac.compare_digest(ffi.buffer(seen)[:], self.canary)
-            self._keyed(lib.pk_keyed_wipe, self.inner, self.inner_length)
+        if self.vbuf != ffi.NULL:
+            forked = lib.pk_vbuf_forked(self.vbuf)
+            # In a forked child secretmem pages are absent, and WIPEONFORK
+            # zeroed anonymous ones, canary included: neither is checked.
+            if not (forked and self.inherit == lib.PK_INHERIT_NONE):
+                if check_canary and not (forked and self.inherit == lib.PK_INHERIT_ZEROS):
+                    corrupted = not self.equal(self.canary_address, self.canary)
+                _call(lib.pk_vbuf_wipe, self.vbuf, self.inner, self.inner_length, 1)
         elif hasattr(self, "inner"):
-            lib.pk_wipe(self.inner, self.inner_length)  # never tagged: plain access
-        if self.locked:
+            lib.pk_wipe_touched(self.inner, self.inner_length)  # never keyed: plain access
+        if self.locked and self.backing == "anonymous":
             lib.pk_munlock(self.inner, self.inner_length)
-            self.locked = False
+        self.locked = False
         if self.label_slot >= 0:
             lib.pk_label_remove(self.label_slot)
             self.label_slot = -1
         self.closed = True
-        if unmap:
+        if self.sealed:
+            self._keep_sealed()
+        elif unmap:
             self._unmap()
         else:
-            # Escaped views still hold the mmap: the last one unmaps it, and
-            # only then may the region be forgotten and the key freed.
+            # Escaped views still hold the mmap: the last one unmaps it.  A
+            # virtual key goes now (the pages become PROT_NONE); a fixed
+            # key's region is forgotten, and an owned key freed, only then.
+            if self.key is None:
+                self._free_record()
             memory = self.map
             self.map = None
             weakref.finalize(memory, self._unmapped)
@@ -243,30 +409,33 @@ class _Mapping:
                 "wrote before its start. The buffer was wiped and unmapped all the same."
             )
 
-    def _keyed(self, function: Any, *args: object) -> None:
-        full: tuple[object, ...]
-        if function is lib.pk_keyed_copy:
-            dst, src, length, kind = args
-            full = (dst, src, length, self.pkey, self.identity, kind, ffi.NULL)
-        else:
-            address, length = args
-            full = (address, length, self.pkey, self.identity)
-        _check(function(*full, 0), function, *full)
+    def _free_record(self) -> None:
+        if self.vbuf != ffi.NULL:
+            lib.pk_vbuf_detach(self.vbuf)  # a virtual key goes back to the pool, freed
+
+    def _keep_sealed(self) -> None:
+        """A sealed range cannot be untagged or unmapped: it stays, wiped,
+        with its key (whose number therefore stays allocated) and region."""
+        self._free_record()
+        self.map = None  # its munmap would be refused (EPERM) anyway
 
     def _unmap(self) -> None:
-        if hasattr(self, "inner"):
+        if self.tagged:
             lib.pk_region_forget(self.inner, self.inner_length)
+        self._free_record()  # a virtual key's pages become PROT_NONE, key 0, first
         if self.map is not None:
             self.map.close()
             self.map = None
         self._free_key()
 
     def _unmapped(self) -> None:
-        lib.pk_region_forget(self.inner, self.inner_length)
+        if self.tagged:
+            lib.pk_region_forget(self.inner, self.inner_length)
+        self._free_record()
         self._free_key()
 
     def _free_key(self) -> None:
-        if self.owns_key and hasattr(self, "key") and not self.key.closed:
+        if self.owns_key and self.key is not None and not self.key.closed:
             self.key.close()
 
 
@@ -277,17 +446,24 @@ def _finalize(mapping: _Mapping) -> None:
 class ProtectedBuffer:
     """``size`` bytes of guarded, locked, key-protected memory for a secret.
 
-    ``key``: a shared :class:`Key` (not freed on close); by default the
-    buffer allocates its own, so each buffer costs one of the 15 keys.
-    ``label`` names the buffer in fault messages.  ``lock_memory=False``
-    skips ``mlock``.
+    ``key``: a shared :class:`Key` (not freed on close).  By default the
+    buffer has a *virtual key*: it holds one of a pool of hardware keys
+    only while in use or recently used, so any number of buffers can
+    exist.  ``label`` names the buffer in fault messages.
+    ``lock_memory=False`` skips ``mlock``.  ``secretmem``: ``None`` uses
+    ``memfd_secret`` pages where the kernel offers them, ``True`` requires
+    them, ``False`` never uses them (see :attr:`backing`).  ``seal=True``
+    seals the mapping with ``mseal`` for the rest of the process (hardware
+    backend, Linux 6.10+).
 
     The data sits between two ``PROT_NONE`` guard pages, flush against the
     trailing one, after a random canary; its pages are locked, left out of
-    core dumps, zeroed in forked children and tagged with the key.  Only
-    :meth:`unlocked`, :meth:`readinto` and :meth:`write` open it, and
-    :meth:`close` (or the finalizer) checks the canary, wipes, unlocks,
-    unmaps and frees the key.
+    core dumps and kept from forked children (zeroed, or for secret memory
+    absent), and closed by its key or by ``PROT_NONE``.  Only
+    :meth:`unlocked`, :meth:`readinto`, :meth:`write` and :meth:`read_from`
+    open it, and :meth:`close` (or the finalizer) checks the canary, wipes
+    the touched pages, unlocks, gives back its key and unmaps.  The module
+    documentation has every step.
     """
 
     __slots__ = ("_mapping", "_label", "_finalizer", "__weakref__")
@@ -299,6 +475,8 @@ class ProtectedBuffer:
         key: Key | None = None,
         label: str = "secret",
         lock_memory: bool = True,
+        secretmem: bool | None = None,
+        seal: bool = False,
     ) -> None:
         size = require_int(size, "size")
         if not 0 < size <= MAX_SIZE:
@@ -307,10 +485,71 @@ class ProtectedBuffer:
             raise TypeError(f"key must be a pkeys.Key, not {type(key).__name__}")
         if not isinstance(label, str):
             raise TypeError(f"label must be a str, not {type(label).__name__}")
+        if secretmem is not None and not isinstance(secretmem, bool):
+            raise TypeError(f"secretmem must be None, True or False, not {type(secretmem).__name__}")
+        if not isinstance(seal, bool):
+            raise TypeError(f"seal must be a bool, not {type(seal).__name__}")
+        if seal:
+            _check_seal()
         lib.pk_guard_install()
         self._label = label
-        self._mapping = _Mapping(size, key, label, bool(lock_memory))
+        self._mapping = _Mapping(size, key, label, bool(lock_memory), secretmem, seal)
         self._finalizer = weakref.finalize(self, _finalize, self._mapping)
+
+    # -- loading without a Python copy ----------------------------------
+    @classmethod
+    def from_file(cls, path_or_fd: str | os.PathLike[str] | int, size: int | None = None,
+                  **options: Any) -> ProtectedBuffer:
+        """A buffer holding a file's contents, read with ``read(2)`` straight
+        into it (access open only for the call): no Python object ever holds
+        the secret.  ``path_or_fd`` is a path, or an open descriptor read
+        from its current position (and left open).  ``size`` is the most
+        bytes to read; by default the rest of a regular file.  The buffer's
+        size is the count read; more than ``size`` bytes is an error.
+        ``options`` are ProtectedBuffer's (``label``, ``secretmem``, ...)."""
+        if isinstance(path_or_fd, bool) or not isinstance(path_or_fd, (int, str, bytes, os.PathLike)):
+            raise TypeError(f"path_or_fd must be a path or a file descriptor, not "
+                            f"{type(path_or_fd).__name__}")
+        if size is not None:
+            size = require_int(size, "size")
+            if not 0 < size < MAX_SIZE:
+                raise ArgumentError(f"size must be in 1..2**40-1 bytes, not {size}")
+        own = not isinstance(path_or_fd, int)
+        fd: int = (path_or_fd if isinstance(path_or_fd, int)
+                   else os.open(path_or_fd, os.O_RDONLY | os.O_CLOEXEC))
+        try:
+            if size is None:
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode):
+                    raise ArgumentError("size is needed to read from a pipe, socket or terminal")
+                size = info.st_size - (0 if own else os.lseek(fd, 0, os.SEEK_CUR))
+                if size <= 0:
+                    raise ArgumentError("the file is empty: nothing to load")
+            # One byte more than allowed tells a file longer than `size`.
+            buffer = cls(size + 1, **options)
+            try:
+                got = buffer._mapping.read(fd, buffer._mapping.data, size + 1, False)
+                if got > size:
+                    raise ArgumentError(f"the file holds more than size={size} bytes")
+                if got == 0:
+                    raise ArgumentError("the file is empty: nothing to load")
+                buffer._mapping.trim(got)
+            except BaseException:
+                buffer.close()
+                raise
+            return buffer
+        finally:
+            if own:
+                os.close(fd)
+
+    def read_from(self, fd: int, offset: int = 0) -> int:
+        """``read(2)`` from ``fd`` straight into the buffer at ``offset``,
+        until it is full or the file ends; returns the bytes read.  Write
+        access is open (to this thread, on hardware) only for the call."""
+        mapping = self._open()
+        fd = require_int(fd, "fd")
+        offset = self._check_span(offset, 0)
+        return mapping.read(fd, mapping.data + offset, mapping.size - offset, False)
 
     # -- properties -----------------------------------------------------
     @property
@@ -322,12 +561,31 @@ class ProtectedBuffer:
         return self._label
 
     @property
-    def key(self) -> Key:
+    def key(self) -> Key | None:
+        """The shared ``key=`` given (or a sealed buffer's own key); None
+        for a buffer with a virtual key (see :attr:`pkey`)."""
         return self._open().key
 
     @property
+    def pkey(self) -> int | None:
+        """The hardware key number guarding the data now, or None while a
+        virtual-key buffer holds none (its pages are PROT_NONE then)."""
+        pkey = lib.pk_vbuf_pkey(self._open().vbuf)
+        return None if pkey < 0 else pkey
+
+    @property
+    def backing(self) -> str:
+        """``"secretmem"`` (memfd_secret pages) or ``"anonymous"``."""
+        return self._mapping.backing
+
+    @property
+    def sealed(self) -> bool:
+        return self._mapping.sealed
+
+    @property
     def locked(self) -> bool:
-        """Whether ``mlock`` succeeded (False when RLIMIT_MEMLOCK refused)."""
+        """Whether the pages are locked in memory (False when RLIMIT_MEMLOCK
+        refused ``mlock``)."""
         return self._mapping.locked
 
     @property
@@ -341,6 +599,8 @@ class ProtectedBuffer:
         return self._open().data
 
     def __len__(self) -> int:
+        """The size: every byte of the buffer is the secret's.  Loaders
+        (``from_file``, ``prompt``) size the buffer to what they read."""
         return self._mapping.size
 
     # -- access ---------------------------------------------------------
@@ -362,8 +622,8 @@ class ProtectedBuffer:
         try:
             length = len(target)
             offset = self._check_span(offset, length)
-            mapping.copy(int(ffi.cast("uintptr_t", target)), mapping.data + offset, length,
-                         lib.PK_GRANT_READ_ONLY)
+            mapping.copy(int(ffi.cast(_UINTPTR, target)), mapping.data + offset, length,
+                         _READ_ONLY)
         finally:
             ffi.release(target)
         return length
@@ -378,8 +638,8 @@ class ProtectedBuffer:
         try:
             length = len(source)
             offset = self._check_span(offset, length)
-            mapping.copy(mapping.data + offset, int(ffi.cast("uintptr_t", source)), length,
-                         lib.PK_GRANT_READ_WRITE)
+            mapping.copy(mapping.data + offset, int(ffi.cast(_UINTPTR, source)), length,
+                         _READ_WRITE)
         finally:
             ffi.release(source)
         return length
@@ -402,7 +662,8 @@ class ProtectedBuffer:
         """Wipe, check the canary, unlock, unmap and free the owned key.
         Idempotent.  Raises BufferError (and changes nothing) while a view
         is alive or another thread or task is using the buffer, and
-        BufferCorruptedError after closing if the canary was hit."""
+        BufferCorruptedError after closing if the canary was hit.  A sealed
+        buffer is wiped but stays mapped (the kernel refuses to unmap it)."""
         if self._mapping.closed:
             return
         try:
@@ -421,9 +682,10 @@ class ProtectedBuffer:
         mapping = self._mapping
         if mapping.closed:
             return f"<ProtectedBuffer {self._label!r} closed>"
+        key = "virtual" if mapping.key is None else str(mapping.key.pkey)
         return (
-            f"<ProtectedBuffer {self._label!r} size={mapping.size} pkey={mapping.pkey} "
-            f"locked={mapping.locked}>"
+            f"<ProtectedBuffer {self._label!r} size={mapping.size} pkey={key} "
+            f"backing={mapping.backing} locked={mapping.locked}>"
         )
 
     def __reduce_ex__(self, protocol: object) -> Any:
@@ -438,28 +700,39 @@ class ProtectedBuffer:
         raise TypeError("a ProtectedBuffer cannot be copied")
 
 
+def _check_seal() -> None:
+    if chosen_backend.NAME != "hardware":
+        raise UnsupportedError(
+            "seal=True needs hardware protection keys: the software backend opens and closes "
+            "a buffer with mprotect, which a sealed mapping refuses for good"
+        )
+    available, reason = _secretmem.seal_availability()
+    if not available:
+        raise UnsupportedError(f"seal=True, but mseal is unavailable: {reason}")
+
+
 class Unlocked:
     """The context manager of :meth:`ProtectedBuffer.unlocked`: each entry
     takes a use of the buffer and a grant on its key, and yields a fresh
     view; its exit releases exactly those."""
 
-    __slots__ = ("_mapping", "_write", "_handle", "_entries")
+    __slots__ = ("_mapping", "_write", "_kind", "_entries")
 
     def __init__(self, mapping: _Mapping, write: bool) -> None:
         self._mapping = mapping
         self._write = write
-        self._handle = mapping.scopes[lib.PK_GRANT_READ_WRITE if write else lib.PK_GRANT_READ_ONLY]
+        self._kind = _READ_WRITE if write else _READ_ONLY
         self._entries: list[tuple[int, memoryview]] = []
 
     def __enter__(self) -> memoryview:
         mapping = self._mapping
         lib.pk_guard_install()  # stay first in line if a handler was installed since
-        token = _enter(self._handle, 0)
+        token = _enter(mapping.vbuf, self._kind, 0)
         if token < 0:
             if token == _NEED_PINS:
-                token = _state.call_pinned(_enter, self._handle)
+                token = _state.call_pinned(_enter, mapping.vbuf, self._kind)
             if token < 0:
-                raise_status(token)
+                _raise(token)
         try:
             assert mapping.map is not None
             view = memoryview(mapping.map)[mapping.data_offset:mapping.data_offset + mapping.size]
@@ -487,9 +760,10 @@ class Unlocked:
         except BufferError:
             leaked = True  # something still holds an export of the view itself
         self._end(token)
-        if not leaked and not mapping.usage[0] and mapping.map is not None:
+        idle = not lib.pk_vbuf_users(mapping.vbuf)
+        if not leaked and idle and mapping.map is not None:
             leaked = mapping.views_exported()  # a slice of the view escaped
-        if mapping.orphaned and not mapping.usage[0]:
+        if mapping.orphaned and idle:
             mapping.orphaned = False
             mapping.close_when_released()
         if leaked and exc is None:
@@ -510,10 +784,49 @@ class Unlocked:
         return entries.pop()
 
     def _end(self, token: int) -> None:
-        status = _exit(self._handle, token, 0)
+        status = _exit(self._mapping.vbuf, self._kind, token, 0)
         if status:
-            _check(status, _exit, self._handle, token)
+            if status == _NEED_PINS:
+                status = _state.call_pinned(_exit, self._mapping.vbuf, self._kind, token)
+            if status:
+                _raise(status)
 
 
-_enter = lib.pk_scope_enter
-_exit = lib.pk_scope_exit
+_enter = lib.pk_vbuf_enter
+_exit = lib.pk_vbuf_exit
+
+
+# -- the virtual-key pool ----------------------------------------------------
+
+def virtual_key_limit(limit: int | None = None) -> int:
+    """The most hardware keys that buffers without ``key=`` share (default
+    8, leaving the rest to :class:`Key` and other code); with ``limit``
+    (1..15), set it and return the previous one."""
+    if limit is None:
+        return lib.pk_vkeys_limit(0)
+    limit = require_int(limit, "limit")
+    if not 1 <= limit <= 15:
+        raise ArgumentError(f"the virtual-key limit must be in 1..15, not {limit}")
+    return lib.pk_vkeys_limit(limit)
+
+
+def virtual_key_stats() -> dict[str, Any]:
+    """The pool: ``limit``, ``keys`` it holds, ``held`` by a buffer now,
+    the key numbers, and counts of ``assignments`` (cold opens) and
+    ``evictions``."""
+    out = ffi.new("struct pk_vkeys_stats *")
+    lib.pk_vkeys_stats(out)
+    return {
+        "limit": out.limit,
+        "keys": out.keys,
+        "held": out.held,
+        "pkeys": [k for k in range(16) if out.mask & (1 << k)],
+        "assignments": out.assignments,
+        "evictions": out.evictions,
+    }
+
+
+def release_idle_virtual_keys() -> int:
+    """Evict every buffer nobody is using and free the pool's idle keys,
+    for code that needs raw keys; returns how many were freed."""
+    return lib.pk_vkeys_release_idle()

@@ -54,13 +54,21 @@ class Fault:
 def probe(target: object, write: bool = False, *, offset: int = 0) -> Fault | None:
     """Read (or, with ``write``, atomically rewrite) one byte and report.
 
-    ``target`` is an int address or a buffer; ``offset`` is added to it.
+    ``target`` is an int address, a :class:`ProtectedBuffer` (its data is
+    probed), or a buffer; ``offset`` is added to it.
     Returns None when the access succeeds, else the :class:`Fault`.  A write
     probe stores the byte's own value back with one atomic instruction, so
     it never changes memory.  Only SIGSEGV is caught (not SIGBUS).
     """
+    from ._buffer import ProtectedBuffer
+
     offset = require_int(offset, "offset")
-    if isinstance(target, int) and not isinstance(target, bool):
+    if isinstance(target, ProtectedBuffer):
+        # Its data, not the object: the first byte, or `offset` into it.
+        if not 0 <= offset < target.size:
+            raise ArgumentError(f"offset {offset} is outside the buffer's {target.size} bytes")
+        address = target.address + offset
+    elif isinstance(target, int) and not isinstance(target, bool):
         if target < 0:
             raise ArgumentError(f"address {target:#x} is negative")
         address = target + offset

@@ -129,12 +129,17 @@ unsupported_reason = ""
 
 def exhausted_error() -> OSError:
     """ENOSPC from pkey_alloc, said in words that lead somewhere."""
+    stats = ffi.new("struct pk_vkeys_stats *")
+    lib.pk_vkeys_stats(stats)
     mine = bin(lib.pk_allocated_mask() & ~1).count("1")
     others = max(0, NUM_KEYS - 1 - mine)
+    pool = f", {stats.keys} of them shared by ProtectedBuffers" if stats.keys else ""
     error = OSError(
         errno.ENOSPC,
-        f"all 15 protection keys are in use ({mine} by pkeys, {others} by other code "
-        "or the kernel's execute-only key); share one Key between buffers with "
-        "ProtectedBuffer(..., key=k), or close keys you no longer need",
+        f"all 15 protection keys are in use ({mine} by pkeys{pool}, {others} by other code, "
+        "the kernel's execute-only key included). Ways out: share one Key between "
+        "buffers with ProtectedBuffer(..., key=k); make ProtectedBuffers without key=, "
+        "which share a pool of virtual keys (any number of buffers, "
+        "pkeys.virtual_key_limit() keys); or close keys you no longer need",
     )
     return error

@@ -103,8 +103,16 @@ def collect() -> dict[str, Any]:
         "rlimit_memlock": {"soft": _limit(memlock_soft), "hard": _limit(memlock_hard)},
         "threads": process.num_threads(),
         "vm": _vm_status(),
+        "secretmem": _secret_memory(),
     }
     return report
+
+
+def _secret_memory() -> dict[str, Any]:
+    from ._secretmem import availability, seal_availability
+
+    (available, reason), (sealable, seal_reason) = availability(), seal_availability()
+    return {"available": available, "reason": reason, "mseal": sealable, "mseal_reason": seal_reason}
 
 
 def _revocation_status() -> dict[str, Any]:
@@ -170,6 +178,9 @@ def _render(report: dict[str, Any]) -> str:
     lines.append(
         f"RLIMIT_MEMLOCK soft {_bytes(memlock['soft'])}, hard {_bytes(memlock['hard'])}"
     )
+    secret = report["secretmem"]
+    lines.append(f"secretmem      {'yes' if secret['available'] else 'no'}: {secret['reason']}")
+    lines.append(f"mseal          {'yes' if secret['mseal'] else 'no'}: {secret['mseal_reason']}")
     lines.append(f"threads        {report['threads']}")
     vm = report["vm"]
     lines.append(

@@ -63,8 +63,12 @@ def test_one_byte_past_the_end_faults_even_when_unlocked(buf):
         assert pkeys.probe(buf.address + len(SECRET) - 1, write=True) is None
         past = pkeys.probe(buf.address + len(SECRET))
         assert past is not None and past.kind is FaultKind.PROTECTION  # the guard page
-    result = run_in_child(lambda: (buf.unlocked(write=True).__enter__(),
-                                   ffi.cast("char *", buf.address)[len(SECRET)]))
+    anonymous = pkeys.ProtectedBuffer(len(SECRET), secretmem=False)  # a child has its pages
+    try:
+        result = run_in_child(lambda: (anonymous.unlocked(write=True).__enter__(),
+                                       ffi.cast("char *", anonymous.address)[len(SECRET)]))
+    finally:
+        anonymous.close()
     assert result.segfaulted
 
 
@@ -127,30 +131,41 @@ def test_bytes_are_zero_before_the_pages_are_unmapped(monkeypatch):
     assert seen["bytes"] == bytes(8192)
 
 
-def test_memory_hygiene_flags(buf):
-    flags = vm_flags(buf.address)
-    assert "dd" in flags  # MADV_DONTDUMP
-    assert "wf" in flags  # MADV_WIPEONFORK
-    assert "lo" in flags and buf.locked  # mlock
+@pytest.mark.parametrize("secretmem", [False, None])
+def test_memory_hygiene_flags(secretmem):
+    with pkeys.ProtectedBuffer(64, secretmem=secretmem) as buffer:
+        buffer.write(b"x" * 64)  # an anonymous page is locked when first touched
+        flags = vm_flags(buffer.address)
+        assert "dd" in flags  # MADV_DONTDUMP
+        assert "lo" in flags and buffer.locked  # mlock (the kernel's own, for secretmem)
+        if buffer.backing == "anonymous":
+            assert "wf" in flags  # MADV_WIPEONFORK
+        else:
+            assert "dc" in flags  # MADV_DONTFORK: secretmem refuses WIPEONFORK
 
 
-def test_forked_child_sees_zeros(buf):
-    def child() -> None:
+def test_forked_child_sees_zeros():
+    with pkeys.ProtectedBuffer(len(SECRET), secretmem=False) as buf:
+        buf.write(SECRET)
+
+        def child() -> None:
+            with buf.unlocked() as view:
+                assert bytes(view) == bytes(len(SECRET))
+            buf.close()  # no false BufferCorruptedError: WIPEONFORK zeroed the canary too
+
+        result = run_in_child(child)
+        assert result.exitcode == 0, result.stderr
         with buf.unlocked() as view:
-            assert bytes(view) == bytes(len(SECRET))
-
-    result = run_in_child(child)
-    assert result.exitcode == 0, result.stderr
-    with buf.unlocked() as view:
-        assert bytes(view) == SECRET  # the parent's copy is intact
+            assert bytes(view) == SECRET  # the parent's copy is intact
 
 
 def test_the_canary_detects_an_underrun():
     buffer = pkeys.ProtectedBuffer(64)
     mapping = buffer._mapping
-    address, number = buffer.address, buffer.key.pkey
+    address = buffer.address
     stray = ffi.new("char[]", b"!")
     keyed_copy(mapping, address - 1, int(ffi.cast("uintptr_t", stray)), 1)
+    number = buffer.pkey  # the virtual key the copy borrowed
     with pytest.raises(pkeys.BufferCorruptedError, match="wiped and unmapped all the same"):
         buffer.close()
     assert buffer.closed
@@ -206,7 +221,8 @@ def test_repr_hides_the_contents_and_pickling_is_refused(buf):
 
 def test_finalizer_closes_an_abandoned_buffer():
     buffer = pkeys.ProtectedBuffer(16)
-    address, number = buffer.address, buffer.key.pkey
+    buffer.write(b"0123456789abcdef")
+    address, number = buffer.address, buffer.pkey
     del buffer
     gc.collect()
     assert not mapped(address)
@@ -274,7 +290,7 @@ def test_a_closed_buffer_refuses_use():
 def test_probe_reports_the_backends_si_code(buf):
     fault = pkeys.probe(buf.address, write=True)
     if pkeys.backend() == "hardware":
-        assert fault.kind is FaultKind.PKEY and fault.pkey == buf.key.pkey
+        assert fault.kind is FaultKind.PKEY and fault.pkey == buf.pkey
     else:
         assert fault.kind is FaultKind.PROTECTION and fault.pkey is None
 
@@ -304,9 +320,25 @@ def _fault_report(buffer_first: bool, enable_faulthandler: bool, reassert: bool 
 
 def _assert_named(result, number_hint=True):
     assert "in protected buffer 'api-token'" in result.stderr, result.stderr
-    assert "(pkey " in result.stderr and "rights for pkey" in result.stderr
-    assert "no access" in result.stderr
+    # A virtual-key buffer that holds no key is closed by PROT_NONE: no key
+    # to name then (test_unguarded_fault_names_a_shared_key checks that line).
+    if "(pkey " in result.stderr:
+        assert "rights for pkey" in result.stderr and "no access" in result.stderr
     assert result.stderr.count("pkeys: ") == 1
+
+
+def test_unguarded_fault_names_a_shared_key():
+    def child() -> None:
+        faulthandler.disable()
+        signal.signal(signal.SIGSEGV, signal.SIG_DFL)
+        key = pkeys.Key()
+        buffer = pkeys.ProtectedBuffer(32, label="api-token", key=key)
+        touch(buffer.address)
+
+    result = run_in_child(child, keep_faulthandler=True)
+    assert result.segfaulted
+    assert "in protected buffer 'api-token' (pkey " in result.stderr, result.stderr
+    assert "rights for pkey" in result.stderr and "no access" in result.stderr
 
 
 def test_unguarded_fault_with_faulthandler_enabled_first():
@@ -390,8 +422,9 @@ def test_another_thread_stays_denied_while_one_has_it_unlocked(buf):
         go.set()
         done.wait()
         assert bytes(view) == SECRET
+        number = buf.pkey
     thread.join()
-    assert seen[0] is not None and seen[0].pkey == buf.key.pkey
+    assert seen[0] is not None and seen[0].pkey == number
 
 
 def test_no_key_or_mapping_leaks_after_10000_cycles():

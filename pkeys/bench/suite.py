@@ -284,6 +284,57 @@ def _unlocked_hot(loops: int) -> float:
     return _timed(body)(loops)
 
 
+# ---- virtual keys: what a ProtectedBuffer without key= costs to open ---------
+
+@case("buffer/unlocked/hot")
+def _unlocked_virtual_hot(loops: int) -> float:
+    # The buffer holds a pool key: a use, a grant, a view (no syscall on PKU).
+    buffer = once("virtual-hot", lambda: pkeys.ProtectedBuffer(32, label="bench-hot"))
+    unlocked = buffer.unlocked  # type: ignore[attr-defined]
+
+    def body() -> None:
+        with unlocked():
+            pass
+
+    return _timed(body)(loops)
+
+
+@case("buffer/unlocked/cold")
+def _unlocked_virtual_cold(loops: int) -> float:
+    # One buffer more than the pool has keys, opened round-robin: every open
+    # evicts the least recently used (PROT_NONE, key 0) and tags its own.
+    def make() -> list[pkeys.ProtectedBuffer]:
+        count = pkeys.virtual_key_limit() + 1
+        return [pkeys.ProtectedBuffer(32, label="bench-cold") for _ in range(count)]
+
+    buffers = once("virtual-cold", make)
+    blocks = [buffer.unlocked for buffer in buffers]  # type: ignore[attr-defined]
+
+    def time_it(n: int) -> float:
+        start = time.perf_counter()
+        for i in range(n):
+            with blocks[i % len(blocks)]():
+                pass
+        return time.perf_counter() - start
+
+    return time_it(loops)
+
+
+@case("buffer/mprotect/pair")
+def _mprotect_pair(loops: int) -> float:
+    # What a buffer closed by page protection alone costs to open and close
+    # again: the plain mprotect pair that a cold open's retagging replaces.
+    _, address = _page("pair-page")
+    mprotect = lib.pk_sys_mprotect
+    rw = mmap.PROT_READ | mmap.PROT_WRITE
+
+    def body() -> None:
+        mprotect(address, PAGE, rw)
+        mprotect(address, PAGE, pkeys.PROT_NONE)
+
+    return _timed(body)(loops)
+
+
 @case("pkeys/allow/4keys", True)
 def _allow_four(loops: int) -> float:
     keys = once("four", lambda: [pkeys.Key() for _ in range(4)])

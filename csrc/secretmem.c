@@ -1,0 +1,198 @@
+/*
+ * The memory under a protected buffer: memfd_secret pages placed inside a
+ * guarded reservation, mseal, locking on fault, wiping only the pages that
+ * were ever touched, and noticing fork().
+ *
+ * Why memfd_secret: a protection key stops the process's own threads, but
+ * the kernel's "remote" accesses (/proc/PID/mem, process_vm_readv) ignore
+ * PKRU.  memfd_secret pages are removed from the kernel's direct map, so
+ * those paths cannot reach them (EIO / EFAULT).  The pages are MAP_SHARED
+ * only, locked (they count against RLIMIT_MEMLOCK), left out of core dumps,
+ * and zeroed by the kernel when they are freed.
+ *
+ * Only x86-64 is wired up (syscall numbers below); elsewhere, and in the
+ * non-x86 test build, everything here reports ENOSYS.
+ */
+#include "pkeys_internal.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#if defined(__x86_64__) && !defined(PK_ASSUME_NON_X86)
+#define NR_MEMFD_SECRET 447L /* Linux 5.14, CONFIG_SECRETMEM */
+#define NR_MSEAL 462L        /* Linux 6.10, 64-bit only */
+#else
+#define NR_MEMFD_SECRET -1L
+#define NR_MSEAL -1L
+#endif
+
+#ifndef MLOCK_ONFAULT
+#define MLOCK_ONFAULT 1
+#endif
+#ifndef SYS_mlock2
+#if defined(__x86_64__)
+#define SYS_mlock2 325
+#endif
+#endif
+
+static long raw_syscall3(long number, long a, long b, long c)
+{
+    if (number < 0) {
+        errno = ENOSYS;
+        return -1;
+    }
+    return syscall(number, a, b, c);
+}
+
+static size_t page_size(void)
+{
+    static size_t size;
+    if (!size)
+        size = (size_t)sysconf(_SC_PAGESIZE);
+    return size;
+}
+
+/* ---- memfd_secret ------------------------------------------------------ */
+
+int pk_secretmem_probe(void)
+{
+    /* The syscall itself answers ENOSYS without CONFIG_SECRETMEM, with
+     * secretmem.enable=0, and on kernels before 5.14: Python tells those
+     * apart (pkeys._secretmem.availability). */
+    long fd = raw_syscall3(NR_MEMFD_SECRET, O_CLOEXEC, 0, 0);
+    if (fd < 0)
+        return -errno;
+    close((int)fd);
+    return 0;
+}
+
+/*
+ * Replace [addr, addr + len) of a reservation the caller owns with the pages
+ * of a fresh memfd_secret file.  The reservation (with its guard pages)
+ * comes first so that the secret pages are placed exactly, between guards;
+ * MAP_FIXED then swaps the middle.  The fd is closed at once: the mapping
+ * keeps the file alive, and no descriptor is left for a child to inherit.
+ *
+ * On failure (-errno) the range is anonymous read/write memory again, as it
+ * was: an mmap that fails after removing the old pages (EAGAIN when the
+ * lock limit refuses, on older kernels) would otherwise leave a hole inside
+ * a Python mmap object.
+ */
+int pk_secretmem_map(uintptr_t addr, size_t len)
+{
+    long fd;
+    void *got;
+    int err;
+    if (!len || addr % page_size() || len % page_size())
+        return -EINVAL;
+    fd = raw_syscall3(NR_MEMFD_SECRET, O_CLOEXEC, 0, 0);
+    if (fd < 0)
+        return -errno;
+    if (ftruncate((int)fd, (off_t)len) != 0) {
+        err = errno;
+        close((int)fd);
+        return -err;
+    }
+    got = mmap((void *)addr, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, (int)fd, 0);
+    err = errno;
+    close((int)fd);
+    if (got == MAP_FAILED) {
+        mmap((void *)addr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED,
+             -1, 0);
+        return -err;
+    }
+    return 0;
+}
+
+/* ---- mseal ------------------------------------------------------------- */
+
+int pk_mseal_available(void)
+{
+    /* A zero-length seal succeeds wherever the syscall exists. */
+    return raw_syscall3(NR_MSEAL, 0, 0, 0) == 0;
+}
+
+int pk_mseal(uintptr_t addr, size_t len)
+{
+    return raw_syscall3(NR_MSEAL, (long)addr, (long)len, 0) == 0 ? 0 : -errno;
+}
+
+/* ---- locking ----------------------------------------------------------- */
+
+/*
+ * Lock pages as they are first touched (mlock2 MLOCK_ONFAULT, Linux 4.4):
+ * a page that was never written holds nothing to swap out, and locking it
+ * up front would commit the whole buffer (1 GiB for a 1 GiB buffer) before
+ * it is used.  Kernels without mlock2 get a plain mlock.
+ */
+int pk_mlock_onfault(uintptr_t addr, size_t len)
+{
+#ifdef SYS_mlock2
+    if (syscall(SYS_mlock2, addr, len, MLOCK_ONFAULT) == 0)
+        return 0;
+    if (errno != ENOSYS && errno != EINVAL)
+        return -1;
+#endif
+    return mlock((const void *)addr, len);
+}
+
+/* ---- wiping ------------------------------------------------------------ */
+
+/*
+ * Zero the pages of [addr, addr + len) that hold data, and only those, so
+ * that closing a large untouched buffer does not commit it.  mincore()
+ * tells which pages are resident.  A page that is not resident was either
+ * never touched (it reads as zeros) or, in an unlocked buffer, swapped
+ * out: writing zeros to it would only fault it back in, and could not
+ * reach the copy on the swap device.  If mincore fails every page is
+ * wiped.  Returns how many pages were wiped.  The caller has access open.
+ */
+size_t pk_wipe_touched(uintptr_t addr, size_t len)
+{
+    unsigned char residency[1024];
+    uintptr_t start = addr & ~(uintptr_t)(page_size() - 1);
+    uintptr_t end = addr + len;
+    size_t wiped = 0;
+    while (start < end) {
+        size_t pages = (end - start + page_size() - 1) / page_size();
+        size_t i;
+        if (pages > sizeof residency)
+            pages = sizeof residency;
+        if (mincore((void *)start, pages * page_size(), residency) != 0)
+            memset(residency, 1, pages);
+        for (i = 0; i < pages; i++) {
+            uintptr_t page = start + i * page_size();
+            uintptr_t from = page < addr ? addr : page;
+            uintptr_t to = page + page_size() > end ? end : page + page_size();
+            if (!(residency[i] & 1))
+                continue;
+            pk_wipe(from, to - from);
+            wiped++;
+        }
+        start += pages * page_size();
+    }
+    return wiped;
+}
+
+/* ---- fork -------------------------------------------------------------- */
+
+/* Bumped in every forked child, so that a buffer made before the fork can
+ * tell (one load) that it is now in a child: secretmem pages were not
+ * inherited there (MADV_DONTFORK), and WIPEONFORK zeroed anonymous ones,
+ * canary included. */
+static uint32_t fork_generation;
+static pthread_once_t fork_hook_once = PTHREAD_ONCE_INIT;
+
+static void forked_child(void) { __atomic_add_fetch(&fork_generation, 1, __ATOMIC_SEQ_CST); }
+static void install_fork_hook(void) { pthread_atfork(NULL, NULL, forked_child); }
+
+uint32_t pk_fork_generation(void)
+{
+    pthread_once(&fork_hook_once, install_fork_hook);
+    return __atomic_load_n(&fork_generation, __ATOMIC_SEQ_CST);
+}

@@ -1,0 +1,180 @@
+"""Loading a secret without a Python copy: from_file, read_from, prompt (on a
+pty), and probe() of a buffer."""
+
+from __future__ import annotations
+
+import os
+import pty
+import signal
+import termios
+import threading
+
+import pytest
+
+import pkeys
+
+pytestmark = pytest.mark.anybackend
+SECRET = b"-----BEGIN KEY----- 0123456789abcdef -----END KEY-----\n"
+
+
+def contents(buffer: pkeys.ProtectedBuffer) -> bytes:
+    out = bytearray(len(buffer))
+    buffer.readinto(out)
+    return bytes(out)
+
+
+def test_from_file_reads_a_path_into_a_buffer_of_its_size(tmp_path):
+    path = tmp_path / "key.pem"
+    path.write_bytes(SECRET)
+    with pkeys.ProtectedBuffer.from_file(path, label="pem") as buffer:
+        assert len(buffer) == buffer.size == len(SECRET)
+        assert contents(buffer) == SECRET
+        assert pkeys.probe(buffer) is not None  # closed again after the read
+        # Flush against the trailing guard, as every buffer is.
+        assert pkeys.probe(buffer.address + len(SECRET)).kind is pkeys.FaultKind.PROTECTION
+        assert buffer.label == "pem"
+    with pkeys.ProtectedBuffer.from_file(str(path), size=len(SECRET), secretmem=False) as exact:
+        assert exact.backing == "anonymous" and contents(exact) == SECRET
+
+
+def test_from_file_reads_an_fd_from_its_position_and_leaves_it_open(tmp_path):
+    path = tmp_path / "token"
+    path.write_bytes(b"HEADER:" + SECRET)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.lseek(fd, 7, os.SEEK_SET)
+        with pkeys.ProtectedBuffer.from_file(fd) as buffer:
+            assert contents(buffer) == SECRET
+        os.fstat(fd)  # still open
+    finally:
+        os.close(fd)
+
+
+def test_from_file_reads_a_pipe_given_a_size():
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, SECRET)
+        os.close(write_end)
+        write_end = -1
+        with pytest.raises(pkeys.ArgumentError, match="size is needed"):
+            pkeys.ProtectedBuffer.from_file(read_end)
+        with pkeys.ProtectedBuffer.from_file(read_end, size=4096) as buffer:
+            assert len(buffer) == len(SECRET) and contents(buffer) == SECRET
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+
+
+def test_from_file_refusals_leave_nothing_behind(tmp_path):
+    path = tmp_path / "key"
+    path.write_bytes(SECRET)
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    keys = pkeys.allocated_keys()
+    with pytest.raises(pkeys.ArgumentError, match="more than size=10"):
+        pkeys.ProtectedBuffer.from_file(path, size=10)
+    with pytest.raises(pkeys.ArgumentError, match="empty"):
+        pkeys.ProtectedBuffer.from_file(empty)
+    with pytest.raises(FileNotFoundError):
+        pkeys.ProtectedBuffer.from_file(tmp_path / "missing")
+    with pytest.raises(TypeError):
+        pkeys.ProtectedBuffer.from_file(1.5)
+    with pytest.raises(OSError):
+        pkeys.ProtectedBuffer.from_file(999_999, size=8)  # EBADF
+    assert pkeys.allocated_keys() == keys
+    assert pkeys.virtual_key_stats()["keys"] == 0
+
+
+def test_read_from_fills_an_existing_buffer(tmp_path):
+    path = tmp_path / "part"
+    path.write_bytes(b"abcdef")
+    with pkeys.ProtectedBuffer(10) as buffer, open(path, "rb") as source:
+        assert buffer.read_from(source.fileno(), offset=2) == 6
+        assert contents(buffer) == b"\0\0abcdef\0\0"
+        assert buffer.read_from(source.fileno()) == 0  # end of file
+        with pytest.raises(pkeys.ArgumentError):
+            buffer.read_from(source.fileno(), offset=11)
+        with pytest.raises(OSError):
+            buffer.read_from(-1)
+        assert pkeys.probe(buffer) is not None
+
+
+def test_probe_takes_a_buffer():
+    with pkeys.ProtectedBuffer(16) as buffer:
+        fault = pkeys.probe(buffer)
+        assert fault is not None and fault.address == buffer.address
+        assert pkeys.probe(buffer, write=True, offset=15).address == buffer.address + 15
+        with buffer.unlocked(write=True):
+            assert pkeys.probe(buffer, write=True) is None
+        with pytest.raises(pkeys.ArgumentError):
+            pkeys.probe(buffer, offset=16)
+    with pytest.raises(pkeys.PkeysError, match="closed"):
+        pkeys.probe(buffer)
+
+
+# -- prompt --------------------------------------------------------------------
+
+def _prompt_on_a_pty(typed: bytes, **options):
+    """Run pkeys.prompt on a fresh pty while a thread types ``typed``; returns
+    (result or exception, what the terminal showed, echo flag after)."""
+    master, slave = pty.openpty()
+    shown = bytearray()
+    result: list[object] = []
+
+    def typist() -> None:
+        # Wait for the prompt, which is written before echo goes off... and
+        # for echo to be off before typing.
+        while b": " not in shown:
+            shown.extend(os.read(master, 1024))
+        for _ in range(200):
+            if not termios.tcgetattr(slave)[3] & termios.ECHO:
+                break
+            threading.Event().wait(0.01)
+        os.write(master, typed)
+
+    thread = threading.Thread(target=typist)
+    thread.start()
+    signal.alarm(30)
+    try:
+        try:
+            result.append(pkeys.prompt("Passphrase: ", tty=slave, **options))
+        except BaseException as exc:  # noqa: BLE001 - returned to the test
+            result.append(exc)
+        thread.join(10)
+        os.set_blocking(master, False)
+        try:
+            while chunk := os.read(master, 1024):
+                shown.extend(chunk)
+        except (BlockingIOError, OSError):
+            pass
+        echo = bool(termios.tcgetattr(slave)[3] & termios.ECHO)
+    finally:
+        signal.alarm(0)
+        os.close(master)
+        os.close(slave)
+    return result[0], bytes(shown), echo
+
+
+def test_prompt_reads_a_line_into_a_buffer_with_echo_off():
+    buffer, shown, echo = _prompt_on_a_pty(b"correct horse battery\n", size=64)
+    assert isinstance(buffer, pkeys.ProtectedBuffer), buffer
+    try:
+        assert contents(buffer) == b"correct horse battery"  # the newline is not kept
+        assert len(buffer) == 21 and buffer.label == "prompt"
+        assert b"Passphrase: " in shown
+        assert b"correct" not in shown  # never echoed
+        assert echo  # restored
+    finally:
+        buffer.close()
+
+
+def test_prompt_refuses_a_long_line_and_end_of_input():
+    error, _, echo = _prompt_on_a_pty(b"far too long for eight\n", size=8)
+    assert isinstance(error, pkeys.ArgumentError) and "longer than size=8" in str(error)
+    assert echo
+    error, _, echo = _prompt_on_a_pty(b"\x04")  # Ctrl-D at the start of a line
+    assert isinstance(error, EOFError) and echo
+    error, _, _ = _prompt_on_a_pty(b"\n")
+    assert isinstance(error, pkeys.ArgumentError) and "empty" in str(error)
+    assert pkeys.virtual_key_stats()["keys"] == 0
