@@ -427,7 +427,7 @@ def test_another_thread_stays_denied_while_one_has_it_unlocked(buf):
     assert seen[0] is not None and seen[0].pkey == number
 
 
-def test_no_key_or_mapping_leaks_after_10000_cycles():
+def test_no_key_or_mapping_leaks_after_many_cycles():
     def maps_count() -> int:
         with open("/proc/self/maps") as maps:
             return sum(1 for _ in maps)
@@ -437,7 +437,8 @@ def test_no_key_or_mapping_leaks_after_10000_cycles():
             return next(int(l.split()[1]) for l in status if l.startswith("VmLck:"))
 
     keys_before, maps_before, locked_before = pkeys.allocated_keys(), maps_count(), locked_kb()
-    for _ in range(10_000):
+    # 10,000 natively; the emulated CPU is about 30 times slower.
+    for _ in range(10_000 if not pkeys._select.emulated() else 1_000):
         buffer = pkeys.ProtectedBuffer(48, label="cycle")
         buffer.write(b"x" * 48)
         buffer.close()
