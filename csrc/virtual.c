@@ -72,6 +72,7 @@ struct pool_slot {
     int pkey;                /* > 0 when the slot has an allocated key */
     uint32_t identity;
     struct pk_vbuf *holder;  /* the buffer whose pages carry the key, or NULL */
+    int used;                /* some buffer held the key since it was last revoked */
 };
 
 static pthread_mutex_t pool_mutex = PTHREAD_MUTEX_INITIALIZER;
@@ -170,7 +171,7 @@ static int free_slot(void)
         if (pkey > 0) {
             for (s = 0; s < PK_NKEYS && pool[s].pkey > 0; s++)
                 ;
-            pool[s] = (struct pool_slot){pkey, identity, NULL};
+            pool[s] = (struct pool_slot){pkey, identity, NULL, 0};
             pool_keys++;
             return s;
         }
@@ -192,14 +193,23 @@ static int assign(struct pk_vbuf *b)
     int s = free_slot(), status;
     if (s < 0)
         return s;
-    /* Access is denied for the key (no buffer holds it, so nobody has a
-     * grant on it): the pages are tagged closed and the caller's grant
-     * opens them. */
+    /* A thread started inside a block of the previous holder copied its
+     * creator's open rights for the key, and nothing ends them: revoke the
+     * key in every thread before another buffer's pages carry it. */
+    if (pool[s].used) {
+        status = pk_key_set_all(pool[s].pkey, pool[s].identity, (int)PK_AD, 1.0, NULL, 0);
+        if (status != PK_OK)
+            return status;
+        pool[s].used = 0;
+    }
+    /* Access is denied for the key in every thread now: the pages are
+     * tagged closed and the caller's grant opens them. */
     status = pk_region_tag(b->inner, b->inner_length, PROT_READ | PROT_WRITE, pool[s].pkey,
                            pool[s].identity, PK_OWNER_PACKAGE, 0);
     if (status != PK_OK)
         return status;
     pool[s].holder = b;
+    pool[s].used = 1;
     STORE(b->slot, s);
     assignments++;
     return PK_OK;

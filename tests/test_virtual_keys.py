@@ -316,3 +316,38 @@ def test_uses_racing_with_close_get_errors_never_freed_memory():
         for thread in threads:
             thread.join(30)
         assert buffer.closed and outcomes
+
+
+@pytest.mark.pku
+def test_a_thread_started_inside_a_block_cannot_read_the_next_holder_of_the_key():
+    limit = pkeys.virtual_key_limit()
+    buffers = [pkeys.ProtectedBuffer(16, label=f"v{i}", secretmem=False) for i in range(limit + 1)]
+    first = buffers[0]
+    ready, go, seen = threading.Event(), threading.Event(), []
+
+    def late_reader(address_box: list[int]) -> None:
+        ready.set()
+        go.wait(30)
+        seen.append(pkeys.probe(address_box[0]))
+
+    try:
+        with first.unlocked():
+            pkey = first.pkey
+            box: list[int] = []
+            thread = threading.Thread(target=late_reader, args=(box,))
+            thread.start()  # copies the open register for pkey
+        ready.wait(30)
+        # Open the others until the pool hands first's key to another buffer.
+        for other in buffers[1:]:
+            with other.unlocked():
+                if other.pkey == pkey:
+                    box.append(other.address)
+                    break
+        assert box, "the pool never reused the key"
+        go.set()
+        thread.join(30)
+        assert seen[0] is not None, "a thread born in the old holder's block read the new one"
+    finally:
+        go.set()
+        for buffer in buffers:
+            buffer.close()
