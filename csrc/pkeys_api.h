@@ -103,9 +103,6 @@ struct pk_scope {
 };
 int64_t pk_scope_enter(const struct pk_scope *scope, uint64_t pins);
 int pk_scope_exit(const struct pk_scope *scope, int64_t token, uint64_t pins);
-int pk_keyed_copy(uintptr_t dst, uintptr_t src, size_t len, int pkey, uint32_t identity,
-                  int kind, uint32_t *usage, uint64_t pins);
-int pk_keyed_wipe(uintptr_t addr, size_t len, int pkey, uint32_t identity, uint64_t pins);
 uint32_t pk_thread_serial(void);
 uint32_t pk_allocated_mask(void);
 int64_t pk_shadow_pkru(void);
@@ -216,14 +213,24 @@ void pk_vbuf_detach(struct pk_vbuf *b);
 void pk_vbuf_destroy(struct pk_vbuf *b);
 int64_t pk_vbuf_enter(struct pk_vbuf *b, int kind, uint64_t pins);
 int pk_vbuf_exit(struct pk_vbuf *b, int kind, int64_t token, uint64_t pins);
+/* One operation with access open only for its duration.  `op` carries it
+ * across a retry: when the software backend needs foreign owners pinned
+ * to end the grant (PK_E_NEED_PINS after the work was done), calling again
+ * with the same `op` and pins only ends it.  `result` is the operation's
+ * answer once the call returns PK_OK. */
+struct pk_vbuf_op {
+    int64_t token;    /* the grant, while the work is done and its end is due; else -1 */
+    int64_t result;   /* bytes read, pages wiped, 1/0 for equal */
+    int error;        /* errno of a failed read, reported once the grant has ended */
+};
 int pk_vbuf_copy(struct pk_vbuf *b, uintptr_t dst, uintptr_t src, size_t len, int kind,
-                 int internal, uint64_t pins);
+                 int internal, struct pk_vbuf_op *op, uint64_t pins);
 int pk_vbuf_equal(struct pk_vbuf *b, uintptr_t addr, const unsigned char *expected, size_t len,
-                  uint64_t pins);
-int64_t pk_vbuf_wipe(struct pk_vbuf *b, uintptr_t addr, size_t len, int touched_only,
-                     uint64_t pins);
-int64_t pk_vbuf_read(struct pk_vbuf *b, int fd, uintptr_t dst, size_t len, int stop_at_newline,
-                     uint64_t pins);
+                  struct pk_vbuf_op *op, uint64_t pins);
+int pk_vbuf_wipe(struct pk_vbuf *b, uintptr_t addr, size_t len, int touched_only,
+                 struct pk_vbuf_op *op, uint64_t pins);
+int pk_vbuf_read(struct pk_vbuf *b, int fd, uintptr_t dst, size_t len, int stop_at_newline,
+                 struct pk_vbuf_op *op, uint64_t pins);
 int pk_vbuf_close(struct pk_vbuf *b);
 void pk_vbuf_reopen(struct pk_vbuf *b);
 int pk_vbuf_users(const struct pk_vbuf *b);

@@ -394,55 +394,78 @@ int pk_vbuf_exit(struct pk_vbuf *b, int kind, int64_t token, uint64_t pins)
     return close_for(b, kind, token, pins);
 }
 
+/* End the grant of `op` (made by open_for): PK_E_NEED_PINS leaves it due,
+ * for the caller's retry with pins. */
+static int finish(struct pk_vbuf *b, int kind, struct pk_vbuf_op *op, uint64_t pins)
+{
+    int status = close_for(b, kind, op->token, pins);
+    if (status == PK_E_NEED_PINS)
+        return status;
+    op->token = -1;
+    if (status == PK_OK && op->error) {
+        errno = op->error;
+        return PK_E_ERRNO;
+    }
+    return status;
+}
+
 /* memmove with access open only for the copy.  `internal` (the buffer's
  * own close: canary and wipe) works on a closed buffer too. */
 int pk_vbuf_copy(struct pk_vbuf *b, uintptr_t dst, uintptr_t src, size_t len, int kind,
-                 int internal, uint64_t pins)
+                 int internal, struct pk_vbuf_op *op, uint64_t pins)
 {
-    int64_t token = open_for(b, kind, internal, pins);
-    if (token < 0)
-        return (int)token;
-    memmove((void *)dst, (const void *)src, len);
-    return close_for(b, kind, token, pins);
+    if (op->token < 0) {
+        int64_t token = open_for(b, kind, internal, pins);
+        if (token < 0)
+            return (int)token;
+        memmove((void *)dst, (const void *)src, len);
+        op->token = token;
+        op->result = (int64_t)len;
+    }
+    return finish(b, kind, op, pins);
 }
 
 /* Compare `len` bytes at `addr` in the buffer with `expected`, in constant
- * time: 1 equal, 0 different, or a status. */
+ * time: result 1 equal, 0 different. */
 int pk_vbuf_equal(struct pk_vbuf *b, uintptr_t addr, const unsigned char *expected, size_t len,
-                  uint64_t pins)
+                  struct pk_vbuf_op *op, uint64_t pins)
 {
-    const volatile unsigned char *seen = (const volatile unsigned char *)addr;
-    unsigned char difference = 0;
-    size_t i;
-    int status;
-    int64_t token = open_for(b, PK_GRANT_READ_ONLY, 1, pins);
-    if (token < 0)
-        return (int)token;
-    for (i = 0; i < len; i++)
-        difference |= seen[i] ^ expected[i];
-    status = close_for(b, PK_GRANT_READ_ONLY, token, pins);
-    return status != PK_OK ? status : difference == 0;
+    if (op->token < 0) {
+        const volatile unsigned char *seen = (const volatile unsigned char *)addr;
+        unsigned char difference = 0;
+        size_t i;
+        int64_t token = open_for(b, PK_GRANT_READ_ONLY, 1, pins);
+        if (token < 0)
+            return (int)token;
+        for (i = 0; i < len; i++)
+            difference |= seen[i] ^ expected[i];
+        op->token = token;
+        op->result = difference == 0;
+    }
+    return finish(b, PK_GRANT_READ_ONLY, op, pins);
 }
 
 /* Wipe [addr, addr + len): every byte, or only the resident pages
- * (pk_wipe_touched).  Works on a closed buffer.  Returns the pages
- * wiped (every page counts when `touched_only` is 0), or a status. */
-int64_t pk_vbuf_wipe(struct pk_vbuf *b, uintptr_t addr, size_t len, int touched_only,
-                     uint64_t pins)
+ * (pk_wipe_touched).  Works on a closed buffer.  The result is the pages
+ * wiped (every page counts when `touched_only` is 0). */
+int pk_vbuf_wipe(struct pk_vbuf *b, uintptr_t addr, size_t len, int touched_only,
+                 struct pk_vbuf_op *op, uint64_t pins)
 {
-    size_t pages;
-    int status;
-    int64_t token = open_for(b, PK_GRANT_READ_WRITE, 1, pins);
-    if (token < 0)
-        return token;
-    if (touched_only) {
-        pages = pk_wipe_touched(addr, len);
-    } else {
-        pk_wipe(addr, len);
-        pages = (len + (size_t)sysconf(_SC_PAGESIZE) - 1) / (size_t)sysconf(_SC_PAGESIZE);
+    if (op->token < 0) {
+        size_t pages;
+        int64_t token = open_for(b, PK_GRANT_READ_WRITE, 1, pins);
+        if (token < 0)
+            return (int)token;
+        if (touched_only) {
+            pages = pk_wipe_touched(addr, len);
+        } else {
+            pk_wipe(addr, len);
+            pages = (len + (size_t)sysconf(_SC_PAGESIZE) - 1) / (size_t)sysconf(_SC_PAGESIZE);
+        }
+        op->token = token;
+        op->result = (int64_t)pages;
     }
-    status = close_for(b, PK_GRANT_READ_WRITE, token, pins);
-    return status != PK_OK ? status : (int64_t)pages;
+    return finish(b, PK_GRANT_READ_WRITE, op, pins);
 }
 
 /*
@@ -450,39 +473,36 @@ int64_t pk_vbuf_wipe(struct pk_vbuf *b, uintptr_t addr, size_t len, int touched_
  * this thread, on hardware: the kernel's copy obeys the caller's PKRU) only
  * for the call.  Reads until `len` bytes, end of file, or, with
  * `stop_at_newline`, a read that ends in '\n' (a terminal in canonical
- * mode returns one line per read).  Returns the byte count, or a status
- * with errno set for PK_E_ERRNO.
+ * mode returns one line per read).  The result is the byte count; a failed
+ * read is PK_E_ERRNO with its errno, once the grant has ended.
  */
-int64_t pk_vbuf_read(struct pk_vbuf *b, int fd, uintptr_t dst, size_t len, int stop_at_newline,
-                     uint64_t pins)
+int pk_vbuf_read(struct pk_vbuf *b, int fd, uintptr_t dst, size_t len, int stop_at_newline,
+                 struct pk_vbuf_op *op, uint64_t pins)
 {
-    size_t done = 0;
-    int err = 0, status;
-    int64_t token = open_for(b, PK_GRANT_READ_WRITE, 0, pins);
-    if (token < 0)
-        return token;
-    while (done < len) {
-        ssize_t got = read(fd, (char *)dst + done, len - done);
-        if (got < 0 && errno == EINTR)
-            continue;
-        if (got < 0) {
-            err = errno;
-            break;
+    if (op->token < 0) {
+        size_t done = 0;
+        int64_t token = open_for(b, PK_GRANT_READ_WRITE, 0, pins);
+        if (token < 0)
+            return (int)token;
+        op->error = 0;
+        while (done < len) {
+            ssize_t got = read(fd, (char *)dst + done, len - done);
+            if (got < 0 && errno == EINTR)
+                continue;
+            if (got < 0) {
+                op->error = errno;
+                break;
+            }
+            if (got == 0)
+                break;
+            done += (size_t)got;
+            if (stop_at_newline && ((const char *)dst)[done - 1] == '\n')
+                break;
         }
-        if (got == 0)
-            break;
-        done += (size_t)got;
-        if (stop_at_newline && ((const char *)dst)[done - 1] == '\n')
-            break;
+        op->token = token;
+        op->result = (int64_t)done;
     }
-    status = close_for(b, PK_GRANT_READ_WRITE, token, pins);
-    if (status != PK_OK)
-        return status;
-    if (err) {
-        errno = err;
-        return PK_E_ERRNO;
-    }
-    return (int64_t)done;
+    return finish(b, PK_GRANT_READ_WRITE, op, pins);
 }
 
 /* The one step from idle to closed (as pk_usage_close), taken under the

@@ -134,14 +134,16 @@ def _raise(status: int) -> None:
 
 
 def _call(function: Any, *args: object) -> int:
-    """``function(*args, pins)``, pinning foreign owners when the software
-    backend asks (only a shared ``key=`` can guard foreign memory)."""
-    status: int = function(*args, 0)
+    """One ``pk_vbuf_*`` operation, pinning foreign owners when the software
+    backend asks (only a shared ``key=`` can guard foreign memory); a retry
+    after the work was done only ends its grant.  Returns its result."""
+    op = ffi.new("struct pk_vbuf_op *", {"token": -1})
+    status: int = function(*args, op, 0)
     if status == _NEED_PINS:
-        status = _state.call_pinned(function, *args)
+        status = _state.call_pinned(function, *args, op)
     if status < 0:
         _raise(status)
-    return status
+    return int(op.result)
 
 
 class _Mapping:
@@ -305,13 +307,7 @@ class _Mapping:
         _call(lib.pk_vbuf_copy, self.vbuf, dst, src, length, kind, internal)
 
     def read(self, fd: int, dst: int, length: int, stop_at_newline: bool) -> int:
-        status = lib.pk_vbuf_read(self.vbuf, fd, dst, length, int(stop_at_newline), 0)
-        if status == _NEED_PINS:
-            status = _state.call_pinned(lib.pk_vbuf_read, self.vbuf, fd, dst, length,
-                                        int(stop_at_newline))
-        if status < 0:
-            _raise(status)
-        return status
+        return _call(lib.pk_vbuf_read, self.vbuf, fd, dst, length, int(stop_at_newline))
 
     def equal(self, address: int, expected: bytes) -> bool:
         return _call(lib.pk_vbuf_equal, self.vbuf, address, expected, len(expected)) == 1

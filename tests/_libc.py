@@ -95,7 +95,9 @@ def allocate_until_enospc(allocate, after_each=None) -> list[int]:
 def keyed_copy(mapping, dst: int, src: int, length: int) -> None:
     """Copy with a protected buffer's access opened for the copy only (the
     buffer's own path, without its bounds checks; works while closing)."""
+    from pkeys._binding import ffi as pkeys_ffi
     from pkeys._binding import lib
 
-    status = lib.pk_vbuf_copy(mapping.vbuf, dst, src, length, lib.PK_GRANT_READ_WRITE, 1, 0)
+    op = pkeys_ffi.new("struct pk_vbuf_op *", {"token": -1})
+    status = lib.pk_vbuf_copy(mapping.vbuf, dst, src, length, lib.PK_GRANT_READ_WRITE, 1, op, 0)
     assert status == 0, status

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -566,3 +567,40 @@ def test_a_closed_buffer_refuses_like_a_closed_file():
     for operation in (buffer.unlocked, lambda: buffer.write(b"x"), lambda: buffer.address):
         with pytest.raises(ValueError, match="closed"):
             operation()
+
+
+def test_an_operation_whose_grant_ends_last_still_ends_it():
+    # write(), readinto() and read_from() open the key in C for the call.
+    # Here another grant keeps the key open while read_from() begins (so
+    # beginning changes nothing), then ends while read_from() waits in
+    # read(2): its own end is what closes the key, and on the software
+    # backend that first needs the foreign mmap below pinned.
+    from pkeys._binding import lib
+
+    key = pkeys.Key()
+    foreign = mmap.mmap(-1, PAGE)
+    key.protect(foreign)
+    buffer = pkeys.ProtectedBuffer(8, key=key, secretmem=False)
+    read_end, write_end = os.pipe()
+    scope = key.allow()
+    scope.__enter__()
+    result: list[object] = []
+    reader = threading.Thread(target=lambda: result.append(buffer.read_from(read_end)))
+    reader.start()
+    try:
+        while not lib.pk_vbuf_users(buffer._mapping.vbuf):
+            time.sleep(0.001)  # the reader is inside, blocked in read(2)
+        scope.__exit__(None, None, None)
+        os.write(write_end, b"12345678")
+        reader.join(30)
+        assert result == [8]
+        assert pkeys.pkey_get(key) == pkeys.PKEY_DISABLE_ACCESS
+        assert not readable(foreign) and not readable(buffer.address)
+        buffer.close()  # no use was left behind
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+        if not buffer.closed:
+            buffer.close()
+        foreign.close()
+        key.close()
