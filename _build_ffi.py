@@ -20,6 +20,7 @@ SOURCES = [
     f"{CSRC}/guard.c",
     f"{CSRC}/secret.c",
     f"{CSRC}/bench.c",
+    f"{CSRC}/sigframe.c",
 ]
 HEADERS = [f"{CSRC}/pkeys_api.h", f"{CSRC}/pkeys_internal.h"]
 
