@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         split = argv.index("--")
         argv, guest_command = argv[:split], argv[split + 1:]
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "vm":
+        parser.error("unrecognized arguments: " + " ".join(unknown))
     if guest_command is not None and args.command != "vm":
         parser.error(f"`--` and a command after it are for `pkeys vm`, not `pkeys {args.command}`")
     if args.command == "doctor":
@@ -63,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         from .vm.cli import main as vm_main
 
         args.guest_command = guest_command
+        # Unknown options before `--` are refused there, with the hint that
+        # a command goes after `--`.
+        args.action = [*args.action, *unknown]
         return vm_main(args)
     if args.command == "bench":
         from .bench.cli import main as bench_main

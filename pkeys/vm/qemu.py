@@ -10,7 +10,8 @@ from .tools import QEMU
 #: Always on the kernel command line.  secretmem is off by default before
 #: Linux 6.5; memfd_secret needs it.
 BASE_APPEND = "console=ttyS0 panic=-1 rdinit=/init secretmem.enable=1"
-QUIET_APPEND = "quiet loglevel=0"
+# Emergencies only: a panic still shows (loglevel=0 would hide it too).
+QUIET_APPEND = "quiet loglevel=1"
 MIN_MEM_MB = 256
 MAX_SMP = 64
 
