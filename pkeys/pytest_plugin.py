@@ -230,9 +230,9 @@ class _Host:
         self.done.set()
 
     def _setup(self) -> None:
-        from .vm import kernels, setup
+        from .vm import kernels, prepare
 
-        setup.setup([k for k in self.kernels if k] or None)
+        prepare.setup([k for k in self.kernels if k] or None)
         for session in self.sessions:
             found = kernels.find(session.kernel)
             session.release = found.release if found else None

@@ -13,7 +13,7 @@ this was built for, and TCG boots the kernel in about 2.5 s.
 
 Modules: :mod:`.kernels` (the cache of kernels; :mod:`.debian` finds and
 downloads them, :mod:`.decompress` and :mod:`.modules` unpack them),
-:mod:`.initramfs`, :mod:`.setup`, :mod:`.qemu`, :mod:`.guest` (the command's
+:mod:`.initramfs`, :mod:`.prepare` (`pkeys vm setup`), :mod:`.qemu`, :mod:`.guest` (the command's
 script), :mod:`.console`, :mod:`.runner`, :mod:`.selftest`, :mod:`.cli`.
 """
 
@@ -25,7 +25,7 @@ from .guest import Identity, guest_script
 from .paths import cache_dir
 from .qemu import qemu_command
 from .runner import Options, exit_code, run
-from .setup import Status, setup, status
+from .prepare import Status, setup, status
 from .tools import install_packages as _install_packages  # noqa: F401  (kept for callers of 0.1)
 
 __all__ = [

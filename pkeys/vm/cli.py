@@ -136,7 +136,7 @@ def _run(args: argparse.Namespace, command: list[str]) -> int:
 
 
 def _setup(args: argparse.Namespace) -> int:
-    from .setup import setup
+    from .prepare import setup
 
     try:
         ready = setup(args.kernel, refresh=args.refresh)
