@@ -468,3 +468,16 @@ def test_a_guest_that_never_reaches_the_command_fails_fast_with_its_boot_log(
     assert result.returncode == 125
     assert expected in result.stderr
     assert time.monotonic() - started < 45
+
+
+# -- the kernel's own selftest ----------------------------------------------------
+def test_selftest_verdict_counts_distinct_passes_and_needs_the_done_line():
+    from pkeys.vm import selftest
+
+    output = ("test  0 PASSED (iteration 1)\ntest  1 PASSED (iteration 1)\n"
+              "test  0 PASSED (iteration 1)\n"  # repeated by a fork's unflushed buffer
+              "has pkeys: 1\ndone (all tests OK)\n")
+    assert selftest.count(output) == (2, True)
+    assert selftest.count("test  0 PASSED (iteration 1)\n") == (1, False)
+    assert not selftest.Result("protection_keys_64", "6.1", 462, False, 0).ok
+    assert selftest.Result("protection_keys_64", "6.1", 462, True, 0).ok
