@@ -141,6 +141,10 @@ while [ $tries -lt 20 ]; do
     tries=$((tries + 1))
     sleep 0.1
 done
+# Power-off does not wait for the serial lines: stty sets their attributes
+# with TCSADRAIN, which waits until all the output has left.
+stty -F /dev/ttyS0 -echo 2>/dev/null
+stty -F /dev/ttyS1 -echo 2>/dev/null
 echo $status > /ctl/status
 sync
 poweroff -f
