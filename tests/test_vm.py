@@ -333,6 +333,18 @@ def test_console_drops_boot_noise_crs_and_kernel_lines():
     assert feed.started and feed.last_boot_lines() == ["SeaBIOS...", "[    0.1] boot"]
 
 
+@pytest.mark.parametrize("split", range(1, 6))
+def test_console_drops_the_markers_newline_wherever_the_reads_split(split):
+    stream = b"boot\n@@pkeys-vm-start@@\n\nblank line first\n"
+    out = io.BytesIO()
+    feed = console.Console(out)
+    cut = stream.index(b"@@\n") + split - 2
+    feed.feed(stream[:cut])
+    feed.feed(stream[cut:])
+    feed.close()
+    assert out.getvalue() == b"\nblank line first\n"
+
+
 def test_console_notices_a_panic_before_the_command():
     feed = console.Console(io.BytesIO(), boot_log=(shown := io.BytesIO()))
     feed.feed(b"Kernel panic - not syncing: VFS: Unable to mount root fs\n")

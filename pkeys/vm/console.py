@@ -24,7 +24,8 @@ class Console:
         self.boot_lines: deque[bytes] = deque(maxlen=40)
         self._boot_partial = b""
         self._pending = b""
-        self.failed_boot = False  # a panic or an init failure was seen
+        self.failed_boot = False  # a panic was seen before the command started
+        self._marker_newline = False  # the marker's own newline is still to come
 
     def feed(self, data: bytes) -> None:
         data = data.replace(b"\r", b"")
@@ -32,6 +33,10 @@ class Console:
             data = self._feed_boot(data)
             if not self.started:
                 return
+        if self._marker_newline and data:
+            # The marker's newline may arrive in a later read than the marker.
+            self._marker_newline = False
+            data = data.removeprefix(b"\n")
         self._pending += data
         *lines, self._pending = self._pending.split(b"\n")
         for line in lines:
@@ -61,9 +66,10 @@ class Console:
             self._boot_partial = partial[-4096:]
             return b""
         self.started = True
+        self._marker_newline = True
         if partial:
             self.boot_lines.append(partial)
-        return text[index + len(START_MARKER):].lstrip(b"\n")
+        return text[index + len(START_MARKER):]
 
     def last_boot_lines(self, count: int = 15) -> list[str]:
         lines = list(self.boot_lines)
