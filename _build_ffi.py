@@ -24,6 +24,7 @@ SOURCES = [
     f"{CSRC}/bench.c",
     f"{CSRC}/secretmem.c",
     f"{CSRC}/virtual.c",
+    f"{CSRC}/sigframe.c",
 ]
 HEADERS = [f"{CSRC}/pkeys_api.h", f"{CSRC}/pkeys_internal.h"]
 

@@ -248,3 +248,29 @@ struct pk_vkeys_stats {
 int pk_vkeys_limit(int limit);
 int pk_vkeys_release_idle(void);
 void pk_vkeys_stats(struct pk_vkeys_stats *out);
+
+/* ---- sigframe.c: the signal frame under a restrictive PKRU ------------- */
+struct pk_sigframe {
+    uint32_t signal_pkru;    /* PKRU when the signal was sent */
+    uint32_t entry_pkru;     /* PKRU as the handler began */
+    uint32_t after_pkru;     /* PKRU once sigreturn had restored it */
+    int handler_ran;
+    uintptr_t handler_stack; /* address of a local of the handler */
+    uintptr_t stack_start;   /* the alternate stack, if any */
+    uintptr_t stack_end;
+};
+/* Send SIGUSR2 to a SA_ONSTACK handler whose alternate stack is tagged
+ * with `pkey`, while this thread's rights for `pkey` are `rights`
+ * (PKEY_DISABLE_ACCESS or PKEY_DISABLE_WRITE).  Returns 0 once the handler
+ * has run, -1 without OSPKE or on a setup error.  Before Linux 6.12 the
+ * process dies of SIGSEGV instead: run it in a forked child. */
+int pk_sigframe_altstack(int pkey, uint32_t rights, struct pk_sigframe *out);
+/* A SIGSEGV/SIGBUS handler writing one report to `fd`, then dying of the
+ * signal as if there had been no handler. */
+struct pk_fault_report {
+    int signo;
+    int code;
+    int pkey;                /* -1 unless si_code is SEGV_PKUERR */
+    uint64_t addr;
+};
+int pk_fault_reporter(int fd);

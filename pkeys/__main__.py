@@ -36,14 +36,15 @@ def _parser() -> argparse.ArgumentParser:
     vm = commands.add_parser(
         "vm",
         help="run a command on an emulated PKU CPU (QEMU TCG); `pkeys vm setup` prepares it",
-        usage="pkeys vm [--timeout S] [--kernel PATH] [--smp N] [--mem MB] -- CMD ARGS...\n"
-        "       pkeys vm setup",
+        usage="pkeys vm [--kernel SERIES] [--timeout S] [--smp N] [--mem MB] [--root] [-v] "
+        "-- CMD ARGS...\n"
+        "       pkeys vm setup [--kernel SERIES]...\n"
+        "       pkeys vm selftest [--kernel SERIES]\n"
+        "       pkeys vm --list",
     )
-    vm.add_argument("--timeout", type=float, default=1800, metavar="S",
-                    help="kill the VM after S seconds (exit 124); default 1800")
-    vm.add_argument("--kernel", metavar="PATH", help="boot this kernel instead of the cached one")
-    vm.add_argument("--smp", type=int, default=1, metavar="N", help="virtual CPUs (default 1)")
-    vm.add_argument("--mem", type=int, default=2048, metavar="MB", help="guest memory (default 2048)")
+    from .vm.cli import add_arguments as add_vm_arguments
+
+    add_vm_arguments(vm)
     bench = commands.add_parser(
         "bench",
         help="measure instructions vs syscalls, the Python layer, and mm-lock contention",
@@ -54,7 +55,6 @@ def _parser() -> argparse.ArgumentParser:
     from .bench.cli import add_arguments
 
     add_arguments(bench)
-    vm.add_argument("vm_args", nargs=argparse.REMAINDER, metavar="CMD", help="`setup`, or -- CMD ARGS...")
     _describe_by_help(commands)
     return parser
 
@@ -68,40 +68,20 @@ def _describe_by_help(commands: argparse._SubParsersAction[argparse.ArgumentPars
             subcommand.description = summary.help
 
 
-def _vm(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from . import vm
-
-    command = list(args.vm_args)
-    if command and command[0] == "--":
-        command = command[1:]
-    elif command == ["setup"]:
-        try:
-            ready = vm.setup()
-        except vm.VMError as exc:
-            print(f"pkeys vm setup: {exc}", file=sys.stderr)
-            return 1
-        print(f"pkeys vm: ready (kernel {ready.kernel}, initramfs {ready.initramfs})")
-        return 0
-    if not command:
-        print("pkeys vm: give a command after --, or `setup`", file=sys.stderr)
-        return 2
-    try:
-        return vm.run(
-            command,
-            timeout=args.timeout,
-            kernel=Path(args.kernel) if args.kernel else None,
-            smp=args.smp,
-            mem=args.mem,
-        )
-    except vm.VMError as exc:
-        print(f"pkeys vm: {exc}", file=sys.stderr)
-        return vm.EXIT_VM_FAILED
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `pkeys vm ... -- CMD`: what follows the first `--` is the guest's
+    # command, kept away from our parser entirely.
+    guest_command = None
+    if "--" in argv:
+        split = argv.index("--")
+        argv, guest_command = argv[:split], argv[split + 1:]
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "vm":
+        parser.error("unrecognized arguments: " + " ".join(unknown))
+    if guest_command is not None and args.command != "vm":
+        parser.error(f"`--` and a command after it are for `pkeys vm`, not `pkeys {args.command}`")
     if args.command == "doctor":
         from .doctor import main as doctor_main
 
@@ -111,7 +91,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return demo_main()
     if args.command == "vm":
-        return _vm(args)
+        from .vm.cli import main as vm_main
+
+        args.guest_command = guest_command
+        # Unknown options before `--` are refused there, with the hint that
+        # a command goes after `--`.
+        args.action = [*args.action, *unknown]
+        return vm_main(args)
     if args.command == "bench":
         from .bench.cli import main as bench_main
 

@@ -1,9 +1,9 @@
 """Shared fixtures and the two test tiers.
 
 * ``pku`` tests need real protection keys: PKU hardware, or the emulated
-  CPU of ``python -m pkeys vm``.  Elsewhere they are skipped with a reason,
-  unless ``PKEYS_REQUIRE_PKU=1`` (set by CI inside the VM) turns the skip
-  into a failure, so the tier can never be skipped silently.
+  CPU of ``pytest --pkeys-vm``.  The pkeys pytest plugin
+  (``pkeys/pytest_plugin.py``) skips them elsewhere, names the option in
+  the reason, and turns the skip into an error under ``PKEYS_REQUIRE_PKU=1``.
 * ``software`` tests exercise the mprotect emulation and run wherever it is
   the active backend.
 """
@@ -11,31 +11,17 @@
 from __future__ import annotations
 
 import mmap
-import os
 
 import pytest
 
 import pkeys
 
-HARDWARE = pkeys.hardware_supported() and pkeys.backend() == "hardware"
-REQUIRE_PKU = os.environ.get("PKEYS_REQUIRE_PKU") == "1"
 PAGE = mmap.PAGESIZE
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if REQUIRE_PKU and not HARDWARE:
-        raise pytest.UsageError(
-            "PKEYS_REQUIRE_PKU=1 but hardware protection keys are not active here "
-            f"(backend {pkeys.backend()}: {pkeys.backend_reason()})"
-        )
-    skip_pku = pytest.mark.skip(
-        reason=f"needs PKU ({pkeys.backend_reason()}); "
-        "run `python -m pkeys vm -- python -m pytest -m pku`"
-    )
     skip_software = pytest.mark.skip(reason="the active backend is not the software emulation")
     for item in items:
-        if "pku" in item.keywords and not HARDWARE:
-            item.add_marker(skip_pku)
         if "software" in item.keywords and pkeys.backend() != "software":
             item.add_marker(skip_software)
 
