@@ -212,7 +212,8 @@ class _Mapping:
             if secretmem:
                 raise UnsupportedError(f"secretmem=True, but secret memory is unavailable: {reason}")
             return
-        status = lib.pk_secretmem_map(self.inner, self.inner_length)
+        status = (lib.pk_secretmem_map(self.inner, self.inner_length)
+                  if _secretmem.lockable(self.inner_length) else -errno.EAGAIN)
         if status == 0:
             self.backing = "secretmem"
             return

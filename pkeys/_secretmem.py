@@ -18,7 +18,7 @@ import re
 
 from ._binding import lib
 
-__all__ = ["availability", "explain", "kernel_version", "seal_availability"]
+__all__ = ["availability", "explain", "kernel_version", "seal_availability", "lockable"]
 
 _ENABLE_PARAMETER = "/sys/module/secretmem/parameters/enable"
 
@@ -78,3 +78,31 @@ def seal_availability() -> tuple[bool, str]:
     if kernel_version(release) < (6, 10):
         return False, f"kernel {release} predates mseal (Linux 6.10)"
     return False, "mseal: ENOSYS (a kernel built without it)"
+
+
+CAP_IPC_LOCK = 14
+
+
+def lockable(length: int) -> bool:
+    """Whether ``length`` more bytes fit under RLIMIT_MEMLOCK (always, with
+    CAP_IPC_LOCK).  Secret pages count against it, and some kernels (6.1,
+    6.12) map them whatever the limit and refuse a page only when it is
+    first touched, with SIGBUS: so the limit is checked here, before."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if soft == resource.RLIM_INFINITY:
+        return True
+    locked, capabilities = 0, 0
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmLck:"):
+                    locked = int(line.split()[1]) * 1024
+                elif line.startswith("CapEff:"):
+                    capabilities = int(line.split()[1], 16)
+    except OSError:
+        return True  # no procfs: let the kernel decide at mmap time
+    if capabilities >> CAP_IPC_LOCK & 1:
+        return True
+    return locked + length <= soft

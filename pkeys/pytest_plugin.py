@@ -282,6 +282,10 @@ class _Host:
         for report in self._merged(item):
             item.ihook.pytest_runtest_logreport(report=report)
         item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+        # The item ran elsewhere, but what earlier items set up here (their
+        # module, its fixtures) must still end where the next item needs it
+        # to, as pytest's own protocol would do after the item.
+        item.session._setupstate.teardown_exact(nextitem)
         return True
 
     def _merged(self, item: pytest.Item) -> list[pytest.TestReport]:
