@@ -21,8 +21,10 @@ TARGETS = [
     ("pkeys.pkey_get(Key) <= 1.5x cffi no-op", "pkeys/pkey_get/key", FLOOR, "<=", 1.5),
     ("pkeys.pkey_set(Key, same) <= 1.5x cffi no-op", "pkeys/pkey_set/key-same", FLOOR, "<=", 1.5),
     ("ctypes pkey_set >= 3x pkeys.pkey_set", "ctypes/pkey_set/glibc", "pkeys/pkey_set/toggle", ">=", 3.0),
-    ("software pkey_set (1 region) <= 1.3x raw mprotect", "software/pkey_set/1region",
+    ("software pkey_set (1 region, an mmap) <= 1.3x raw mprotect", "software/pkey_set/1region",
      "software/mprotect/raw", "<=", 1.3),
+    ("software pkey_set (1 region, a buffer's) <= 1.3x raw mprotect",
+     "software/pkey_set/1region-buffer", "software/mprotect/raw", "<=", 1.3),
 ]
 
 # (description, case, [(case, times) subtracted], bound): the Python-level

@@ -427,10 +427,24 @@ def _software_set(loops: int) -> float:
     return _two_key_toggle(pkeys.pkey_set, key.pkey)(loops)  # type: ignore[attr-defined]
 
 
+def _software_set_buffer(loops: int) -> float:
+    # The same, on memory the package owns (a ProtectedBuffer with a shared
+    # key): no foreign owner to pin, so the change is one call into C.
+    def make() -> pkeys.Key:
+        key = pkeys.Key()
+        buffer = pkeys.ProtectedBuffer(16, key=key, secretmem=False, lock_memory=False)
+        once("software-buffer", lambda: buffer)
+        return key
+
+    key = once("software-buffer-key", make)
+    return _two_key_toggle(pkeys.pkey_set, key.pkey)(loops)  # type: ignore[attr-defined]
+
+
 # The backend is chosen in C once per process: on a PKU machine, run the
 # bench with PKEYS_BACKEND=software to measure the emulation.
 if pkeys.backend() == "software":
     case("software/pkey_set/1region")(_software_set)
+    case("software/pkey_set/1region-buffer")(_software_set_buffer)
 
 
 @case("software/mprotect/raw")
