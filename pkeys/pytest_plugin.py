@@ -323,7 +323,7 @@ class _Host:
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-        outcome = yield
+        outcome: Any = yield
         if item.nodeid not in self.twice or call.when != "call":
             return
         report: pytest.TestReport = outcome.get_result()

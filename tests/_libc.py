@@ -101,3 +101,23 @@ def keyed_copy(mapping, dst: int, src: int, length: int) -> None:
     op = pkeys_ffi.new("struct pk_vbuf_op *", {"token": -1})
     status = lib.pk_vbuf_copy(mapping.vbuf, dst, src, length, lib.PK_GRANT_READ_WRITE, 1, op, 0)
     assert status == 0, status
+
+
+def record_inner_before_unmap(monkeypatch) -> dict:
+    """Make every protected buffer copy its inner pages into the returned
+    dict (key "bytes") just before they are unmapped."""
+    from pkeys import _buffer
+    from pkeys._binding import ffi as pkeys_ffi
+
+    seen: dict = {}
+    real_unmap = _buffer._Mapping._unmap
+
+    def inspect_then_unmap(mapping) -> None:
+        copy = pkeys_ffi.new("char[]", mapping.inner_length)
+        keyed_copy(mapping, int(pkeys_ffi.cast("uintptr_t", copy)), mapping.inner,
+                   mapping.inner_length)
+        seen["bytes"] = pkeys_ffi.buffer(copy)[:]
+        real_unmap(mapping)
+
+    monkeypatch.setattr(_buffer._Mapping, "_unmap", inspect_then_unmap)
+    return seen

@@ -14,12 +14,11 @@ import threading
 import pytest
 
 import pkeys
-from pkeys import _buffer
 from pkeys._binding import ffi
 from pkeys._child import run_in_child
 from pkeys._fault import SEGV_ACCERR, SEGV_PKUERR, FaultKind
 
-from ._libc import allocate_until_enospc, keyed_copy, smaps_field
+from ._libc import allocate_until_enospc, keyed_copy, record_inner_before_unmap, smaps_field
 
 pytestmark = pytest.mark.anybackend
 SECRET = b"tok_live_0123456789abcdef"
@@ -114,16 +113,7 @@ def test_readinto_and_write_work_while_locked(buf):
 
 
 def test_bytes_are_zero_before_the_pages_are_unmapped(monkeypatch):
-    seen = {}
-    real_unmap = _buffer._Mapping._unmap
-
-    def inspect_then_unmap(mapping):
-        copy = ffi.new("char[]", mapping.inner_length)
-        keyed_copy(mapping, int(ffi.cast("uintptr_t", copy)), mapping.inner, mapping.inner_length)
-        seen["bytes"] = ffi.buffer(copy)[:]
-        real_unmap(mapping)
-
-    monkeypatch.setattr(_buffer._Mapping, "_unmap", inspect_then_unmap)
+    seen = record_inner_before_unmap(monkeypatch)
     buffer = pkeys.ProtectedBuffer(5000)
     buffer.write(b"\xff" * 5000)
     buffer.close()

@@ -14,11 +14,11 @@ import cffi
 import pytest
 
 import pkeys
-from pkeys import _buffer, _secretmem
+from pkeys import _secretmem
 from pkeys._binding import ffi, lib
 from pkeys._child import run_in_child
 
-from ._libc import keyed_copy, map_anonymous, unmap
+from ._libc import map_anonymous, record_inner_before_unmap, unmap
 
 pytestmark = pytest.mark.anybackend
 SECRET = b"sk_live_secretmem_0123456789abcd"
@@ -323,16 +323,7 @@ def test_closing_an_untouched_gigabyte_commits_nothing(secretmem):
 
 
 def test_every_touched_byte_is_wiped_before_unmapping(monkeypatch):
-    seen = {}
-    real_unmap = _buffer._Mapping._unmap
-
-    def inspect_then_unmap(mapping):
-        copy = ffi.new("char[]", mapping.inner_length)
-        keyed_copy(mapping, int(ffi.cast("uintptr_t", copy)), mapping.inner, mapping.inner_length)
-        seen["bytes"] = ffi.buffer(copy)[:]
-        real_unmap(mapping)
-
-    monkeypatch.setattr(_buffer._Mapping, "_unmap", inspect_then_unmap)
+    seen = record_inner_before_unmap(monkeypatch)
     size = 64 * PAGE
     for secretmem in (None, False):
         buffer = pkeys.ProtectedBuffer(size, secretmem=secretmem)

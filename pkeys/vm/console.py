@@ -72,10 +72,10 @@ class Console:
         return text[index + len(START_MARKER):]
 
     def last_boot_lines(self, count: int = 15) -> list[str]:
-        lines = list(self.boot_lines)
+        raw = list(self.boot_lines)
         if self._boot_partial and not self.started:
-            lines.append(self._boot_partial)
-        lines = [line.decode(errors="replace").rstrip() for line in lines if line.strip()]
+            raw.append(self._boot_partial)
+        lines = [line.decode(errors="replace").rstrip() for line in raw if line.strip()]
         return lines[-count:]
 
     def close(self) -> None:

@@ -214,7 +214,7 @@ def source_package(archive: Archive, series: tuple[int, int], version: str | Non
     if not available:
         raise VMError(f"no {name} package in the archive")
     if version in available:
-        return name, version  # type: ignore[return-value]
+        return name, version
     best = available[0]
     for candidate in available[1:]:
         if _compare(candidate, best) > 0:

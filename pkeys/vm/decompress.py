@@ -61,7 +61,7 @@ def zstd_backend() -> str | None:
     except ImportError:
         pass
     try:
-        import zstandard  # type: ignore[import-not-found]  # noqa: F401
+        import zstandard  # type: ignore[import-not-found, unused-ignore]  # noqa: F401
 
         return "zstandard"
     except ImportError:
@@ -72,19 +72,21 @@ def zstd_backend() -> str | None:
 def _zstd(data: bytes) -> bytes:
     backend = zstd_backend()
     if backend == "compression.zstd":
-        from compression import zstd  # type: ignore[import-not-found]
+        from compression import zstd  # type: ignore[import-not-found, unused-ignore]
 
-        return zstd.ZstdDecompressor().decompress(data)  # type: ignore[no-any-return]
+        result: bytes = zstd.ZstdDecompressor().decompress(data)
+        return result
     if backend == "zstandard":
-        import zstandard  # type: ignore[import-not-found]
+        import zstandard  # type: ignore[import-not-found, unused-ignore]
 
-        return zstandard.ZstdDecompressor().decompressobj().decompress(data)  # type: ignore[no-any-return]
+        output: bytes = zstandard.ZstdDecompressor().decompressobj().decompress(data)
+        return output
     if backend == "zstd":
         # The tool rejects trailing bytes; callers pass one exact frame.
-        result = subprocess.run(["zstd", "-d", "-c", "-q"], input=data, capture_output=True, check=False)
-        if result.returncode != 0:
-            raise VMError(f"zstd failed: {result.stderr.decode(errors='replace').strip()}")
-        return result.stdout
+        tool = subprocess.run(["zstd", "-d", "-c", "-q"], input=data, capture_output=True, check=False)
+        if tool.returncode != 0:
+            raise VMError(f"zstd failed: {tool.stderr.decode(errors='replace').strip()}")
+        return tool.stdout
     raise VMError(
         "this kernel is zstd-compressed and no zstd decoder is available: "
         "pip install zstandard (or pkeys[vm]), or install the zstd tool"

@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Self
+from typing import IO, Any, BinaryIO, Self
 
 from . import qemu
 from .console import Console
@@ -87,7 +87,7 @@ def _isatty(stream: object) -> bool:
         return False
 
 
-def _forwardable_stdin(stdin: BinaryIO | None) -> int | None:
+def _forwardable_stdin(stdin: IO[Any] | None) -> int | None:
     """The fd to forward: a pipe, a file or a socket, never a terminal or /dev/null."""
     if stdin is None:
         return None

@@ -60,14 +60,14 @@ def count(output: str) -> tuple[int, bool]:
 def _extract_sources(deb: Path, into: Path) -> Path:
     """Stream the source tarball out of the .deb and keep only the test's files."""
     feed = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
-    kept = None
+    kept: Path | None = None
     with tarfile.open(fileobj=feed.stdout, mode="r|") as outer:
         for member in outer:
             if not re.search(r"usr/src/linux-source-[\d.]+\.tar\.\w+$", member.name):
                 continue
             inner_stream = outer.extractfile(member)
-            compression = member.name.rsplit(".", 1)[-1]
-            with tarfile.open(fileobj=inner_stream, mode=f"r|{compression}") as inner:
+            # r|*: a stream, with its compression (xz, gz, bz2) found from its header.
+            with tarfile.open(fileobj=inner_stream, mode="r|*") as inner:
                 for entry in inner:
                     relative = entry.name.split("/", 1)[-1]
                     wanted = relative in EXTRA or (
@@ -75,7 +75,10 @@ def _extract_sources(deb: Path, into: Path) -> Path:
                     if wanted and entry.isfile():
                         target = into / relative
                         target.parent.mkdir(parents=True, exist_ok=True)
-                        target.write_bytes(inner.extractfile(entry).read())  # type: ignore[union-attr]
+                        content = inner.extractfile(entry)
+                        if content is None:
+                            continue
+                        target.write_bytes(content.read())
                         if relative.endswith("protection_keys.c"):
                             kept = target.parent
             break
