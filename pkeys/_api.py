@@ -35,7 +35,6 @@ __all__ = [
     "rdpkru",
     "wrpkru",
     "allocated_keys",
-    "is_allocated",
     "shadow_pkru",
     "regions",
     "alloc_key",
@@ -259,10 +258,6 @@ def wrpkru(value: int) -> None:
     status = _call_pinned(lib.pk_pkru_write, value)
     if status:
         raise_status(status)
-
-
-def is_allocated(pkey: int) -> bool:
-    return bool(lib.pk_allocated_mask() & (1 << pkey))
 
 
 def allocated_keys() -> list[int]:

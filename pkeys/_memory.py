@@ -17,16 +17,12 @@ from ._rights import PAGE_SIZE, PROT_EXEC, PROT_READ, PROT_WRITE
 from ._state import exporter_of
 from ._validate import require_int
 
-__all__ = ["resolve", "check_prot", "page_round_up"]
+__all__ = ["resolve", "check_prot"]
 
 _PROT_ALL = PROT_READ | PROT_WRITE | PROT_EXEC
 # Parsed once: ffi.cast with a type string looks the type up on every call.
 _UINTPTR = ffi.typeof("uintptr_t")
 _cast = ffi.cast
-
-
-def page_round_up(length: int) -> int:
-    return (length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
 
 
 def check_prot(prot: object) -> int:
