@@ -17,7 +17,7 @@ from ._binding import ffi, lib
 from ._memory import check_prot, resolve
 from ._rights import NUM_KEYS, RIGHTS_BY_VALUE, PkeyRights
 from ._types import KeyLike
-from ._errors import ArgumentError
+from ._errors import ArgumentError, KeyInUseError, RevocationError
 from ._validate import (
     check_alloc_args,
     check_key_range,
@@ -53,8 +53,7 @@ _E_IN_USE = lib.PK_E_IN_USE
 _E_NOSPC = lib.PK_E_NOSPC
 _E_BROADCAST = lib.PK_E_BROADCAST
 
-# How long a change for every thread waits for them all to answer.
-REVOCATION_TIMEOUT = 5.0
+REVOCATION_TIMEOUT = _state.REVOCATION_TIMEOUT
 
 # Set by pkeys._key once Key exists, so that a Key argument takes a fast
 # path (a slot read) instead of __index__.
@@ -108,7 +107,7 @@ def set_all_threads(pkey: int, identity: int, access_rights: int,
     """``access_rights`` for ``pkey`` in every thread of the process, and
     every active grant on it voided; returns once every thread has them."""
     result = ffi.new("struct pk_broadcast *")
-    status = _call_pinned(lib.pk_key_set_all, pkey, identity, access_rights, timeout, result)
+    status = _state.call(lib.pk_key_set_all, pkey, identity, access_rights, timeout, result)
     if status == _E_BROADCAST:
         raise revocation_error(pkey, result, "")
     if status:
@@ -116,8 +115,6 @@ def set_all_threads(pkey: int, identity: int, access_rights: int,
 
 
 def revocation_error(pkey: int, result: Any, consequence: str) -> Exception:
-    from ._errors import RevocationError
-
     listed = [result.listed[i] for i in range(min(result.unanswered + result.refused,
                                                   lib.PK_BROADCAST_LISTED))]
     unanswered, refused = tuple(listed[:result.unanswered]), tuple(listed[result.unanswered:])
@@ -136,8 +133,6 @@ def revocation_error(pkey: int, result: Any, consequence: str) -> Exception:
 
 
 def raise_in_use(pkey: int) -> None:
-    from ._errors import KeyInUseError
-
     spans = regions(pkey)
     shown = ", ".join(f"{start:#x}-{end:#x}" for start, end, _, _ in spans[:3])
     raise KeyInUseError(
@@ -255,7 +250,7 @@ def wrpkru(value: int) -> None:
     active scopes keep them until they end); a value that would deny key 0
     is refused."""
     value = check_pkru(value)
-    status = _call_pinned(lib.pk_pkru_write, value)
+    status = _state.call(lib.pk_pkru_write, value)
     if status:
         raise_status(status)
 

@@ -138,9 +138,7 @@ def _call(function: Any, *args: object) -> int:
     backend asks (only a shared ``key=`` can guard foreign memory); a retry
     after the work was done only ends its grant.  Returns its result."""
     op = ffi.new("struct pk_vbuf_op *", {"token": -1})
-    status: int = function(*args, op, 0)
-    if status == _NEED_PINS:
-        status = _state.call_pinned(function, *args, op)
+    status = _state.call(function, *args, op)
     if status < 0:
         _raise(status)
     return int(op.result)

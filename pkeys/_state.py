@@ -34,7 +34,9 @@ from ._binding import ffi, lib
 
 __all__ = [
     "NEED_PINS",
+    "call",
     "call_pinned",
+    "REVOCATION_TIMEOUT",
     "register_owner",
     "prune_owners",
     "adopt_orphan",
@@ -42,6 +44,8 @@ __all__ = [
 ]
 
 NEED_PINS = lib.PK_E_NEED_PINS
+# How long a change for every thread waits for them all to answer.
+REVOCATION_TIMEOUT = 5.0
 _UINTPTR = ffi.typeof("uintptr_t")
 
 
@@ -167,9 +171,19 @@ def adopt_orphan(pkey: int, identity: int) -> None:
 
 def _free_orphans() -> None:
     for pkey, identity in list(_orphans.items()):
-        status = lib.pk_key_free(pkey, identity, 5.0, ffi.NULL, 0)
+        status = lib.pk_key_free(pkey, identity, REVOCATION_TIMEOUT, ffi.NULL, 0)
         if status not in (lib.PK_E_IN_USE, lib.PK_E_BROADCAST):
             _orphans.pop(pkey, None)
+
+
+def call(function: Callable[..., int], *args: object) -> int:
+    """``function(*args, pins)``: first without pins, which is all the
+    hardware backend and memory without foreign owners ever need, then
+    through :func:`call_pinned` if the software backend asks for them."""
+    status = function(*args, 0)
+    if status == NEED_PINS:
+        status = call_pinned(function, *args)
+    return status
 
 
 def call_pinned(function: Callable[..., int], *args: object) -> int:
@@ -194,7 +208,7 @@ def call_pinned(function: Callable[..., int], *args: object) -> int:
 
 
 def _after_fork_in_child() -> None:
-    status = call_pinned(lib.pk_after_fork_in_child)
+    status = call(lib.pk_after_fork_in_child)
     if status != 0:  # pragma: no cover - needs an mprotect failure in the child
         os.write(2, f"pkeys: could not drop other threads' grants after fork ({status})\n".encode())
         sys.stderr.flush()
