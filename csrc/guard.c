@@ -349,9 +349,13 @@ int pk_probe(uintptr_t addr, int write, struct pk_fault *fault)
         guard_env = NULL;
     } else {
         faulted = 1;
-        if (pk_ospke_enabled)
-            pk_wrpkru_unchecked(pk_revocations_moved(mark) ? pk_revocations_catch_up(saved_pkru)
-                                                           : saved_pkru);
+        if (pk_ospke_enabled) {
+            /* Write first, then look: a handler that runs between a look
+             * and the write would have its edit overwritten. */
+            pk_wrpkru_unchecked(saved_pkru);
+            if (pk_revocations_moved(mark))
+                pk_wrpkru_unchecked(pk_revocations_catch_up(pk_rdpkru_unchecked()));
+        }
     }
     guard_fault = NULL;
     return faulted;
