@@ -58,7 +58,7 @@ from ._rights import (
 from ._select import hardware_supported
 from ._types import KeyLike
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "PKEY_UNRESTRICTED",
