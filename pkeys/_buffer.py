@@ -23,7 +23,7 @@ Creation
   5. Lock the inner pages so they never reach swap: secretmem pages are
      locked by the kernel; anonymous ones with ``mlock2(MLOCK_ONFAULT)``,
      which locks each page when it is first touched and so never commits
-     untouched ones.  Best effort: when RLIMIT_MEMLOCK refuses, ``locked``
+     untouched ones.  Best effort: when RLIMIT_MEMLOCK refuses, ``memory_locked``
      is False and a warning says so.
   6. ``MADV_DONTDUMP`` keeps them out of core dumps.  Anonymous pages get
      ``MADV_WIPEONFORK`` (a forked child sees zeros); secretmem pages, which
@@ -578,9 +578,18 @@ class ProtectedBuffer:
         return self._mapping.sealed
 
     @property
+    def memory_locked(self) -> bool:
+        """Whether the pages are locked in memory, so never swapped (False
+        when RLIMIT_MEMLOCK refused ``mlock``).  Nothing to do with access:
+        that is :meth:`unlocked`."""
+        return self._mapping.locked
+
+    @property
     def locked(self) -> bool:
-        """Whether the pages are locked in memory (False when RLIMIT_MEMLOCK
-        refused ``mlock``)."""
+        """Deprecated since 0.2.0, removed in 0.3.0: :attr:`memory_locked`.
+        The old name read as the opposite of :meth:`unlocked`."""
+        warnings.warn("ProtectedBuffer.locked is deprecated: it is memory_locked (mlock), "
+                      "not access; the old name goes in 0.3.0", DeprecationWarning, stacklevel=2)
         return self._mapping.locked
 
     @property
@@ -680,7 +689,7 @@ class ProtectedBuffer:
         key = "virtual" if mapping.key is None else str(mapping.key.pkey)
         return (
             f"<ProtectedBuffer {self._label!r} size={mapping.size} pkey={key} "
-            f"backing={mapping.backing} locked={mapping.locked}>"
+            f"backing={mapping.backing} memory_locked={mapping.locked}>"
         )
 
     def __reduce_ex__(self, protocol: object) -> Any:
