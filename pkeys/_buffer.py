@@ -76,7 +76,7 @@ import stat
 import warnings
 import weakref
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Unpack
 
 from . import _api, _secretmem, _state
 from ._binding import ffi, lib
@@ -89,7 +89,11 @@ from ._errors import (
 )
 from ._key import Key, chosen_backend
 from ._rights import PAGE_SIZE, PROT_NONE, PROT_READ, PROT_WRITE
+from ._types import BufferOptions, VirtualKeyStats
 from ._validate import raise_status, require_int
+
+if TYPE_CHECKING:
+    from ._types import BufferLike
 
 __all__ = ["ProtectedBuffer", "Unlocked", "virtual_key_limit", "virtual_key_stats"]
 
@@ -494,7 +498,7 @@ class ProtectedBuffer:
     # -- loading without a Python copy ----------------------------------
     @classmethod
     def from_file(cls, path_or_fd: str | os.PathLike[str] | int, size: int | None = None,
-                  **options: Any) -> ProtectedBuffer:
+                  **options: Unpack[BufferOptions]) -> ProtectedBuffer:
         """A buffer holding a file's contents, read with ``read(2)`` straight
         into it (access open only for the call): no Python object ever holds
         the secret.  ``path_or_fd`` is a path, or an open descriptor read
@@ -615,7 +619,7 @@ class ProtectedBuffer:
         nested blocks or other tasks; each entry yields its own view."""
         return Unlocked(self._open(), write)
 
-    def readinto(self, dest: Any, offset: int = 0) -> int:
+    def readinto(self, dest: BufferLike, offset: int = 0) -> int:
         """Copy ``len(dest)`` bytes from ``offset`` into the writable buffer
         ``dest``; returns the count.  Access is open only for the copy."""
         mapping = self._open()
@@ -632,7 +636,7 @@ class ProtectedBuffer:
             ffi.release(target)
         return length
 
-    def write(self, data: Any, offset: int = 0) -> int:
+    def write(self, data: BufferLike, offset: int = 0) -> int:
         """Copy the bytes-like ``data`` in at ``offset``; returns the count."""
         mapping = self._open()
         try:
@@ -814,7 +818,7 @@ def virtual_key_limit(limit: int | None = None) -> int:
     return lib.pk_vkeys_limit(limit)
 
 
-def virtual_key_stats() -> dict[str, Any]:
+def virtual_key_stats() -> VirtualKeyStats:
     """The pool: ``limit``, ``keys`` it holds, ``held`` by a buffer now,
     the key numbers, and counts of ``assignments`` (cold opens) and
     ``evictions``."""

@@ -18,11 +18,13 @@ Enforcement lives in ``csrc/regions.c``.
 
 from __future__ import annotations
 
+from typing import Final
+
 from ._api import *  # noqa: F403 - the backend's operations
 from ._api import __all__ as _operations
 from ._binding import lib
 
-NAME = "software"
+NAME: Final = "software"
 MODE = lib.PK_MODE_SOFTWARE
 
 __all__ = ["NAME", "MODE", *_operations]

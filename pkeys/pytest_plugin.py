@@ -38,9 +38,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from ._fault import Fault, FaultKind
+    from ._key import Key
+    from ._types import ExpectFault
 
 MARK = "pku"
 #: Set in the guest's environment: the shared folder for node ids and results.
@@ -369,7 +374,7 @@ class _Host:
 
 # -- fixtures ----------------------------------------------------------------
 @pytest.fixture
-def pkey() -> Iterator[Any]:
+def pkey() -> Iterator[Key]:
     """A fresh :class:`pkeys.Key` (access disabled), closed after the test."""
     import pkeys
 
@@ -380,7 +385,7 @@ def pkey() -> Iterator[Any]:
 
 
 @pytest.fixture
-def expect_fault() -> Callable[..., Any]:
+def expect_fault() -> ExpectFault:
     """``expect_fault(function, kind=None)``: call ``function`` in a forked
     child, which must die of a fault; return that fault as a
     :class:`pkeys.Fault` (kind, ``si_code``, pkey, address, signal).  The
@@ -389,7 +394,7 @@ def expect_fault() -> Callable[..., Any]:
     return _expect_fault
 
 
-def _expect_fault(function: Callable[[], object], kind: Any = None) -> Any:
+def _expect_fault(function: Callable[[], object], kind: FaultKind | None = None) -> Fault:
     from ._binding import ffi, lib
     from ._child import run_in_child
     from ._fault import Fault, FaultKind
