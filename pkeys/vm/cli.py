@@ -85,7 +85,8 @@ def action_parser(action: str) -> argparse.ArgumentParser:
             "busybox (as root on an apt system; otherwise say which packages to install), find "
             "Debian's newest kernel package of each series, download it without installing it, "
             "keep its image and the modules the guest needs, and build an initramfs. Everything "
-            "is cached in ~/.cache/pkeys/vm; a cached kernel is kept until --refresh.")
+            "is cached in $XDG_CACHE_HOME/pkeys/vm (~/.cache/pkeys/vm by default); a cached kernel "
+            "is kept until --refresh.")
         parser.add_argument("--kernel", action="append", metavar="SERIES",
                             help="a Debian kernel series (6.1, 6.12); give it once per kernel; "
                                  "default: Debian's default series")
