@@ -56,9 +56,9 @@ from ._rights import (
     PkeyRights,
 )
 from ._select import hardware_supported
-from ._types import KeyLike
+from ._types import BackendName, BufferOptions, ExpectFault, KeyLike, VirtualKeyStats
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "PKEY_UNRESTRICTED",
@@ -82,6 +82,10 @@ __all__ = [
     "backend_reason",
     "Key",
     "KeyLike",
+    "BackendName",
+    "BufferOptions",
+    "VirtualKeyStats",
+    "ExpectFault",
     "Scope",
     "ProtectedBuffer",
     "Unlocked",
@@ -105,7 +109,7 @@ __all__ = [
     "MemoryLockWarning",
 ]
 
-def backend() -> str:
+def backend() -> BackendName:
     """``"hardware"`` or ``"software"``: the backend chosen at import."""
     return _key.chosen_backend.NAME
 

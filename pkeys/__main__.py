@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
         help="measure instructions vs syscalls, the Python layer, and mm-lock contention",
         description="Time RDPKRU/WRPKRU against syscalls in C, the Python layer against a bare "
         "cffi call (pyperf), and page-fault throughput while another thread flips access; "
-        "print the table and the targets. See bench/README.md.",
+        "print the table and the targets. How to read them: the Benchmarks pages of the "
+        "documentation (docs/benchmarks.md and docs/benchmarks-method.md in the source).",
     )
     from .bench.cli import add_arguments
 
@@ -76,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         split = argv.index("--")
         argv, guest_command = argv[:split], argv[split + 1:]
+    if argv[:1] == ["vm"] and len(argv) > 1 and {"-h", "--help"} & set(argv[2:]):
+        from .vm.cli import ACTIONS, action_parser
+
+        if argv[1] in ACTIONS:
+            action_parser(argv[1]).print_help()
+            return 0
     parser = _parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown and args.command != "vm":

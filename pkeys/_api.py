@@ -16,7 +16,7 @@ from . import _state
 from ._binding import ffi, lib
 from ._memory import check_prot, resolve
 from ._rights import NUM_KEYS, RIGHTS_BY_VALUE, PkeyRights
-from ._types import KeyLike
+from ._types import KeyLike, MemoryTarget
 from ._errors import ArgumentError, KeyInUseError, RevocationError
 from ._validate import (
     check_alloc_args,
@@ -227,7 +227,7 @@ def tag(target: object, length: object, prot: object, pkey: int, identity: int,
         _state.prune_owners()
 
 
-def pkey_mprotect(target: object, length: int | None, prot: int, pkey: KeyLike) -> None:
+def pkey_mprotect(target: MemoryTarget, length: int | None, prot: int, pkey: KeyLike) -> None:
     """Set ``prot`` on memory and tag it with ``pkey``.  ``target`` is a
     page-aligned int address, or a writable buffer over page-aligned memory
     (an ``mmap.mmap``, or a view or numpy array over one); ``length=None``

@@ -23,7 +23,7 @@ Creation
   5. Lock the inner pages so they never reach swap: secretmem pages are
      locked by the kernel; anonymous ones with ``mlock2(MLOCK_ONFAULT)``,
      which locks each page when it is first touched and so never commits
-     untouched ones.  Best effort: when RLIMIT_MEMLOCK refuses, ``locked``
+     untouched ones.  Best effort: when RLIMIT_MEMLOCK refuses, ``memory_locked``
      is False and a warning says so.
   6. ``MADV_DONTDUMP`` keeps them out of core dumps.  Anonymous pages get
      ``MADV_WIPEONFORK`` (a forked child sees zeros); secretmem pages, which
@@ -76,7 +76,7 @@ import stat
 import warnings
 import weakref
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Unpack
 
 from . import _api, _secretmem, _state
 from ._binding import ffi, lib
@@ -89,7 +89,11 @@ from ._errors import (
 )
 from ._key import Key, chosen_backend
 from ._rights import PAGE_SIZE, PROT_NONE, PROT_READ, PROT_WRITE
+from ._types import BufferOptions, VirtualKeyStats
 from ._validate import raise_status, require_int
+
+if TYPE_CHECKING:
+    from ._types import BufferLike
 
 __all__ = ["ProtectedBuffer", "Unlocked", "virtual_key_limit", "virtual_key_stats"]
 
@@ -494,7 +498,7 @@ class ProtectedBuffer:
     # -- loading without a Python copy ----------------------------------
     @classmethod
     def from_file(cls, path_or_fd: str | os.PathLike[str] | int, size: int | None = None,
-                  **options: Any) -> ProtectedBuffer:
+                  **options: Unpack[BufferOptions]) -> ProtectedBuffer:
         """A buffer holding a file's contents, read with ``read(2)`` straight
         into it (access open only for the call): no Python object ever holds
         the secret.  ``path_or_fd`` is a path, or an open descriptor read
@@ -578,9 +582,18 @@ class ProtectedBuffer:
         return self._mapping.sealed
 
     @property
+    def memory_locked(self) -> bool:
+        """Whether the pages are locked in memory, so never swapped (False
+        when RLIMIT_MEMLOCK refused ``mlock``).  Nothing to do with access:
+        that is :meth:`unlocked`."""
+        return self._mapping.locked
+
+    @property
     def locked(self) -> bool:
-        """Whether the pages are locked in memory (False when RLIMIT_MEMLOCK
-        refused ``mlock``)."""
+        """Deprecated since 0.2.0, removed in 0.3.0: :attr:`memory_locked`.
+        The old name read as the opposite of :meth:`unlocked`."""
+        warnings.warn("ProtectedBuffer.locked is deprecated: it is memory_locked (mlock), "
+                      "not access; the old name goes in 0.3.0", DeprecationWarning, stacklevel=2)
         return self._mapping.locked
 
     @property
@@ -606,7 +619,7 @@ class ProtectedBuffer:
         nested blocks or other tasks; each entry yields its own view."""
         return Unlocked(self._open(), write)
 
-    def readinto(self, dest: Any, offset: int = 0) -> int:
+    def readinto(self, dest: BufferLike, offset: int = 0) -> int:
         """Copy ``len(dest)`` bytes from ``offset`` into the writable buffer
         ``dest``; returns the count.  Access is open only for the copy."""
         mapping = self._open()
@@ -623,7 +636,7 @@ class ProtectedBuffer:
             ffi.release(target)
         return length
 
-    def write(self, data: Any, offset: int = 0) -> int:
+    def write(self, data: BufferLike, offset: int = 0) -> int:
         """Copy the bytes-like ``data`` in at ``offset``; returns the count."""
         mapping = self._open()
         try:
@@ -680,7 +693,7 @@ class ProtectedBuffer:
         key = "virtual" if mapping.key is None else str(mapping.key.pkey)
         return (
             f"<ProtectedBuffer {self._label!r} size={mapping.size} pkey={key} "
-            f"backing={mapping.backing} locked={mapping.locked}>"
+            f"backing={mapping.backing} memory_locked={mapping.locked}>"
         )
 
     def __reduce_ex__(self, protocol: object) -> Any:
@@ -805,7 +818,7 @@ def virtual_key_limit(limit: int | None = None) -> int:
     return lib.pk_vkeys_limit(limit)
 
 
-def virtual_key_stats() -> dict[str, Any]:
+def virtual_key_stats() -> VirtualKeyStats:
     """The pool: ``limit``, ``keys`` it holds, ``held`` by a buffer now,
     the key numbers, and counts of ``assignments`` (cold opens) and
     ``evictions``."""

@@ -94,6 +94,16 @@ class MemoryLockWarning(PkeysWarning):
     """A protected buffer could not be locked in memory (RLIMIT_MEMLOCK)."""
 
 
+# Tracebacks and reprs name them where users import them from
+# (pkeys.InvalidKeyError, not pkeys._errors.InvalidKeyError); pickle finds
+# them there too.
+for _public in (PkeysError, UnsupportedError, ArgumentError, InvalidKeyError, KeyInUseError,
+                BufferCorruptedError, ClosedError, ScopeError, RevocationError, PkeysWarning,
+                MemoryLockWarning):
+    _public.__module__ = "pkeys"
+del _public
+
+
 def os_error(err: int) -> OSError:
     """The exception for a failed kernel or libc call with this errno."""
     return OSError(err, os.strerror(err))

@@ -12,10 +12,15 @@ from __future__ import annotations
 import enum
 import signal
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ._binding import ffi, lib
 from ._errors import ArgumentError, PkeysError
 from ._validate import require_int
+
+if TYPE_CHECKING:
+    from ._buffer import ProtectedBuffer
+    from ._types import MemoryTarget
 
 __all__ = ["Fault", "FaultKind", "probe", "SEGV_MAPERR", "SEGV_ACCERR", "SEGV_PKUERR"]
 
@@ -51,7 +56,8 @@ class Fault:
         return f"{self.kind.value} fault at {self.address:#x} (si_code {self.si_code}{key})"
 
 
-def probe(target: object, write: bool = False, *, offset: int = 0) -> Fault | None:
+def probe(target: MemoryTarget | ProtectedBuffer, write: bool = False, *,
+          offset: int = 0) -> Fault | None:
     """Read (or, with ``write``, atomically rewrite) one byte and report.
 
     ``target`` is an int address, a :class:`ProtectedBuffer` (its data is

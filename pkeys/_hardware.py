@@ -8,11 +8,13 @@ the same names and signatures on every backend.
 
 from __future__ import annotations
 
+from typing import Final
+
 from ._api import *  # noqa: F403 - the backend's operations
 from ._api import __all__ as _operations
 from ._binding import lib
 
-NAME = "hardware"
+NAME: Final = "hardware"
 MODE = lib.PK_MODE_HARDWARE
 
 __all__ = ["NAME", "MODE", *_operations]

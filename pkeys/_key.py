@@ -17,7 +17,7 @@ from ._binding import ffi, lib
 from ._errors import InvalidKeyError
 from ._rights import PKEY_DISABLE_ACCESS, PROT_READ, PROT_WRITE, PkeyRights
 from ._select import choose
-from ._types import KeyLike
+from ._types import KeyLike, MemoryTarget
 from ._validate import check_key_range, raise_status
 
 chosen_backend, chosen_reason = choose()
@@ -171,7 +171,7 @@ class Key:
         _api.pkey_set(self.pkey, value)
 
     def protect(
-        self, target: object, length: int | None = None, prot: int = PROT_READ | PROT_WRITE
+        self, target: MemoryTarget, length: int | None = None, prot: int = PROT_READ | PROT_WRITE
     ) -> None:
         """Tag ``target`` (see :func:`pkeys.pkey_mprotect`) with this key."""
         _api.tag(target, length, prot, self.pkey, self._identity)

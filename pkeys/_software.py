@@ -2,7 +2,7 @@
 
 Chosen in C (``pk_state_init(PK_MODE_SOFTWARE)``) where the CPU or kernel
 has no PKU.  The API and the validation are those of the hardware backend,
-with these differences (also in the README and in ``pkeys doctor``):
+with these differences (also in docs/backends.md and in ``pkeys doctor``):
 
 * One emulated PKRU for the whole process, not one per thread: a grant made
   in one thread opens the key in all of them.
@@ -18,11 +18,13 @@ Enforcement lives in ``csrc/regions.c``.
 
 from __future__ import annotations
 
+from typing import Final
+
 from ._api import *  # noqa: F403 - the backend's operations
 from ._api import __all__ as _operations
 from ._binding import lib
 
-NAME = "software"
+NAME: Final = "software"
 MODE = lib.PK_MODE_SOFTWARE
 
 __all__ = ["NAME", "MODE", *_operations]

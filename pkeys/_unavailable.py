@@ -5,10 +5,12 @@ where it cannot be honoured.  Importing pkeys still works, and so does
 
 from __future__ import annotations
 
+from typing import Final
+
 from ._api import *  # noqa: F403 - the backend's operations
 from ._api import __all__ as _operations
 
-NAME = "hardware"
+NAME: Final = "hardware"
 MODE = 0
 reason = "hardware protection keys are not available"
 

@@ -18,7 +18,12 @@ from ._errors import UnsupportedError
 from ._rights import NUM_KEYS
 from ._select import cpu_model, emulated, hardware_absence_reason, hardware_supported
 
-__all__ = ["collect", "main"]
+__all__ = ["SCHEMA", "collect", "main"]
+
+#: The version of ``pkeys doctor --json``'s layout (docs/commands.md).  It
+#: goes up when a field is removed, renamed or changes meaning; new fields
+#: do not change it.
+SCHEMA = 1
 
 SOFTWARE_DIFFERENCES = [
     "rights are process-wide, not per thread: allowing a key in one thread allows it in all",
@@ -70,6 +75,8 @@ def collect() -> dict[str, Any]:
     allocated = pkeys.allocated_keys()
     failure = backend_failure()
     report: dict[str, Any] = {
+        "schema": SCHEMA,
+        "version": pkeys.__version__,
         "cpu": {
             "model": cpu_model(),
             "arch": platform.machine(),
@@ -105,7 +112,22 @@ def collect() -> dict[str, Any]:
         "vm": _vm_status(),
         "secretmem": _secret_memory(),
     }
+    report["verdict"] = _verdict(report)
     return report
+
+
+def _verdict(report: dict[str, Any]) -> dict[str, Any]:
+    """The conclusion, as the exit status sees it: whether hardware keys
+    are usable, whether the chosen backend works, and one sentence."""
+    hardware = ("hardware protection keys are usable" if report["hardware_supported"] else
+                f"no hardware protection keys: {report['hardware_absence_reason']}")
+    backend = report["backend"]
+    return {
+        "hardware_usable": report["hardware_supported"],
+        "backend_works": backend["works"],
+        "summary": f"{hardware}; the {backend['name']} backend "
+        + ("works" if backend["works"] else "does NOT work"),
+    }
 
 
 def _secret_memory() -> dict[str, Any]:
@@ -188,13 +210,7 @@ def _render(report: dict[str, Any]) -> str:
         + ("ready: `pkeys vm -- CMD` runs CMD on an emulated PKU CPU" if vm["ready"] else
            f"not ready (missing {', '.join(vm['missing'])}): run `pkeys vm setup`")
     )
-    hardware = ("hardware protection keys are usable" if report["hardware_supported"] else
-                f"no hardware protection keys: {report['hardware_absence_reason']}")
-    backend = report["backend"]
-    lines.append(
-        f"verdict        {hardware}; the {backend['name']} backend "
-        + ("works" if backend["works"] else "does NOT work")
-    )
+    lines.append(f"verdict        {report['verdict']['summary']}")
     return "\n".join(lines)
 
 
@@ -216,5 +232,13 @@ def main(as_json: bool = False, require_hardware: bool = False) -> int:
         sys.stdout.write("\n")
     else:
         print(_render(report))
-    usable = report["hardware_supported"] if require_hardware else report["backend"]["works"]
-    return 0 if usable else 1
+    verdict = report["verdict"]
+    if require_hardware and not verdict["hardware_usable"]:
+        print(f"pkeys doctor: exit status 1 (--require-hardware): no hardware protection keys: "
+              f"{report['hardware_absence_reason']}", file=sys.stderr)
+        return 1
+    if not require_hardware and not verdict["backend_works"]:
+        print(f"pkeys doctor: exit status 1: the {report['backend']['name']} backend does not "
+              f"work: {report['backend']['failure']}", file=sys.stderr)
+        return 1
+    return 0

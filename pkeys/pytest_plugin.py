@@ -38,14 +38,21 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from ._fault import Fault, FaultKind
+    from ._key import Key
+    from ._types import ExpectFault
 
 MARK = "pku"
 #: Set in the guest's environment: the shared folder for node ids and results.
 EXCHANGE_ENV = "PKEYS_VM_PLUGIN_EXCHANGE"
 REQUIRE_ENV = "PKEYS_REQUIRE_PKU"
+#: How often, at most, the count of finished VM items is printed.
+PROGRESS_SECONDS = 10.0
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -152,6 +159,11 @@ class _Session:
     release: str | None = None
     reports: dict[str, list[pytest.TestReport]] = field(default_factory=dict)
     seconds: float = 0.0
+    # Progress while it runs: how far the results file has been read, the
+    # incomplete line at its end, and the items whose last phase arrived.
+    read: int = 0
+    partial: bytes = b""
+    finished: int = 0
 
     @property
     def name(self) -> str:
@@ -181,6 +193,7 @@ class _Host:
         self.sessions: list[_Session] = []
         self.done = threading.Event()
         self.thread: threading.Thread | None = None
+        self.last_progress = time.monotonic()
 
     # -- collection and start ---------------------------------------------
     @pytest.hookimpl(trylast=True)
@@ -271,7 +284,55 @@ class _Host:
 
     # -- reporting ---------------------------------------------------------
     def _wait(self) -> None:
-        self.done.wait()
+        while not self.done.wait(timeout=1.0):
+            self._progress()
+        self._progress()
+
+    def pytest_runtest_logfinish(self) -> None:
+        """After each test that ran here: what the VMs finished meanwhile."""
+        if not self.done.is_set():
+            self._progress()
+
+    def _arrived(self, session: _Session) -> list[dict[str, Any]]:
+        """The reports the guest wrote since the last call (complete lines
+        only: it may be writing the next one)."""
+        if self.exchange is None or session.release is None:
+            return []
+        try:
+            with open(self.exchange / f"results-{session.release}.jsonl", "rb") as results:
+                results.seek(session.read)
+                chunk = results.read()
+        except FileNotFoundError:
+            return []
+        session.read += len(chunk)
+        *lines, session.partial = (session.partial + chunk).split(b"\n")
+        reports = [json.loads(line) for line in lines if line.strip()]
+        session.finished += sum(1 for report in reports if report.get("when") == "teardown")
+        return reports
+
+    def _progress(self) -> None:
+        """Show what arrived from the VMs: with -v each result as it comes;
+        otherwise, at most every PROGRESS_SECONDS, the items finished per
+        kernel.  Called from pytest's own thread only, between tests or
+        while it waits, so the lines never cut into another test's."""
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is None:
+            return
+        verbose = self.config.getoption("verbose") > 0
+        arrived = False
+        for session in self.sessions:
+            for report in self._arrived(session):
+                arrived = True
+                when, outcome = report.get("when"), report.get("outcome", "")
+                if verbose and (when == "call" or outcome != "passed"):
+                    phase = "" if when == "call" else f" (in {when})"
+                    reporter.write_line(f"pkeys vm ({session.name}): {report.get('nodeid')} "
+                                        f"{outcome.upper()}{phase}")
+        now = time.monotonic()
+        if arrived and (self.done.is_set() or now - self.last_progress >= PROGRESS_SECONDS):
+            self.last_progress = now
+            counts = ", ".join(f"{s.name} {s.finished}/{len(self.items)}" for s in self.sessions)
+            reporter.write_line(f"pkeys vm: items finished: {counts}")
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
@@ -369,7 +430,7 @@ class _Host:
 
 # -- fixtures ----------------------------------------------------------------
 @pytest.fixture
-def pkey() -> Iterator[Any]:
+def pkey() -> Iterator[Key]:
     """A fresh :class:`pkeys.Key` (access disabled), closed after the test."""
     import pkeys
 
@@ -380,7 +441,7 @@ def pkey() -> Iterator[Any]:
 
 
 @pytest.fixture
-def expect_fault() -> Callable[..., Any]:
+def expect_fault() -> ExpectFault:
     """``expect_fault(function, kind=None)``: call ``function`` in a forked
     child, which must die of a fault; return that fault as a
     :class:`pkeys.Fault` (kind, ``si_code``, pkey, address, signal).  The
@@ -389,7 +450,7 @@ def expect_fault() -> Callable[..., Any]:
     return _expect_fault
 
 
-def _expect_fault(function: Callable[[], object], kind: Any = None) -> Any:
+def _expect_fault(function: Callable[[], object], kind: FaultKind | None = None) -> Fault:
     from ._binding import ffi, lib
     from ._child import run_in_child
     from ._fault import Fault, FaultKind

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The whole test suite, exactly as CI runs it (the README's test command):
-#   1. a virtualenv in .venv with pkeys installed (editable) and the test tools;
-#   2. `pkeys vm setup` for Debian's 6.1 and 6.12 kernels (QEMU, kernels and
+#   1. a virtualenv in .venv with pkeys installed (editable) with $extras;
+#   2. the documentation site, built in strict mode (a broken link or
+#      reference fails the run);
+#   3. `pkeys vm setup` for Debian's 6.1 and 6.12 kernels (QEMU, kernels and
 #      initramfs, cached in ~/.cache/pkeys);
-#   3. one pytest session: the native suite here (the software backend, or
+#   4. one pytest session: the native suite here (the software backend, or
 #      the hardware one on PKU machines) while the pkeys pytest plugin runs
 #      the `pku` tier, and the `anybackend` tests again, on an emulated PKU
 #      CPU with each kernel (--pkeys-vm), its results merged into this report.
@@ -14,12 +16,25 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python=${PYTHON:-python3}
+# The one list of what the suite needs. .github/workflows/ci.yml runs this
+# script rather than repeating it (tests/test_workflow.py checks that).
+extras=test,bench,docs
+# The kernels of the pku tier; the workflow's cache key hashes this file.
 kernels=(6.1 6.12)
+# What `pkeys vm setup` needs from the host (the workflow installs the same).
+host_packages=(qemu-system-x86 busybox-static zstd debian-archive-keyring)
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 # shellcheck disable=SC1091
 . .venv/bin/activate
-python -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
+python -m pip install --quiet --disable-pip-version-check -e ".[$extras]"
 echo "== installed in ${SECONDS}s"
+
+docs_started=$SECONDS
+site=$(mktemp -d)
+# Not --quiet: with it mkdocs stops counting warnings, and strict mode passes anything.
+NO_MKDOCS_2_WARNING=1 python -m mkdocs build --strict --site-dir "$site"
+rm -rf "$site"
+echo "== docs built (strict) in $((SECONDS - docs_started))s"
 
 vm_options=()
 setup_started=$SECONDS
@@ -29,7 +44,7 @@ if python -m pkeys vm setup "${kernels[@]/#/--kernel=}"; then
     export PKEYS_REQUIRE_VM=1
 else
     echo "The pku tier needs QEMU and a static busybox:" >&2
-    echo "  sudo apt-get install qemu-system-x86 busybox-static && python -m pkeys vm setup" >&2
+    echo "  sudo apt-get install ${host_packages[*]} && python -m pkeys vm setup" >&2
     if [ "${CI:-}" = "true" ]; then exit 1; fi
     echo "pku tier NOT RUN" >&2
 fi

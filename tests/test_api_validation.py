@@ -192,3 +192,18 @@ def test_public_api_is_explicit():
     for name in pkeys.__all__:
         assert hasattr(pkeys, name), name
     assert "lib" not in pkeys.__all__ and "ffi" not in pkeys.__all__
+
+
+def test_public_errors_are_named_where_they_are_imported_from():
+    import pickle
+    import traceback
+
+    for name in ("PkeysError", "UnsupportedError", "ArgumentError", "InvalidKeyError",
+                 "KeyInUseError", "BufferCorruptedError", "ClosedError", "ScopeError",
+                 "RevocationError", "PkeysWarning", "MemoryLockWarning"):
+        cls = getattr(pkeys, name)
+        assert f"{cls.__module__}.{cls.__qualname__}" == f"pkeys.{name}"
+    with pytest.raises(pkeys.InvalidKeyError) as caught:
+        pkeys.pkey_set(0, pkeys.PKEY_DISABLE_ACCESS)
+    assert traceback.format_exception_only(caught.value)[0].startswith("pkeys.InvalidKeyError: ")
+    assert type(pickle.loads(pickle.dumps(caught.value))) is pkeys.InvalidKeyError

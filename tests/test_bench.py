@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pyperf
 import pytest
 
 import pkeys
@@ -14,8 +15,6 @@ import pkeys._binding
 from pkeys.bench import contention, report
 from pkeys.bench.contention import Sample
 from pkeys.bench.suite import CASES
-
-pyperf = pytest.importorskip("pyperf")
 
 
 def test_quick_run_executes_every_case(tmp_path):

@@ -127,7 +127,7 @@ def test_memory_hygiene_flags(secretmem):
         buffer.write(b"x" * 64)  # an anonymous page is locked when first touched
         flags = vm_flags(buffer.address)
         assert "dd" in flags  # MADV_DONTDUMP
-        assert buffer.locked
+        assert buffer.memory_locked
         if buffer.backing == "anonymous":
             assert "lo" in flags  # mlock (on fault)
             assert "wf" in flags  # MADV_WIPEONFORK
@@ -231,7 +231,7 @@ def test_mlock_refusal_is_a_warning_not_an_error():
             os.setuid(65534)
         with pytest.warns(pkeys.MemoryLockWarning, match="RLIMIT_MEMLOCK"):
             buffer = pkeys.ProtectedBuffer(16)
-        assert not buffer.locked
+        assert not buffer.memory_locked
         buffer.write(b"still works")
         out = bytearray(11)
         buffer.readinto(out)
@@ -446,3 +446,11 @@ def test_no_key_or_mapping_leaks_after_many_cycles():
         for pkey in raw:
             pkeys.sys.pkey_free(pkey)
         assert len(raw) >= 15 - len(keys_before) - 1  # the kernel may hold its exec-only key
+
+
+def test_locked_is_the_deprecated_name_of_memory_locked():
+    with pkeys.ProtectedBuffer(16) as buffer:
+        with pytest.warns(DeprecationWarning, match="memory_locked"):
+            old = buffer.locked
+        assert old is buffer.memory_locked
+        assert f"memory_locked={buffer.memory_locked}>" in repr(buffer)

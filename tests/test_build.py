@@ -180,6 +180,36 @@ def test_wheel_is_manylinux_abi3_and_complete(dist):
     assert sources <= names, f"modules missing from the wheel: {sorted(sources - names)}"
 
 
+def elf_section_names(image: bytes) -> set[str]:
+    """The section names of a 64-bit little-endian ELF file."""
+    import struct
+
+    assert image[:6] == b"\x7fELF\x02\x01", "not a 64-bit little-endian ELF file"
+    (section_headers,) = struct.unpack_from("<Q", image, 0x28)
+    entry_size, count, names_index = struct.unpack_from("<HHH", image, 0x3A)
+
+    def header(index: int) -> tuple[int, int, int]:
+        base = section_headers + index * entry_size
+        (name,) = struct.unpack_from("<I", image, base)
+        offset, size = struct.unpack_from("<QQ", image, base + 0x18)
+        return name, offset, size
+
+    _, table, table_size = header(names_index)
+    strings = image[table:table + table_size]
+    return {strings[name:strings.index(b"\0", name)].decode() for name, _, _ in map(header, range(count))}
+
+
+@pytest.mark.slow
+def test_the_wheels_extension_is_stripped(dist):
+    import zipfile
+
+    with zipfile.ZipFile(only(list(dist.glob("*.whl")))) as archive:
+        sections = elf_section_names(archive.read("pkeys/_pkeys_cffi.abi3.so"))
+    assert ".text" in sections and ".dynsym" in sections, sections
+    assert not {".symtab", ".strtab"} & sections, sections
+    assert not {name for name in sections if name.startswith(".debug")}, sections
+
+
 @pytest.mark.slow
 def test_sdist_carries_the_license_and_the_c_sources(dist):
     import tarfile
@@ -189,6 +219,19 @@ def test_sdist_carries_the_license_and_the_c_sources(dist):
         names = {n.split("/", 1)[1] for n in archive.getnames() if "/" in n}
     needed = {"LICENSE", "_build_ffi.py", "setup.py", "pyproject.toml", "pkeys/_pkeys_cffi.pyi",
               "pkeys/py.typed"} | {str(p.relative_to(ROOT)) for p in SOURCES}
+    assert needed <= names, sorted(needed - names)
+
+
+@pytest.mark.slow
+def test_sdist_carries_what_runs_the_tests_and_rebuilds(dist):
+    import tarfile
+
+    sdist = only(list(dist.glob("*.tar.gz")))
+    with tarfile.open(sdist) as archive:
+        names = {n.split("/", 1)[1] for n in archive.getnames() if "/" in n}
+    tracked = subprocess.run(["git", "ls-files", "tests", "docs", "tools", "bench", ".ci", ".github"],
+                             cwd=ROOT, check=True, capture_output=True, text=True).stdout.split()
+    needed = {"README.md", "CHANGELOG.md", "SECURITY.md", "mkdocs.yml", *tracked}
     assert needed <= names, sorted(needed - names)
 
 

@@ -7,6 +7,8 @@ import ctypes
 import json
 import mmap
 import os
+import pathlib
+import re
 import subprocess
 import sys
 
@@ -40,6 +42,12 @@ def test_doctor_exits_0_whenever_the_backend_works():
 def test_doctor_require_hardware_exits_1_without_pku():
     result = run_pkeys("doctor", "--require-hardware")
     assert result.returncode == (0 if pkeys.hardware_supported() else 1), result.stderr
+    if pkeys.hardware_supported():
+        assert result.stderr == ""
+    else:  # why it failed, where a script's log shows it
+        (line,) = result.stderr.splitlines()
+        assert line.startswith("pkeys doctor: exit status 1 (--require-hardware): no hardware")
+        assert json.loads(run_pkeys("doctor", "--json").stdout)["hardware_absence_reason"] in line
 
 
 def test_doctor_exits_1_when_the_requested_backend_cannot_work():
@@ -48,6 +56,8 @@ def test_doctor_exits_1_when_the_requested_backend_cannot_work():
     assert result.returncode == 1
     assert "NOT WORKING" in result.stdout and "no-such-backend" in result.stdout
     assert "does NOT work" in result.stdout
+    assert result.stderr.startswith("pkeys doctor: exit status 1: the ")
+    assert "no-such-backend" in result.stderr
 
 
 def test_doctor_json_matches_the_library():
@@ -63,6 +73,19 @@ def test_doctor_json_matches_the_library():
     assert len(report["pkru"]["keys"]) == 16
     assert "ready" in report["vm"]
     assert report["backend"]["works"] is True and report["backend"]["failure"] is None
+    assert report["schema"] == 1 and report["version"] == pkeys.__version__
+    verdict = report["verdict"]
+    assert verdict["hardware_usable"] is pkeys.hardware_supported()
+    assert verdict["backend_works"] is True
+    assert verdict["summary"].endswith(f"the {pkeys.backend()} backend works")
+    assert verdict["summary"] in run_pkeys("doctor").stdout
+
+
+def test_every_field_of_doctor_json_is_documented():
+    page = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "commands.md").read_text()
+    documented = set(re.findall(r"^\| `(\w+)` \|", page, re.MULTILINE))
+    report = json.loads(run_pkeys("doctor", "--json").stdout)
+    assert set(report) == documented
 
 
 def test_doctor_reports_this_process_locked_memory_limit_and_threads():
@@ -158,3 +181,11 @@ def test_every_subcommand_has_a_description():
         description = paragraphs[1]
         assert not description.startswith(("options:", "positional arguments:")), name
         assert len(description.split()) >= 5, (name, description)
+
+
+def test_bench_help_points_to_the_docs_that_ship():
+    result = run_pkeys("bench", "--help")
+    assert result.returncode == 0
+    assert "docs/benchmarks-method.md" in result.stdout and "bench/README.md" not in result.stdout
+    docs = pathlib.Path(__file__).resolve().parent.parent / "docs"
+    assert (docs / "benchmarks.md").is_file() and (docs / "benchmarks-method.md").is_file()

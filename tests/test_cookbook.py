@@ -1,4 +1,4 @@
-"""The README cookbook, each recipe with the copies of the secret it leaves
+"""The cookbook (docs/protected-buffer.md), each recipe with the copies of the secret it leaves
 in this process counted by scanning memory.
 
 The scanner reads every writable mapping (the heap, Python's arenas,

@@ -76,7 +76,7 @@ def test_the_count_sees_buffers_that_are_kept():
         # Each buffer is at least its data pages between two guard pages,
         # which cannot merge with anything around them.
         assert growth.mappings >= 3 * 2
-        if all(buffer.locked for buffer in kept):
+        if all(buffer.memory_locked for buffer in kept):
             assert growth.locked_bytes >= 3 * mmap.PAGESIZE
         with pytest.raises(AssertionError):
             assert_nothing_kept(before, holdings())

@@ -91,3 +91,83 @@ def test_expect_fault_returns_the_fault_and_pkey_gives_a_fresh_key(tmp_path):
     assert "2 failed, 3 passed" in out, out + result.stderr
     assert "expected a fault, but the child exited with status 0" in out
     assert "ZeroDivisionError" in out
+
+
+class _Terminal:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def write_line(self, line: str) -> None:
+        self.lines.append(line)
+
+
+class _Config:
+    """What the plugin's host side reads from pytest's config."""
+
+    def __init__(self, terminal: _Terminal, verbose: int) -> None:
+        self.verbose = verbose
+        self.pluginmanager = self
+        self.terminal = terminal
+
+    def get_plugin(self, name: str) -> _Terminal | None:
+        return self.terminal if name == "terminalreporter" else None
+
+    def getini(self, name: str) -> list[str]:
+        return []
+
+    def getoption(self, name: str) -> object:
+        return {"verbose": self.verbose, "pkeys_vm_kernel": ["6.1", "6.12"]}[name]
+
+
+def _phases(nodeid: str, outcome: str = "passed") -> str:
+    import json
+
+    return "".join(json.dumps({"nodeid": nodeid, "when": when, "outcome": o}) + "\n"
+                   for when, o in (("setup", "passed"), ("call", outcome), ("teardown", "passed")))
+
+
+@pytest.mark.parametrize("verbose", [0, 1])
+def test_progress_while_the_vms_run(tmp_path, verbose):
+    """Finished VM items are counted per kernel as the guests write them
+    (complete lines only, at most every PROGRESS_SECONDS unless the VMs are
+    done); -v shows each result as it arrives."""
+    from pkeys import pytest_plugin
+
+    terminal = _Terminal()
+    host = pytest_plugin._Host(_Config(terminal, verbose))
+    host.exchange = tmp_path
+    host.items = [object(), object(), object()]
+    old, new = (pytest_plugin._Session(k, tmp_path / f"{k}.log") for k in host.kernels)
+    host.sessions = [old, new]
+    old.release, new.release = "6.1.0-57-amd64", "6.12.118+deb12-amd64"
+    host._progress()
+    assert terminal.lines == []  # nothing written yet
+
+    first = _phases("t.py::test_a") + _phases("t.py::test_b", "failed")
+    (tmp_path / f"results-{old.release}.jsonl").write_text(first + '{"nodeid": "t.py::te')
+    (tmp_path / f"results-{new.release}.jsonl").write_text(_phases("t.py::test_a"))
+    host.last_progress -= pytest_plugin.PROGRESS_SECONDS
+    host._progress()
+    count = "pkeys vm: items finished: 6.1.0-57-amd64 2/3, 6.12.118+deb12-amd64 1/3"
+    results = ["pkeys vm (6.1.0-57-amd64): t.py::test_a PASSED",
+               "pkeys vm (6.1.0-57-amd64): t.py::test_b FAILED",
+               "pkeys vm (6.12.118+deb12-amd64): t.py::test_a PASSED"]
+    assert terminal.lines == ([*results, count] if verbose else [count])
+
+    # More arrives within PROGRESS_SECONDS: no new count until the VMs are done.
+    terminal.lines.clear()
+    with open(tmp_path / f"results-{old.release}.jsonl", "a") as results_file:
+        results_file.write('st_c", "when": "setup", "outcome": "skipped"}\n')
+        results_file.write('{"nodeid": "t.py::test_c", "when": "teardown", "outcome": "passed"}\n')
+    host._progress()
+    skipped = "pkeys vm (6.1.0-57-amd64): t.py::test_c SKIPPED (in setup)"
+    assert terminal.lines == ([skipped] if verbose else [])
+    (tmp_path / f"results-{new.release}.jsonl").write_text(
+        _phases("t.py::test_a") + _phases("t.py::test_b") + _phases("t.py::test_c"))
+    host.done.set()
+    terminal.lines.clear()
+    host._wait()
+    assert terminal.lines[-1] == "pkeys vm: items finished: 6.1.0-57-amd64 3/3, 6.12.118+deb12-amd64 3/3"
+    assert len(terminal.lines) == (3 if verbose else 1)
+    host._wait()  # nothing new: nothing printed again
+    assert len(terminal.lines) == (3 if verbose else 1)

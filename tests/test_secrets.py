@@ -74,7 +74,7 @@ def test_secret_memory_is_available_on_both_tiers():
     # The emulated tier must boot its 6.1 kernel with secretmem.enable=1.
     assert SECRETMEM, SECRETMEM_REASON
     with pkeys.ProtectedBuffer(16) as buffer:
-        assert buffer.backing == "secretmem" and buffer.locked
+        assert buffer.backing == "secretmem" and buffer.memory_locked
         assert "backing=secretmem" in repr(buffer)
 
 

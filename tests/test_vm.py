@@ -59,10 +59,17 @@ def test_a_typo_of_an_action_is_named():
 
 
 @pytest.mark.parametrize("action", ["setup", "selftest"])
-def test_help_of_an_action_prints_usage_and_boots_nothing(action):
+def test_help_of_an_action_is_its_own_and_boots_nothing(action):
     result = run_pkeys("vm", action, "--help")
     assert result.returncode == 0
-    assert "pkeys vm setup [--kernel SERIES]" in result.stdout and "--kernel" in result.stdout
+    assert result.stdout.startswith(f"usage: pkeys vm {action} [--kernel SERIES]")
+    assert "--kernel" in result.stdout and "-- CMD" not in result.stdout
+    assert run_pkeys("vm", action, "--kernel", "6.1", "-h").stdout == result.stdout
+
+
+def test_selftest_says_what_it_downloads_before_it_does():
+    assert "140 MB" in run_pkeys("vm", "selftest", "--help").stdout
+    assert "140 MB" in run_pkeys("vm", "--help").stdout
 
 
 @pytest.mark.parametrize("option, value", [("--smp", "0"), ("--smp", "-1"), ("--mem", "64"),

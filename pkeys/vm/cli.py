@@ -48,7 +48,8 @@ def _positive_seconds(text: str) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", nargs="*", metavar="ACTION",
-                        help="`setup` or `selftest`; a command to run goes after --")
+                        help="`setup` or `selftest` (downloads about 140 MB once); a command to "
+                             "run goes after --. `pkeys vm ACTION --help` describes each")
     parser.add_argument("--kernel", action="append", metavar="SERIES",
                         help="Debian kernel series (6.1, 6.12), a cached release, or a kernel "
                              "image path; setup takes several; default: the one setup chose")
@@ -71,6 +72,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refresh", action="store_true",
                         help="setup: look for newer kernels of the series even if one is cached")
     parser.set_defaults(vm_parser=parser, guest_command=None)
+
+
+def action_parser(action: str) -> argparse.ArgumentParser:
+    """The help of ``pkeys vm setup`` and ``pkeys vm selftest``: what each
+    does and the options it reads.  The vm parser above still parses them
+    (one parser keeps ``pkeys vm stup`` a usage error, not a boot)."""
+    if action == "setup":
+        parser = argparse.ArgumentParser(
+            prog="pkeys vm setup", usage="pkeys vm setup [--kernel SERIES]... [--refresh]",
+            description="Prepare the emulated PKU machine, once: install QEMU and a static "
+            "busybox (as root on an apt system; otherwise say which packages to install), find "
+            "Debian's newest kernel package of each series, download it without installing it, "
+            "keep its image and the modules the guest needs, and build an initramfs. Everything "
+            "is cached in $XDG_CACHE_HOME/pkeys/vm (~/.cache/pkeys/vm by default); a cached kernel "
+            "is kept until --refresh.")
+        parser.add_argument("--kernel", action="append", metavar="SERIES",
+                            help="a Debian kernel series (6.1, 6.12); give it once per kernel; "
+                                 "default: Debian's default series")
+        parser.add_argument("--refresh", action="store_true",
+                            help="look for newer kernels of the series even if one is cached")
+        return parser
+    if action == "selftest":
+        parser = argparse.ArgumentParser(
+            prog="pkeys vm selftest", usage="pkeys vm selftest [--kernel SERIES] [--timeout S] [-v]",
+            description="Run the kernel's own protection-keys selftest on the emulated CPU: "
+            "download the matching Debian linux-source package (about 140 MB, once, cached), "
+            "build tools/testing/selftests/mm/protection_keys.c from it, run it in the guest, and "
+            "judge it by its output (distinct PASSED lines and the final `done (all tests OK)`), "
+            "since its exit status cannot be trusted. Exits 0 when it passed.")
+        parser.add_argument("--kernel", metavar="SERIES",
+                            help="the kernel series or cached release to test; default: the one "
+                                 "setup chose")
+        parser.add_argument("--timeout", metavar="S",
+                            help="kill the VM after S seconds (exit 124); default 1800")
+        parser.add_argument("-v", "--verbose", action="store_true",
+                            help="show the build and the test's output as they run")
+        return parser
+    raise ValueError(f"no action {action!r}: {', '.join(ACTIONS)}")
 
 
 def _usage_error(args: argparse.Namespace, message: str) -> int:

@@ -6,6 +6,7 @@ else.  Never run."""
 from __future__ import annotations
 
 import mmap
+from typing import Literal
 
 import pkeys
 from pkeys import pkru
@@ -42,3 +43,33 @@ with buffer.unlocked() as view:
     view.upper()  # E: [attr-defined] a memoryview is not a str
 kind = pkeys.probe(page).kind  # E: [union-attr] probe may return None
 pkeys.backend() + 1  # E: [operator] backend() is a str
+same = pkeys.backend() == "hw"  # E: [comparison-overlap] backend() is "hardware" or "software"
+mode: Literal["hardware"] = pkeys.backend()  # E: [assignment] it may be "software"
+
+# A loader takes ProtectedBuffer's own options, by name and type.
+pkeys.ProtectedBuffer.from_file("key.pem", labl="pem")  # E: [call-arg] a misspelt option
+pkeys.ProtectedBuffer.from_file("key.pem", secretmem="yes")  # E: [arg-type] a bool or None
+pkeys.ProtectedBuffer.from_file("key.pem", size="32")  # E: [arg-type] size is an int
+
+# Data goes in and out through buffers, never a str.
+buffer.write("tok_live_0123")  # E: [arg-type] a str is not a buffer
+buffer.readinto("out")  # E: [arg-type] a str is not a buffer
+buffer.write(12)  # E: [arg-type] an int is not a buffer
+
+# The pool's statistics are a TypedDict.
+pkeys.virtual_key_stats()["evicted"]  # E: [typeddict-item] no such field
+held_keys: str = pkeys.virtual_key_stats()["pkeys"]  # E: [assignment] a list of ints
+
+
+# The pytest plugin's fixtures, annotated with the exported types.
+def test_with_fixtures(expect_fault: pkeys.ExpectFault, pkey: pkeys.Key) -> None:
+    expect_fault(lambda: None, kind="pkey")  # E: [arg-type] a FaultKind, not a str
+    fault: str = expect_fault(lambda: None)  # E: [assignment] it returns a Fault
+    print(fault)
+    expect_fault()  # E: [call-arg] the function to run is missing
+    pkey.protect("page")  # E: [arg-type] a Key protects memory, not a str
+
+
+# Memory arguments are an address or a buffer.
+pkeys.pkey_mprotect("0x7f00", 4096, pkeys.PROT_READ, key)  # E: [arg-type] a str is no memory
+pkeys.probe("page")  # E: [arg-type] a str is no memory

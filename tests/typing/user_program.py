@@ -69,7 +69,36 @@ def keep_a_secret(secret: bytes) -> bytes:
     return bytes(copy)
 
 
+def load_and_count(secret: bytes) -> pkeys.VirtualKeyStats:
+    """A loader with ProtectedBuffer's options, any buffer as data, typed stats."""
+    import os
+    import tempfile
+
+    fd, path = tempfile.mkstemp()
+    try:
+        os.write(fd, secret)
+        os.close(fd)
+        with pkeys.ProtectedBuffer.from_file(path, label="pem", secretmem=None) as pem:
+            pem.write(memoryview(bytearray(secret)))
+            pem.write(mmap.mmap(-1, len(secret)))
+    finally:
+        os.remove(path)
+    stats = pkeys.virtual_key_stats()
+    evictions: int = stats["evictions"]
+    assert evictions >= 0 and stats["limit"] == pkeys.virtual_key_limit()
+    return stats
+
+
+def a_plugin_test(expect_fault: pkeys.ExpectFault, pkey: pkeys.Key) -> pkeys.Fault:
+    """How a test using the pytest plugin's fixtures is annotated (not run here)."""
+    page = mmap.mmap(-1, mmap.PAGESIZE)
+    pkey.protect(page)
+    return expect_fault(lambda: page[0], kind=pkeys.FaultKind.PKEY)
+
+
 def main() -> int:
+    name: pkeys.BackendName = pkeys.backend()
+    assert name in ("hardware", "software")
     print(f"pkeys {pkeys.__version__}, {pkeys.backend()} backend: {pkeys.backend_reason()}")
     try:
         raw_calls()
@@ -79,6 +108,7 @@ def main() -> int:
         return 1
     print(f"rights while open: {keys_and_scopes()!r}")
     assert keep_a_secret(b"correct horse") == b"correct horse"
+    print(f"virtual keys: {load_and_count(b'-----BEGIN PRIVATE KEY-----')['limit']}")
     return 0
 
 
