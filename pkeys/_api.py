@@ -58,6 +58,8 @@ REVOCATION_TIMEOUT = _state.REVOCATION_TIMEOUT
 # Set by pkeys._key once Key exists, so that a Key argument takes a fast
 # path (a slot read) instead of __index__.
 key_type: type = type(None)
+# Parsed once (finalizers free keys too): see _binding._realize_every_type.
+_BROADCAST_RESULT = ffi.typeof("struct pk_broadcast *")
 
 
 def key_number(pkey: object) -> int:
@@ -88,7 +90,7 @@ def alloc_key(flags: object = 0, access_rights: object = 0) -> tuple[int, int]:
 def free_key(pkey: int, identity: int, timeout: float = REVOCATION_TIMEOUT) -> None:
     """Free ``pkey`` if it still has ``identity`` (0: whatever it has),
     after revoking it in every thread."""
-    result = ffi.new("struct pk_broadcast *")
+    result = ffi.new(_BROADCAST_RESULT)
     status = lib.pk_key_free(pkey, identity, timeout, result, 0)
     if status == _E_IN_USE:
         _state.prune_owners()  # owners collected or closed since they were tagged
@@ -106,7 +108,7 @@ def set_all_threads(pkey: int, identity: int, access_rights: int,
                     timeout: float = REVOCATION_TIMEOUT) -> None:
     """``access_rights`` for ``pkey`` in every thread of the process, and
     every active grant on it voided; returns once every thread has them."""
-    result = ffi.new("struct pk_broadcast *")
+    result = ffi.new(_BROADCAST_RESULT)
     status = _state.call(lib.pk_key_set_all, pkey, identity, access_rights, timeout, result)
     if status == _E_BROADCAST:
         raise revocation_error(pkey, result, "")

@@ -104,6 +104,8 @@ _NEED_PINS = _state.NEED_PINS
 _READ_ONLY = lib.PK_GRANT_READ_ONLY
 _READ_WRITE = lib.PK_GRANT_READ_WRITE
 _UINTPTR = ffi.typeof("uintptr_t")
+# Parsed once: the finalizer closes buffers through _call.
+_VBUF_OP = ffi.typeof("struct pk_vbuf_op *")
 
 
 def _address(memory: object) -> int:
@@ -137,7 +139,7 @@ def _call(function: Any, *args: object) -> int:
     """One ``pk_vbuf_*`` operation, pinning foreign owners when the software
     backend asks (only a shared ``key=`` can guard foreign memory); a retry
     after the work was done only ends its grant.  Returns its result."""
-    op = ffi.new("struct pk_vbuf_op *", {"token": -1})
+    op = ffi.new(_VBUF_OP, {"token": -1})
     status = _state.call(function, *args, op)
     if status < 0:
         _raise(status)

@@ -405,6 +405,57 @@ def test_finalizers_at_any_allocation_never_deadlock():
         assert result.exitcode == 0, f"threshold {threshold}: {result.describe()}\n{result.stderr}"
 
 
+# Names a struct type for the first time (in this fresh process) while a
+# finalizer that names the same type is due at the 6th allocation: the
+# pattern that aborted in cffi's _realize_c_struct_or_union, or raised
+# "the types are different", when types were built lazily.  Then the
+# issue's own pattern: a Key in a cycle and the first pkey_free.
+_FIRST_USE_OF_EACH_TYPE_UNDER_GC = """
+import gc, sys
+import pkeys
+from pkeys._binding import ffi
+
+threshold = int(sys.argv[1])
+for name in ffi.list_types()[1]:
+    if name == "pk_vbuf":
+        continue  # opaque: never allocated from Python
+    type_name = f"struct {name} *"
+
+    class Finalized:
+        def __init__(self):
+            self.cycle = self
+
+        def __del__(self, type_name=type_name):
+            ffi.new(type_name)
+
+    gc.collect()
+    gc.set_threshold(threshold)
+    for _ in range(3):
+        Finalized()
+    ffi.new(type_name)
+    gc.set_threshold(700)
+
+class Holder:
+    def __init__(self):
+        self.cycle = self
+        self.key = pkeys.Key()
+
+Holder()
+gc.collect()
+gc.set_threshold(threshold)
+Holder()
+pkeys.pkey_free(pkeys.pkey_alloc())
+"""
+
+
+def test_finalizers_during_the_first_use_of_a_c_type_do_not_abort():
+    for threshold in range(4, 12):
+        result = subprocess.run(
+            [sys.executable, "-W", "ignore", "-c", _FIRST_USE_OF_EACH_TYPE_UNDER_GC,
+             str(threshold)], capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 0, f"threshold {threshold}: {result.returncode}\n{result.stderr}"
+
+
 # -- fork --------------------------------------------------------------------
 def test_fork_while_another_thread_changes_rights_gives_a_consistent_child(key, page):
     key.protect(page)
