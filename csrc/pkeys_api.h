@@ -199,7 +199,7 @@ int pk_bench_revoke(uint64_t n, int pkey, int idle_threads, struct pk_bench *out
 #define PK_VKEYS_DEFAULT_LIMIT 8 /* hardware keys the pool may take; the rest stay free */
 
 int pk_secretmem_probe(void);
-int pk_secretmem_map(uintptr_t addr, size_t len);
+int pk_secretmem_map(uintptr_t addr, size_t len, int populate);
 int pk_mseal_available(void);
 int pk_mseal(uintptr_t addr, size_t len);
 int pk_mlock_onfault(uintptr_t addr, size_t len);

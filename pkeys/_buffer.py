@@ -212,13 +212,18 @@ class _Mapping:
             if secretmem:
                 raise UnsupportedError(f"secretmem=True, but secret memory is unavailable: {reason}")
             return
-        status = (lib.pk_secretmem_map(self.inner, self.inner_length)
-                  if _secretmem.lockable(self.inner_length) else -errno.EAGAIN)
+        budget = _secretmem.memlock_budget()
+        if budget is not None and budget < self.inner_length:
+            status = -errno.EAGAIN
+        else:
+            # Under the limit, populate now: a page refused later would SIGBUS.
+            status = lib.pk_secretmem_map(self.inner, self.inner_length, int(budget is not None))
         if status == 0:
             self.backing = "secretmem"
             return
         err = -status
-        if err in (errno.EAGAIN, errno.ENOMEM, errno.EPERM):
+        # EFAULT/ENOMEM: a page was refused when populated (see pk_secretmem_map).
+        if err in (errno.EAGAIN, errno.ENOMEM, errno.EPERM, errno.EFAULT):
             why = (f"the kernel refused {self.inner_length} bytes of secret memory "
                    f"({os.strerror(err)}): they count against RLIMIT_MEMLOCK (ulimit -l)")
         else:
