@@ -599,6 +599,35 @@ def test_a_resized_owner_keeps_its_key_in_use_until_it_is_closed():
     key.close()
 
 
+@pytest.mark.parametrize("pages", [64, 1], ids=["grown-and-moved", "shrunk"])
+def test_a_resized_mmap_takes_its_key_along_and_scopes_still_open_it(pages):
+    """mremap carries the pages' key (hardware) or protection (software) to
+    wherever the mmap went, a grown tail included; the region table follows
+    them.  The software backend used to re-protect the old address and
+    leave the moved pages shut: the write in the scope killed the process."""
+    def child() -> None:
+        memory = mmap.mmap(-1, 2 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        key = pkeys.Key()
+        key.protect(memory)
+        in_the_way = mmap.mmap(-1, PAGE)  # noqa: F841 - makes growing move the mapping
+        memory.resize(pages * PAGE)
+        with key.allow():
+            memory[0] = 1
+            memory[pages * PAGE - 1] = 2
+        assert pkeys.probe(memory) is not None
+        assert pkeys.probe(memory, offset=pages * PAGE - 1) is not None
+        address = address_of(memory)
+        assert pkeys._api.regions(key.pkey) == [(address, address + pages * PAGE, 3, key.pkey)]
+        with key.allow():
+            assert memory[0] == 1 and memory[pages * PAGE - 1] == 2
+        pkeys.pkey_mprotect(memory, None, pkeys.PROT_READ | pkeys.PROT_WRITE, 0)
+        memory.close()
+        key.close()
+
+    result = run_in_child(child)
+    assert result.exitcode == 0, result.describe() + "\n" + result.stderr
+
+
 def test_a_ctypes_view_is_tracked_by_the_mmap_behind_it():
     import ctypes
 
