@@ -504,6 +504,24 @@ def test_a_forked_child_keeps_no_grant_of_another_thread(buf):
 
 
 # -- probe ---------------------------------------------------------------------
+def test_probe_in_a_thread_that_blocks_sigsegv_reports_and_keeps_the_mask(key, page):
+    """A blocked synchronous SIGSEGV kills the process (the kernel resets
+    the action): probe unblocks it for the access and blocks it again."""
+    key.protect(page)
+
+    def child() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGSEGV})
+        denied = pkeys.probe(page)
+        assert denied is not None
+        assert denied.kind in (pkeys.FaultKind.PKEY, pkeys.FaultKind.PROTECTION)
+        with key.allow():
+            assert pkeys.probe(page) is None
+        assert signal.SIGSEGV in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+
+    result = run_in_child(child)
+    assert result.exitcode == 0, result.describe() + "\n" + result.stderr
+
+
 def test_probe_from_many_threads_from_its_first_call():
     program = """
 import mmap, threading, pkeys
