@@ -9,11 +9,11 @@ either backend.
 
 from __future__ import annotations
 
-import gc
 from typing import Any
 
 from . import _state
 from ._binding import ffi, lib
+from ._collect import collect_garbage
 from ._memory import check_prot, resolve
 from ._rights import NUM_KEYS, RIGHTS_BY_VALUE, PkeyRights
 from ._types import KeyLike
@@ -80,7 +80,7 @@ def alloc_key(flags: object = 0, access_rights: object = 0) -> tuple[int, int]:
     if pkey == _E_NOSPC:
         # Keys and buffers that are garbage but not yet collected (reference
         # cycles wait for an older generation) still hold keys: free them.
-        gc.collect()
+        collect_garbage()
         pkey = lib.pk_key_alloc(flags, access_rights, identity)
     if pkey < 0:
         raise_status(pkey)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import errno
 import gc
 import hmac
 import mmap
@@ -403,6 +404,72 @@ def test_finalizers_at_any_allocation_never_deadlock():
 
         result = run_in_child(child)
         assert result.exitcode == 0, f"threshold {threshold}: {result.describe()}\n{result.stderr}"
+
+
+def test_two_threads_out_of_keys_both_get_the_keys_garbage_held():
+    """Thread A runs out of keys and collects; while its collection runs
+    (held at a finalizer until B has called gc.collect), B runs out too.
+    B's gc.collect returned at once, before A's collection freed anything,
+    and B reported all keys in use."""
+    def child() -> None:
+        signal.alarm(30)
+        in_collection, b_collected = threading.Event(), threading.Event()
+        b_thread: list[threading.Thread] = []
+
+        class HoldsTheCollection:
+            def __init__(self) -> None:
+                self.cycle = self
+
+            def __del__(self) -> None:
+                in_collection.set()
+                b_collected.wait(10)
+
+        class HoldsAKey:
+            def __init__(self, key: pkeys.Key) -> None:
+                self.cycle, self.key = self, key
+
+        real_collect = gc.collect
+
+        def collect(*args: int) -> int:
+            found = real_collect(*args)
+            if threading.current_thread() in b_thread:
+                b_collected.set()
+            return found
+
+        gc.disable()  # only the collections the threads ask for
+        HoldsTheCollection()  # older than the keys: finalized first
+        gc.collect = lambda *args: 0  # the loop's last Key() must not collect yet
+        while True:
+            try:
+                HoldsAKey(pkeys.Key())
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+                break  # every key is held by garbage now
+        gc.collect = collect
+        results: dict[str, object] = {}
+
+        def allocate(name: str) -> None:
+            if name == "b":
+                in_collection.wait(10)
+            try:
+                with pkeys.Key() as key:
+                    results[name] = key.pkey
+            except Exception as exc:  # noqa: BLE001 - reported below
+                results[name] = exc
+
+        a = threading.Thread(target=allocate, args=("a",))
+        b = threading.Thread(target=allocate, args=("b",))
+        b_thread.append(b)
+        b.start()
+        a.start()
+        a.join()
+        b.join()
+        gc.collect = real_collect
+        assert in_collection.is_set() and b_collected.is_set()
+        assert all(isinstance(results[name], int) for name in "ab"), results
+
+    result = run_in_child(child)
+    assert result.exitcode == 0, result.describe() + "\n" + result.stderr
 
 
 # Names a struct type for the first time (in this fresh process) while a
