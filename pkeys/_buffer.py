@@ -501,14 +501,18 @@ class ProtectedBuffer:
     # -- loading without a Python copy ----------------------------------
     @classmethod
     def from_file(cls, path_or_fd: str | os.PathLike[str] | int, size: int | None = None,
-                  **options: Any) -> ProtectedBuffer:
+                  *, strip_newline: bool = False, **options: Any) -> ProtectedBuffer:
         """A buffer holding a file's contents, read with ``read(2)`` straight
         into it (access open only for the call): no Python object ever holds
         the secret.  ``path_or_fd`` is a path, or an open descriptor read
         from its current position (and left open).  ``size`` is the most
         bytes to read; by default the rest of a regular file.  The buffer's
         size is the count read; more than ``size`` bytes is an error.
+        ``strip_newline=True`` leaves out one final ``\n`` (a token file
+        written by ``echo``); the byte is wiped, not copied.
         ``options`` are ProtectedBuffer's (``label``, ``secretmem``, ...)."""
+        if not isinstance(strip_newline, bool):
+            raise TypeError(f"strip_newline must be a bool, not {type(strip_newline).__name__}")
         if isinstance(path_or_fd, bool) or not isinstance(path_or_fd, (int, str, bytes, os.PathLike)):
             raise TypeError(f"path_or_fd must be a path or a file descriptor, not "
                             f"{type(path_or_fd).__name__}")
@@ -520,8 +524,11 @@ class ProtectedBuffer:
         fd: int = (path_or_fd if isinstance(path_or_fd, int)
                    else os.open(path_or_fd, os.O_RDONLY | os.O_CLOEXEC))
         try:
+            info = os.fstat(fd)
+            if stat.S_ISDIR(info.st_mode):
+                raise IsADirectoryError(errno.EISDIR, "a directory holds no secret to load",
+                                        os.fsdecode(path_or_fd) if own else f"fd {fd}")
             if size is None:
-                info = os.fstat(fd)
                 if not stat.S_ISREG(info.st_mode):
                     raise ArgumentError("size is needed to read from a pipe, socket or terminal")
                 size = info.st_size - (0 if own else os.lseek(fd, 0, os.SEEK_CUR))
@@ -533,6 +540,9 @@ class ProtectedBuffer:
                 got = buffer._mapping.read(fd, buffer._mapping.data, size + 1, False)
                 if got > size:
                     raise ArgumentError(f"the file holds more than size={size} bytes")
+                if strip_newline and got and buffer._mapping.equal(
+                        buffer._mapping.data + got - 1, b"\n"):
+                    got -= 1  # trim() wipes the byte left behind
                 if got == 0:
                     raise ArgumentError("the file is empty: nothing to load")
                 buffer._mapping.trim(got)

@@ -3,6 +3,7 @@ pty), and probe() of a buffer."""
 
 from __future__ import annotations
 
+import errno
 import os
 import pty
 import signal
@@ -12,6 +13,8 @@ import threading
 import pytest
 
 import pkeys
+
+from ._libc import keyed_copy
 
 pytestmark = pytest.mark.anybackend
 SECRET = b"-----BEGIN KEY----- 0123456789abcdef -----END KEY-----\n"
@@ -177,4 +180,55 @@ def test_prompt_refuses_a_long_line_and_end_of_input():
     assert isinstance(error, EOFError) and echo
     error, _, _ = _prompt_on_a_pty(b"\n")
     assert isinstance(error, pkeys.ArgumentError) and "empty" in str(error)
+    assert pkeys.virtual_key_stats()["keys"] == 0
+
+
+def test_a_prompt_without_a_terminal_is_an_oserror_that_says_so():
+    keys = pkeys.allocated_keys()
+    with pytest.raises(OSError, match="needs a terminal") as info:
+        pkeys.prompt(tty="/dev/null")
+    assert info.value.errno == errno.ENOTTY
+    assert pkeys.allocated_keys() == keys
+
+
+def test_from_file_of_a_directory_names_the_directory():
+    for size in (None, 64):
+        with pytest.raises(IsADirectoryError, match="a directory") as info:
+            pkeys.ProtectedBuffer.from_file("/", size)
+        assert info.value.filename == "/"
+    assert pkeys.virtual_key_stats()["keys"] == 0
+
+
+def _inner_pages(buffer: pkeys.ProtectedBuffer) -> bytes:
+    """Every byte of the buffer's inner pages: canary, data and what lies before."""
+    from pkeys._binding import ffi as pkeys_ffi
+
+    mapping = buffer._mapping
+    copy = pkeys_ffi.new("char[]", mapping.inner_length)
+    keyed_copy(mapping, int(pkeys_ffi.cast("uintptr_t", copy)), mapping.inner,
+               mapping.inner_length)
+    return pkeys_ffi.buffer(copy)[:]
+
+
+@pytest.mark.parametrize("secret", [b"tok_0123456789", b"t" * 3000], ids=["short", "long"])
+def test_from_file_can_strip_the_final_newline_and_keeps_no_copy_of_it(tmp_path, secret):
+    path = tmp_path / "token"
+    path.write_bytes(secret + b"\n")  # echo "$TOKEN" > token
+    with pkeys.ProtectedBuffer.from_file(path, strip_newline=True) as buffer:
+        assert len(buffer) == len(secret) and contents(buffer) == secret
+        inner = _inner_pages(buffer)
+        mapping = buffer._mapping
+        before_canary = mapping.canary_address - mapping.inner
+        assert inner[before_canary + 16:] == secret  # the data, flush against the guard
+        assert inner[:before_canary] == bytes(before_canary)  # the rest was wiped
+    with pkeys.ProtectedBuffer.from_file(path) as kept:
+        assert contents(kept) == secret + b"\n"  # off by default
+    path.write_bytes(secret)
+    with pkeys.ProtectedBuffer.from_file(path, strip_newline=True) as unchanged:
+        assert contents(unchanged) == secret
+    path.write_bytes(b"\n")
+    with pytest.raises(pkeys.ArgumentError, match="empty"):
+        pkeys.ProtectedBuffer.from_file(path, strip_newline=True)
+    with pytest.raises(TypeError, match="strip_newline"):
+        pkeys.ProtectedBuffer.from_file(path, strip_newline="yes")  # type: ignore[arg-type]
     assert pkeys.virtual_key_stats()["keys"] == 0
