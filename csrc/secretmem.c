@@ -124,6 +124,44 @@ int pk_secretmem_map(uintptr_t addr, size_t len, int populate)
     return -err;
 }
 
+/* ---- reading into secret memory ----------------------------------------- */
+
+/*
+ * read(2) into [dst, dst + len) of a buffer whose access the caller has
+ * open.  Secret pages cannot be pinned, and read paths that pin the
+ * destination (get_user_pages) fail on them with EFAULT: 9p (what `pkeys
+ * vm` shares host directories over; on 6.1 for reads of about 2,000 bytes
+ * and more, on 6.12 for every size), O_DIRECT, some FUSE file systems.
+ * Then one page at a time goes through a bounce page instead: private to
+ * this call, locked (best effort), out of core dumps and forked children,
+ * wiped and unmapped before returning.  Nothing reaches Python.  Returns
+ * what read(2) returns.
+ */
+ssize_t pk_read_unpinned(int fd, void *dst, size_t len)
+{
+    ssize_t got = read(fd, dst, len);
+    void *bounce;
+    int err;
+    if (got >= 0 || errno != EFAULT)
+        return got;
+    bounce = mmap(NULL, page_size(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (bounce == MAP_FAILED)
+        return -1;
+    (void)mlock(bounce, page_size());
+    (void)madvise(bounce, page_size(), MADV_DONTDUMP);
+    (void)madvise(bounce, page_size(), MADV_DONTFORK);
+    do
+        got = read(fd, bounce, len < page_size() ? len : page_size());
+    while (got < 0 && errno == EINTR);
+    err = errno;
+    if (got > 0)
+        memcpy(dst, bounce, (size_t)got);
+    pk_wipe((uintptr_t)bounce, page_size());
+    munmap(bounce, page_size());
+    errno = err;
+    return got;
+}
+
 /* ---- mseal ------------------------------------------------------------- */
 
 int pk_mseal_available(void)

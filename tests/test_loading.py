@@ -13,6 +13,7 @@ import threading
 import pytest
 
 import pkeys
+from pkeys import _secretmem
 
 from ._libc import keyed_copy
 
@@ -232,3 +233,54 @@ def test_from_file_can_strip_the_final_newline_and_keeps_no_copy_of_it(tmp_path,
     with pytest.raises(TypeError, match="strip_newline"):
         pkeys.ProtectedBuffer.from_file(path, strip_newline="yes")  # type: ignore[arg-type]
     assert pkeys.virtual_key_stats()["keys"] == 0
+
+
+def _file_system_of(path: str) -> str:
+    """The type of the file system holding ``path`` (longest mount point)."""
+    best, kind = "", ""
+    with open("/proc/self/mountinfo") as mounts:
+        for line in mounts:
+            fields = line.split()
+            point, fs_type = fields[4], fields[fields.index("-") + 1]
+            if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+                best, kind = point, fs_type
+    return kind
+
+
+@pytest.mark.parametrize("size", [100, 5000], ids=["small", "over-2000-bytes"])
+def test_loading_from_the_tree_pkeys_vm_shares_over_9p(size):
+    """The guest sees this tree over 9p, which pins the pages it reads into,
+    and secret memory cannot be pinned: EFAULT on 6.1 from about 2,000
+    bytes, on 6.12 at every size.  A bounce page takes over."""
+    path = os.path.realpath(__file__)
+    if os.environ.get("PKEYS_REQUIRE_PKU") == "1":  # the emulated tier, in pkeys vm
+        assert _file_system_of(path) == "9p"
+    with open(path, "rb") as source:
+        expected = source.read(size)
+    assert len(expected) == size
+    with pkeys.ProtectedBuffer.from_file(path, size=os.path.getsize(path)) as whole:
+        assert contents(whole)[:size] == expected
+    with pkeys.ProtectedBuffer(size) as buffer, open(path, "rb") as source:
+        assert buffer.backing == ("secretmem" if _secretmem.availability()[0] else "anonymous")
+        assert buffer.read_from(source.fileno()) == size
+        assert contents(buffer) == expected
+
+
+@pytest.mark.skipif(not _secretmem.availability()[0], reason="no secret memory here")
+def test_an_o_direct_read_into_secret_memory_goes_through_a_wiped_bounce_page(tmp_path):
+    """O_DIRECT pins the destination too (natively, on ext4): EFAULT before."""
+    path = tmp_path / "direct"
+    path.write_bytes(bytes(range(256)) * 16)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError as exc:
+        pytest.skip(f"no O_DIRECT on {_file_system_of(str(tmp_path))}: {exc}")
+    maps_before = len(open("/proc/self/maps").readlines())
+    try:
+        with pkeys.ProtectedBuffer(4096) as buffer:  # page-aligned data, as O_DIRECT needs
+            assert buffer.backing == "secretmem" and buffer.address % 4096 == 0
+            assert buffer.read_from(fd) == 4096
+            assert contents(buffer) == bytes(range(256)) * 16
+    finally:
+        os.close(fd)
+    assert len(open("/proc/self/maps").readlines()) == maps_before  # the bounce page is gone
