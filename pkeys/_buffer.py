@@ -527,7 +527,8 @@ class ProtectedBuffer:
             info = os.fstat(fd)
             if stat.S_ISDIR(info.st_mode):
                 raise IsADirectoryError(errno.EISDIR, "a directory holds no secret to load",
-                                        os.fsdecode(path_or_fd) if own else f"fd {fd}")
+                                        f"fd {fd}" if isinstance(path_or_fd, int)
+                                        else os.fsdecode(path_or_fd))
             if size is None:
                 if not stat.S_ISREG(info.st_mode):
                     raise ArgumentError("size is needed to read from a pipe, socket or terminal")
