@@ -73,7 +73,9 @@ def _hardware() -> bool:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", f"{MARK}: needs real protection keys (PKU hardware, or "
                                        "the emulated CPU of `pytest --pkeys-vm`)")
-    exchange = os.environ.get(EXCHANGE_ENV)
+    # Taken out of the environment: a pytest that a test starts in the guest
+    # is a user's own session, and must not write into this one's results.
+    exchange = os.environ.pop(EXCHANGE_ENV, None)
     if exchange:
         config.pluginmanager.register(_Guest(config, Path(exchange)), "pkeys-vm-guest")
     elif config.getoption("pkeys_vm") and not _hardware():
