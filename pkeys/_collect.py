@@ -29,9 +29,12 @@ def _track(phase: str, info: dict[str, int]) -> None:
 gc.callbacks.append(_track)
 
 
-def collect_garbage() -> None:
-    """``gc.collect()``, then wait until no other thread is collecting."""
+def collect_garbage(timeout: float = 5.0) -> None:
+    """``gc.collect()``, then wait until no other thread is collecting, for
+    at most ``timeout`` seconds: a finalizer there may be waiting for
+    something this thread holds, and the caller then reports what it finds."""
     gc.collect()
     me = threading.get_ident()
-    while _collecting_thread not in (None, me):
+    deadline = time.monotonic() + timeout
+    while _collecting_thread not in (None, me) and time.monotonic() < deadline:
         time.sleep(0.001)  # lets the collecting thread run its finalizers
