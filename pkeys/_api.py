@@ -272,7 +272,9 @@ def shadow_pkru() -> int | None:
 
 def regions(pkey: int = -1) -> list[tuple[int, int, int, int]]:
     """``(start, end, prot, pkey)`` of the tracked regions of ``pkey`` (all
-    keys with -1)."""
+    keys with -1), as the memory is now: owners collected or closed since
+    are dropped first, and resized mmaps followed."""
+    _state.prune_owners()
     count = lib.pk_regions_list(pkey, ffi.NULL, 0)
     while True:
         out: Any = ffi.new("struct pk_region[]", max(count, 1))
