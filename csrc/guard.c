@@ -309,6 +309,12 @@ int pk_guard_install(void)
  * handler could not be installed.
  *
  * The caller's PKRU is restored after a fault.  SIGBUS is not caught.
+ *
+ * A thread that blocks SIGSEGV would not survive a fault: the kernel
+ * cannot deliver a synchronous signal that is blocked, so it resets the
+ * action to the default and kills the process.  So SIGSEGV is unblocked
+ * for the access and blocked again after it (a SIGSEGV already pending
+ * then is delivered, as it would be on any unblocking).
  */
 int pk_probe(uintptr_t addr, int write, struct pk_fault *fault)
 {
@@ -318,6 +324,7 @@ int pk_probe(uintptr_t addr, int write, struct pk_fault *fault)
     volatile uint32_t mark = pk_revocations_mark();
     volatile uint32_t saved_pkru = pk_ospke_enabled ? pk_rdpkru_unchecked() : 0;
     volatile int faulted = 0;
+    sigset_t segv, caller_mask;
 
     /* Installed once and left in place: restoring the previous handler
      * after each probe would pull it out from under a probe running in
@@ -326,6 +333,10 @@ int pk_probe(uintptr_t addr, int write, struct pk_fault *fault)
     if (pk_guard_install() != 0)
         return -1;
 
+    sigemptyset(&segv);
+    sigaddset(&segv, SIGSEGV);
+    if (pthread_sigmask(SIG_UNBLOCK, &segv, &caller_mask) != 0)
+        return -1;
     memset(fault, 0, sizeof *fault);
     fault->pkey = -1;
     fault->handler_pkru = -1;
@@ -358,6 +369,8 @@ int pk_probe(uintptr_t addr, int write, struct pk_fault *fault)
         }
     }
     guard_fault = NULL;
+    if (sigismember(&caller_mask, SIGSEGV))
+        pthread_sigmask(SIG_SETMASK, &caller_mask, NULL);
     return faulted;
 }
 

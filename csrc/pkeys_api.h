@@ -129,6 +129,8 @@ int pk_region_tag(uintptr_t addr, size_t len, int prot, int pkey, uint32_t ident
 int pk_region_forget(uintptr_t addr, size_t len);
 int pk_owner_gone(uint64_t owner);
 int pk_owner_lost(uint64_t owner);
+int pk_owner_moved(uint64_t owner, uintptr_t old_base, size_t old_size, uintptr_t base,
+                   size_t size);
 int pk_owner_regions(uint64_t owner);
 uint64_t pk_foreign_version(void);
 int pk_regions_list(int pkey, struct pk_region *out, int capacity);
@@ -199,7 +201,7 @@ int pk_bench_revoke(uint64_t n, int pkey, int idle_threads, struct pk_bench *out
 #define PK_VKEYS_DEFAULT_LIMIT 8 /* hardware keys the pool may take; the rest stay free */
 
 int pk_secretmem_probe(void);
-int pk_secretmem_map(uintptr_t addr, size_t len);
+int pk_secretmem_map(uintptr_t addr, size_t len, int populate);
 int pk_mseal_available(void);
 int pk_mseal(uintptr_t addr, size_t len);
 int pk_mlock_onfault(uintptr_t addr, size_t len);

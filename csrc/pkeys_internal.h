@@ -9,6 +9,7 @@
 #endif
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #include "pkeys_api.h"
 
@@ -89,5 +90,9 @@ int pk_broadcast(uint32_t keys, uint32_t bits, double timeout, struct pk_broadca
 uint32_t pk_revocations_mark(void);
 int pk_revocations_moved(uint32_t mark);
 uint32_t pk_revocations_catch_up(uint32_t pkru);
+
+/* read(2) into a protected buffer, through a wiped bounce page where the
+ * file system cannot pin secret memory (secretmem.c). */
+ssize_t pk_read_unpinned(int fd, void *dst, size_t len);
 
 #endif

@@ -84,6 +84,8 @@ static int reserve(size_t extra)
     return 0;
 }
 
+static size_t round_up(size_t len) { return (len + page_size() - 1) & ~(page_size() - 1); }
+
 static void remove_at(size_t i)
 {
     if (table[i].owner >= 2)
@@ -311,6 +313,54 @@ int pk_owner_lost(uint64_t owner)
     foreign_version++;
     pk_state_unlock();
     return marked;
+}
+
+/*
+ * A foreign owner's memory spanned [old_base, old_base + old_size) and now
+ * spans [base, base + size): mmap.resize moved or resized it (mremap).  The
+ * kernel carried the pages along with their protection (and, on hardware,
+ * their key), and a grown mapping's new tail is the same VMA, so it has
+ * them too.  So each region follows: the same offset from the new base,
+ * extended to the new end if it reached the old end, cut at the new end,
+ * dropped if nothing of it is left.  Without this the software backend
+ * re-protected the old address and left the moved pages shut, and the next
+ * scope on the key faulted.  Only for an mmap: other exporters that move
+ * reallocate, and their regions are frozen instead (pk_owner_lost).
+ * Returns how many regions remain.
+ */
+int pk_owner_moved(uint64_t owner, uintptr_t old_base, size_t old_size, uintptr_t base,
+                   size_t size)
+{
+    uintptr_t old_end = old_base + round_up(old_size), end = base + round_up(size);
+    size_t i = 0;
+    int kept = 0;
+    if (owner < 2)
+        return 0;
+    pk_state_lock();
+    while (i < used) {
+        struct region *r = &table[i];
+        /* Outside the old span: another thread applied this move already. */
+        if (r->owner != owner || r->start < old_base || r->start >= old_end) {
+            i++;
+            continue;
+        }
+        if (r->end >= old_end)
+            r->end = end;
+        else
+            r->end = base + (r->end - old_base);
+        r->start = base + (r->start - old_base);
+        if (r->end > end)
+            r->end = end;
+        if (r->start >= r->end) {
+            remove_at(i);
+            continue;
+        }
+        kept++;
+        i++;
+    }
+    foreign_version++;
+    pk_state_unlock();
+    return kept;
 }
 
 int pk_owner_regions(uint64_t owner)

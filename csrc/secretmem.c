@@ -31,6 +31,9 @@
 #define NR_MSEAL -1L
 #endif
 
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23 /* Linux 5.14, like memfd_secret */
+#endif
 #ifndef MLOCK_ONFAULT
 #define MLOCK_ONFAULT 1
 #endif
@@ -78,12 +81,16 @@ int pk_secretmem_probe(void)
  * MAP_FIXED then swaps the middle.  The fd is closed at once: the mapping
  * keeps the file alive, and no descriptor is left for a child to inherit.
  *
+ * With `populate` (the caller is under RLIMIT_MEMLOCK), every page is
+ * populated before this returns, so a buffer that got secret memory can
+ * never SIGBUS later; without a limit nothing is committed up front.
+ *
  * On failure (-errno) the range is anonymous read/write memory again, as it
  * was: an mmap that fails after removing the old pages (EAGAIN when the
  * lock limit refuses, on older kernels) would otherwise leave a hole inside
  * a Python mmap object.
  */
-int pk_secretmem_map(uintptr_t addr, size_t len)
+int pk_secretmem_map(uintptr_t addr, size_t len, int populate)
 {
     long fd;
     void *got;
@@ -101,12 +108,58 @@ int pk_secretmem_map(uintptr_t addr, size_t len)
     got = mmap((void *)addr, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, (int)fd, 0);
     err = errno;
     close((int)fd);
-    if (got == MAP_FAILED) {
-        mmap((void *)addr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED,
-             -1, 0);
-        return -err;
+    if (got != MAP_FAILED) {
+        /* Some kernels (6.1, 6.12) map secret memory whatever RLIMIT_MEMLOCK
+         * says, and refuse a page only at its first touch, with SIGBUS; a
+         * check of the limit beforehand races with other threads and
+         * processes.  Populating every page now turns that refusal into an
+         * error (EFAULT where the touch would SIGBUS, ENOMEM): the caller
+         * then falls back or raises, and no later touch can fault. */
+        if (!populate || madvise((void *)addr, len, MADV_POPULATE_WRITE) == 0)
+            return 0;
+        err = errno;
     }
-    return 0;
+    mmap((void *)addr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1,
+         0);
+    return -err;
+}
+
+/* ---- reading into secret memory ----------------------------------------- */
+
+/*
+ * read(2) into [dst, dst + len) of a buffer whose access the caller has
+ * open.  Secret pages cannot be pinned, and read paths that pin the
+ * destination (get_user_pages) fail on them with EFAULT: 9p (what `pkeys
+ * vm` shares host directories over; on 6.1 for reads of about 2,000 bytes
+ * and more, on 6.12 for every size), O_DIRECT, some FUSE file systems.
+ * Then one page at a time goes through a bounce page instead: private to
+ * this call, locked (best effort), out of core dumps and forked children,
+ * wiped and unmapped before returning.  Nothing reaches Python.  Returns
+ * what read(2) returns.
+ */
+ssize_t pk_read_unpinned(int fd, void *dst, size_t len)
+{
+    ssize_t got = read(fd, dst, len);
+    void *bounce;
+    int err;
+    if (got >= 0 || errno != EFAULT)
+        return got;
+    bounce = mmap(NULL, page_size(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (bounce == MAP_FAILED)
+        return -1;
+    (void)mlock(bounce, page_size());
+    (void)madvise(bounce, page_size(), MADV_DONTDUMP);
+    (void)madvise(bounce, page_size(), MADV_DONTFORK);
+    do
+        got = read(fd, bounce, len < page_size() ? len : page_size());
+    while (got < 0 && errno == EINTR);
+    err = errno;
+    if (got > 0)
+        memcpy(dst, bounce, (size_t)got);
+    pk_wipe((uintptr_t)bounce, page_size());
+    munmap(bounce, page_size());
+    errno = err;
+    return got;
 }
 
 /* ---- mseal ------------------------------------------------------------- */

@@ -486,7 +486,7 @@ int pk_vbuf_read(struct pk_vbuf *b, int fd, uintptr_t dst, size_t len, int stop_
             return (int)token;
         op->error = 0;
         while (done < len) {
-            ssize_t got = read(fd, (char *)dst + done, len - done);
+            ssize_t got = pk_read_unpinned(fd, (char *)dst + done, len - done);
             if (got < 0 && errno == EINTR)
                 continue;
             if (got < 0) {

@@ -9,11 +9,11 @@ either backend.
 
 from __future__ import annotations
 
-import gc
 from typing import Any
 
 from . import _state
 from ._binding import ffi, lib
+from ._collect import collect_garbage
 from ._memory import check_prot, resolve
 from ._rights import NUM_KEYS, RIGHTS_BY_VALUE, PkeyRights
 from ._types import KeyLike, MemoryTarget
@@ -58,6 +58,8 @@ REVOCATION_TIMEOUT = _state.REVOCATION_TIMEOUT
 # Set by pkeys._key once Key exists, so that a Key argument takes a fast
 # path (a slot read) instead of __index__.
 key_type: type = type(None)
+# Parsed once (finalizers free keys too): see _binding._realize_every_type.
+_BROADCAST_RESULT = ffi.typeof("struct pk_broadcast *")
 
 
 def key_number(pkey: object) -> int:
@@ -78,7 +80,7 @@ def alloc_key(flags: object = 0, access_rights: object = 0) -> tuple[int, int]:
     if pkey == _E_NOSPC:
         # Keys and buffers that are garbage but not yet collected (reference
         # cycles wait for an older generation) still hold keys: free them.
-        gc.collect()
+        collect_garbage()
         pkey = lib.pk_key_alloc(flags, access_rights, identity)
     if pkey < 0:
         raise_status(pkey)
@@ -88,7 +90,7 @@ def alloc_key(flags: object = 0, access_rights: object = 0) -> tuple[int, int]:
 def free_key(pkey: int, identity: int, timeout: float = REVOCATION_TIMEOUT) -> None:
     """Free ``pkey`` if it still has ``identity`` (0: whatever it has),
     after revoking it in every thread."""
-    result = ffi.new("struct pk_broadcast *")
+    result = ffi.new(_BROADCAST_RESULT)
     status = lib.pk_key_free(pkey, identity, timeout, result, 0)
     if status == _E_IN_USE:
         _state.prune_owners()  # owners collected or closed since they were tagged
@@ -106,7 +108,7 @@ def set_all_threads(pkey: int, identity: int, access_rights: int,
                     timeout: float = REVOCATION_TIMEOUT) -> None:
     """``access_rights`` for ``pkey`` in every thread of the process, and
     every active grant on it voided; returns once every thread has them."""
-    result = ffi.new("struct pk_broadcast *")
+    result = ffi.new(_BROADCAST_RESULT)
     status = _state.call(lib.pk_key_set_all, pkey, identity, access_rights, timeout, result)
     if status == _E_BROADCAST:
         raise revocation_error(pkey, result, "")
@@ -270,7 +272,9 @@ def shadow_pkru() -> int | None:
 
 def regions(pkey: int = -1) -> list[tuple[int, int, int, int]]:
     """``(start, end, prot, pkey)`` of the tracked regions of ``pkey`` (all
-    keys with -1)."""
+    keys with -1), as the memory is now: owners collected or closed since
+    are dropped first, and resized mmaps followed."""
+    _state.prune_owners()
     count = lib.pk_regions_list(pkey, ffi.NULL, 0)
     while True:
         out: Any = ffi.new("struct pk_region[]", max(count, 1))

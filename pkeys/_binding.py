@@ -29,3 +29,25 @@ except ModuleNotFoundError as missing:
     raise ImportError(
         _source_tree_message(os.path.dirname(os.path.abspath(__file__))), name=_EXTENSION
     ) from None
+
+
+def _realize_every_type() -> None:
+    """Build every C type the package uses now, once, at import.
+
+    cffi builds a struct type (and a function's signature) the first time
+    it is named, and that step is not re-entrant: a garbage-collector
+    finalizer that runs during it (any allocation can start a collection)
+    and names the same type aborts the process in
+    ``_realize_c_struct_or_union`` or gets "the types are different".
+    After this, finalizers only find types that exist."""
+    for name in ffi.list_types()[1]:
+        ffi.typeof(f"struct {name} *")
+        try:
+            ffi.sizeof(f"struct {name}")  # lays out its fields too
+        except ffi.error:
+            pass  # opaque here (struct pk_vbuf): no fields to lay out
+    for name in dir(lib):
+        getattr(lib, name)
+
+
+_realize_every_type()

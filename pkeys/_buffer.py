@@ -108,6 +108,8 @@ _NEED_PINS = _state.NEED_PINS
 _READ_ONLY = lib.PK_GRANT_READ_ONLY
 _READ_WRITE = lib.PK_GRANT_READ_WRITE
 _UINTPTR = ffi.typeof("uintptr_t")
+# Parsed once: the finalizer closes buffers through _call.
+_VBUF_OP = ffi.typeof("struct pk_vbuf_op *")
 
 
 def _address(memory: object) -> int:
@@ -141,7 +143,7 @@ def _call(function: Any, *args: object) -> int:
     """One ``pk_vbuf_*`` operation, pinning foreign owners when the software
     backend asks (only a shared ``key=`` can guard foreign memory); a retry
     after the work was done only ends its grant.  Returns its result."""
-    op = ffi.new("struct pk_vbuf_op *", {"token": -1})
+    op = ffi.new(_VBUF_OP, {"token": -1})
     status = _state.call(function, *args, op)
     if status < 0:
         _raise(status)
@@ -214,13 +216,18 @@ class _Mapping:
             if secretmem:
                 raise UnsupportedError(f"secretmem=True, but secret memory is unavailable: {reason}")
             return
-        status = (lib.pk_secretmem_map(self.inner, self.inner_length)
-                  if _secretmem.lockable(self.inner_length) else -errno.EAGAIN)
+        budget = _secretmem.memlock_budget()
+        if budget is not None and budget < self.inner_length:
+            status = -errno.EAGAIN
+        else:
+            # Under the limit, populate now: a page refused later would SIGBUS.
+            status = lib.pk_secretmem_map(self.inner, self.inner_length, int(budget is not None))
         if status == 0:
             self.backing = "secretmem"
             return
         err = -status
-        if err in (errno.EAGAIN, errno.ENOMEM, errno.EPERM):
+        # EFAULT/ENOMEM: a page was refused when populated (see pk_secretmem_map).
+        if err in (errno.EAGAIN, errno.ENOMEM, errno.EPERM, errno.EFAULT):
             why = (f"the kernel refused {self.inner_length} bytes of secret memory "
                    f"({os.strerror(err)}): they count against RLIMIT_MEMLOCK (ulimit -l)")
         else:
@@ -498,6 +505,7 @@ class ProtectedBuffer:
     # -- loading without a Python copy ----------------------------------
     @classmethod
     def from_file(cls, path_or_fd: str | os.PathLike[str] | int, size: int | None = None,
+                  *, strip_newline: bool = False,
                   **options: Unpack[BufferOptions]) -> ProtectedBuffer:
         """A buffer holding a file's contents, read with ``read(2)`` straight
         into it (access open only for the call): no Python object ever holds
@@ -505,7 +513,11 @@ class ProtectedBuffer:
         from its current position (and left open).  ``size`` is the most
         bytes to read; by default the rest of a regular file.  The buffer's
         size is the count read; more than ``size`` bytes is an error.
+        ``strip_newline=True`` leaves out one final ``\n`` (a token file
+        written by ``echo``); the byte is wiped, not copied.
         ``options`` are ProtectedBuffer's (``label``, ``secretmem``, ...)."""
+        if not isinstance(strip_newline, bool):
+            raise TypeError(f"strip_newline must be a bool, not {type(strip_newline).__name__}")
         if isinstance(path_or_fd, bool) or not isinstance(path_or_fd, (int, str, bytes, os.PathLike)):
             raise TypeError(f"path_or_fd must be a path or a file descriptor, not "
                             f"{type(path_or_fd).__name__}")
@@ -517,8 +529,12 @@ class ProtectedBuffer:
         fd: int = (path_or_fd if isinstance(path_or_fd, int)
                    else os.open(path_or_fd, os.O_RDONLY | os.O_CLOEXEC))
         try:
+            info = os.fstat(fd)
+            if stat.S_ISDIR(info.st_mode):
+                raise IsADirectoryError(errno.EISDIR, "a directory holds no secret to load",
+                                        f"fd {fd}" if isinstance(path_or_fd, int)
+                                        else os.fsdecode(path_or_fd))
             if size is None:
-                info = os.fstat(fd)
                 if not stat.S_ISREG(info.st_mode):
                     raise ArgumentError("size is needed to read from a pipe, socket or terminal")
                 size = info.st_size - (0 if own else os.lseek(fd, 0, os.SEEK_CUR))
@@ -530,6 +546,9 @@ class ProtectedBuffer:
                 got = buffer._mapping.read(fd, buffer._mapping.data, size + 1, False)
                 if got > size:
                     raise ArgumentError(f"the file holds more than size={size} bytes")
+                if strip_newline and got and buffer._mapping.equal(
+                        buffer._mapping.data + got - 1, b"\n"):
+                    got -= 1  # trim() wipes the byte left behind
                 if got == 0:
                     raise ArgumentError("the file is empty: nothing to load")
                 buffer._mapping.trim(got)

@@ -65,6 +65,11 @@ def probe(target: MemoryTarget | ProtectedBuffer, write: bool = False, *,
     Returns None when the access succeeds, else the :class:`Fault`.  A write
     probe stores the byte's own value back with one atomic instruction, so
     it never changes memory.  Only SIGSEGV is caught (not SIGBUS).
+
+    A thread that blocks SIGSEGV can probe too: SIGSEGV is unblocked for
+    the access and blocked again after it (a blocked synchronous fault
+    would otherwise kill the process); a SIGSEGV already pending for the
+    thread is then delivered, as on any unblocking.
     """
     from ._buffer import ProtectedBuffer
 

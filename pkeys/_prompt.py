@@ -44,7 +44,11 @@ def prompt(prompt: str = "Secret: ", size: int = 1024, *, tty: int | str | None 
     fd: int = (tty if isinstance(tty, int)
                else os.open(tty or "/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC))
     try:
-        saved = termios.tcgetattr(fd)
+        try:
+            saved = termios.tcgetattr(fd)
+        except termios.error as exc:  # neither an OSError nor a PkeysError
+            raise OSError(exc.args[0], f"prompt() needs a terminal, and tty={tty!r} is not one "
+                          f"({exc.args[1]})") from None
         quiet = list(saved)
         quiet[3] &= ~termios.ECHO  # lflag: no echo, but still canonical (line by line)
         # One byte more than allowed tells a line that is too long.

@@ -18,7 +18,7 @@ import re
 
 from ._binding import lib
 
-__all__ = ["availability", "explain", "kernel_version", "seal_availability", "lockable"]
+__all__ = ["availability", "explain", "kernel_version", "seal_availability", "memlock_budget"]
 
 _ENABLE_PARAMETER = "/sys/module/secretmem/parameters/enable"
 
@@ -83,16 +83,18 @@ def seal_availability() -> tuple[bool, str]:
 CAP_IPC_LOCK = 14
 
 
-def lockable(length: int) -> bool:
-    """Whether ``length`` more bytes fit under RLIMIT_MEMLOCK (always, with
-    CAP_IPC_LOCK).  Secret pages count against it, and some kernels (6.1,
-    6.12) map them whatever the limit and refuse a page only when it is
-    first touched, with SIGBUS: so the limit is checked here, before."""
+def memlock_budget() -> int | None:
+    """How many more bytes RLIMIT_MEMLOCK lets this process lock, or None
+    when it does not apply (no limit, or CAP_IPC_LOCK).  Secret pages count
+    against it.  Only a first answer: other threads and processes lock
+    memory too, so ``pk_secretmem_map`` also populates the pages when the
+    limit applies, turning a refusal into an error instead of a SIGBUS at
+    the first touch (6.1 and 6.12 map secret memory whatever the limit)."""
     import resource
 
     soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     if soft == resource.RLIM_INFINITY:
-        return True
+        return None
     locked, capabilities = 0, 0
     try:
         with open("/proc/self/status") as status:
@@ -102,7 +104,7 @@ def lockable(length: int) -> bool:
                 elif line.startswith("CapEff:"):
                     capabilities = int(line.split()[1], 16)
     except OSError:
-        return True  # no procfs: let the kernel decide at mmap time
+        return soft  # no procfs: the kernel decides, and populating catches it
     if capabilities >> CAP_IPC_LOCK & 1:
-        return True
-    return locked + length <= soft
+        return None
+    return max(soft - locked, 0)

@@ -52,16 +52,17 @@ _UINTPTR = ffi.typeof("uintptr_t")
 class _Owner:
     """A foreign exporter and the span it had when its memory was tagged."""
 
-    __slots__ = ("ref", "base", "size", "lost")
+    __slots__ = ("token", "ref", "base", "size", "lost")
 
-    def __init__(self, ref: Callable[[], object], base: int, size: int) -> None:
-        self.ref, self.base, self.size = ref, base, size
+    def __init__(self, token: int, ref: Callable[[], object], base: int, size: int) -> None:
+        self.token, self.ref, self.base, self.size = token, ref, base, size
         self.lost = False  # moved or shrank: its regions are frozen in C
 
     def pin(self) -> Any:
         """A buffer export that keeps the memory mapped; None if the owner
         was collected or closed; ``MOVED`` if it now exports other memory
-        (``mmap.resize``), whose pages may still carry the key."""
+        (``mmap.resize``), whose pages may still carry the key.  An mmap's
+        regions follow it instead (mremap carries the pages' protection)."""
         owner = self.ref()
         if owner is None:
             return None
@@ -69,10 +70,17 @@ class _Owner:
             export = ffi.from_buffer(owner)
         except (TypeError, ValueError, BufferError):
             return None
-        if int(ffi.cast(_UINTPTR, export)) != self.base or len(export) < self.size:
-            ffi.release(export)
-            return MOVED
-        return export
+        base, size = int(ffi.cast(_UINTPTR, export)), len(export)
+        if base == self.base and size == self.size:
+            return export
+        if isinstance(owner, mmap.mmap):
+            lib.pk_owner_moved(self.token, self.base, self.size, base, size)
+            self.base, self.size = base, size
+            return export
+        if size >= self.size and base == self.base:
+            return export
+        ffi.release(export)
+        return MOVED
 
 
 MOVED = object()
@@ -129,7 +137,7 @@ def register_owner(exporter: object) -> int:
         ref = weakref.ref(exporter, lambda _: _owner_died(token))
     else:
         ref = (lambda held: lambda: held)(exporter)
-    _owners[token] = _Owner(ref, base, size)
+    _owners[token] = _Owner(token, ref, base, size)
     return token
 
 

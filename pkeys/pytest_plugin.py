@@ -80,7 +80,9 @@ def _hardware() -> bool:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", f"{MARK}: needs real protection keys (PKU hardware, or "
                                        "the emulated CPU of `pytest --pkeys-vm`)")
-    exchange = os.environ.get(EXCHANGE_ENV)
+    # Taken out of the environment: a pytest that a test starts in the guest
+    # is a user's own session, and must not write into this one's results.
+    exchange = os.environ.pop(EXCHANGE_ENV, None)
     if exchange:
         config.pluginmanager.register(_Guest(config, Path(exchange)), "pkeys-vm-guest")
     elif config.getoption("pkeys_vm") and not _hardware():
@@ -446,8 +448,29 @@ def expect_fault() -> ExpectFault:
     child, which must die of a fault; return that fault as a
     :class:`pkeys.Fault` (kind, ``si_code``, pkey, address, signal).  The
     test fails if the child returns, raises, or dies otherwise, or if
-    ``kind`` is given and differs."""
+    ``kind`` is given and differs.
+
+    By default every SIGSEGV or SIGBUS fault is accepted except one: an
+    ``unmapped`` fault on memory that is secret memory (``memfd_secret``)
+    in the parent.  A forked child has none of those pages (MADV_DONTFORK),
+    so any access there faults whatever the key says: the test would pass
+    without testing the key, and it fails instead, saying what to do.
+    ``kind=pkeys.FaultKind.UNMAPPED`` asks for that fault explicitly."""
     return _expect_fault
+
+
+def _secret_memory_ranges() -> list[tuple[int, int]]:
+    """The address ranges of this process's memfd_secret mappings."""
+    ranges = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                if line.rstrip().endswith("/secretmem (deleted)"):
+                    start, end = line.split(None, 1)[0].split("-")
+                    ranges.append((int(start, 16), int(end, 16)))
+    except OSError:
+        pass
+    return ranges
 
 
 def _expect_fault(function: Callable[[], object], kind: FaultKind | None = None) -> Fault:
@@ -463,6 +486,7 @@ def _expect_fault(function: Callable[[], object], kind: FaultKind | None = None)
             raise OSError("cannot install the fault reporter")
         function()
 
+    secret_ranges = _secret_memory_ranges()
     try:
         child = run_in_child(in_child)
     finally:
@@ -482,6 +506,14 @@ def _expect_fault(function: Callable[[], object], kind: FaultKind | None = None)
         address=report.addr,
         signal=report.signo,
     )
+    if kind is None and fault.kind is FaultKind.UNMAPPED and any(
+            start <= fault.address < end for start, end in secret_ranges):
+        pytest.fail(
+            f"the child faulted at {fault.address:#x}, in secret memory (memfd_secret) that a "
+            "forked child does not have (MADV_DONTFORK): any access there faults, whatever the "
+            "key says, so this fault tests nothing. Make the buffer with secretmem=False for "
+            "this test, or create it inside the function that expect_fault calls",
+            pytrace=False)
     if kind is not None and fault.kind != kind:
         pytest.fail(f"expected a {kind.value} fault, got {fault}", pytrace=False)
     return fault

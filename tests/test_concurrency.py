@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import errno
 import gc
 import hmac
 import mmap
@@ -405,6 +406,123 @@ def test_finalizers_at_any_allocation_never_deadlock():
         assert result.exitcode == 0, f"threshold {threshold}: {result.describe()}\n{result.stderr}"
 
 
+def test_two_threads_out_of_keys_both_get_the_keys_garbage_held():
+    """Thread A runs out of keys and collects; while its collection runs
+    (held at a finalizer until B has called gc.collect), B runs out too.
+    B's gc.collect returned at once, before A's collection freed anything,
+    and B reported all keys in use."""
+    def child() -> None:
+        signal.alarm(30)
+        in_collection, b_collected = threading.Event(), threading.Event()
+        b_thread: list[threading.Thread] = []
+
+        class HoldsTheCollection:
+            def __init__(self) -> None:
+                self.cycle = self
+
+            def __del__(self) -> None:
+                in_collection.set()
+                b_collected.wait(10)
+
+        class HoldsAKey:
+            def __init__(self, key: pkeys.Key) -> None:
+                self.cycle, self.key = self, key
+
+        real_collect = gc.collect
+
+        def collect(*args: int) -> int:
+            found = real_collect(*args)
+            if threading.current_thread() in b_thread:
+                b_collected.set()
+            return found
+
+        gc.disable()  # only the collections the threads ask for
+        HoldsTheCollection()  # older than the keys: finalized first
+        gc.collect = lambda *args: 0  # the loop's last Key() must not collect yet
+        while True:
+            try:
+                HoldsAKey(pkeys.Key())
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+                break  # every key is held by garbage now
+        gc.collect = collect
+        results: dict[str, object] = {}
+
+        def allocate(name: str) -> None:
+            if name == "b":
+                in_collection.wait(10)
+            try:
+                with pkeys.Key() as key:
+                    results[name] = key.pkey
+            except Exception as exc:  # noqa: BLE001 - reported below
+                results[name] = exc
+
+        a = threading.Thread(target=allocate, args=("a",))
+        b = threading.Thread(target=allocate, args=("b",))
+        b_thread.append(b)
+        b.start()
+        a.start()
+        a.join()
+        b.join()
+        gc.collect = real_collect
+        assert in_collection.is_set() and b_collected.is_set()
+        assert all(isinstance(results[name], int) for name in "ab"), results
+
+    result = run_in_child(child)
+    assert result.exitcode == 0, result.describe() + "\n" + result.stderr
+
+
+# Names a struct type for the first time (in this fresh process) while a
+# finalizer that names the same type is due at the 6th allocation: the
+# pattern that aborted in cffi's _realize_c_struct_or_union, or raised
+# "the types are different", when types were built lazily.  Then the
+# issue's own pattern: a Key in a cycle and the first pkey_free.
+_FIRST_USE_OF_EACH_TYPE_UNDER_GC = """
+import gc, sys
+import pkeys
+from pkeys._binding import ffi
+
+threshold = int(sys.argv[1])
+for name in ffi.list_types()[1]:
+    if name == "pk_vbuf":
+        continue  # opaque: never allocated from Python
+    type_name = f"struct {name} *"
+
+    class Finalized:
+        def __init__(self):
+            self.cycle = self
+
+        def __del__(self, type_name=type_name):
+            ffi.new(type_name)
+
+    gc.collect()
+    gc.set_threshold(threshold)
+    for _ in range(3):
+        Finalized()
+    ffi.new(type_name)
+    gc.set_threshold(700)
+
+class Holder:
+    def __init__(self):
+        self.cycle = self
+        self.key = pkeys.Key()
+
+Holder()
+gc.collect()
+gc.set_threshold(threshold)
+Holder()
+pkeys.pkey_free(pkeys.pkey_alloc())
+"""
+
+
+def test_finalizers_during_the_first_use_of_a_c_type_do_not_abort():
+    for threshold in range(4, 12):
+        result = subprocess.run(
+            [sys.executable, "-W", "ignore", "-c", _FIRST_USE_OF_EACH_TYPE_UNDER_GC,
+             str(threshold)], capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 0, f"threshold {threshold}: {result.returncode}\n{result.stderr}"
+
+
 # -- fork --------------------------------------------------------------------
 def test_fork_while_another_thread_changes_rights_gives_a_consistent_child(key, page):
     key.protect(page)
@@ -453,6 +571,24 @@ def test_a_forked_child_keeps_no_grant_of_another_thread(buf):
 
 
 # -- probe ---------------------------------------------------------------------
+def test_probe_in_a_thread_that_blocks_sigsegv_reports_and_keeps_the_mask(key, page):
+    """A blocked synchronous SIGSEGV kills the process (the kernel resets
+    the action): probe unblocks it for the access and blocks it again."""
+    key.protect(page)
+
+    def child() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGSEGV})
+        denied = pkeys.probe(page)
+        assert denied is not None
+        assert denied.kind in (pkeys.FaultKind.PKEY, pkeys.FaultKind.PROTECTION)
+        with key.allow():
+            assert pkeys.probe(page) is None
+        assert signal.SIGSEGV in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+
+    result = run_in_child(child)
+    assert result.exitcode == 0, result.describe() + "\n" + result.stderr
+
+
 def test_probe_from_many_threads_from_its_first_call():
     program = """
 import mmap, threading, pkeys
@@ -546,6 +682,35 @@ def test_a_resized_owner_keeps_its_key_in_use_until_it_is_closed():
         key.close()
     memory.close()
     key.close()
+
+
+@pytest.mark.parametrize("pages", [64, 1], ids=["grown-and-moved", "shrunk"])
+def test_a_resized_mmap_takes_its_key_along_and_scopes_still_open_it(pages):
+    """mremap carries the pages' key (hardware) or protection (software) to
+    wherever the mmap went, a grown tail included; the region table follows
+    them.  The software backend used to re-protect the old address and
+    leave the moved pages shut: the write in the scope killed the process."""
+    def child() -> None:
+        memory = mmap.mmap(-1, 2 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        key = pkeys.Key()
+        key.protect(memory)
+        in_the_way = mmap.mmap(-1, PAGE)  # noqa: F841 - makes growing move the mapping
+        memory.resize(pages * PAGE)
+        with key.allow():
+            memory[0] = 1
+            memory[pages * PAGE - 1] = 2
+        assert pkeys.probe(memory) is not None
+        assert pkeys.probe(memory, offset=pages * PAGE - 1) is not None
+        address = address_of(memory)
+        assert pkeys._api.regions(key.pkey) == [(address, address + pages * PAGE, 3, key.pkey)]
+        with key.allow():
+            assert memory[0] == 1 and memory[pages * PAGE - 1] == 2
+        pkeys.pkey_mprotect(memory, None, pkeys.PROT_READ | pkeys.PROT_WRITE, 0)
+        memory.close()
+        key.close()
+
+    result = run_in_child(child)
+    assert result.exitcode == 0, result.describe() + "\n" + result.stderr
 
 
 def test_a_ctypes_view_is_tracked_by_the_mmap_behind_it():

@@ -3,6 +3,7 @@ pty), and probe() of a buffer."""
 
 from __future__ import annotations
 
+import errno
 import os
 import pty
 import signal
@@ -12,6 +13,9 @@ import threading
 import pytest
 
 import pkeys
+from pkeys import _secretmem
+
+from ._libc import keyed_copy
 
 pytestmark = pytest.mark.anybackend
 SECRET = b"-----BEGIN KEY----- 0123456789abcdef -----END KEY-----\n"
@@ -178,3 +182,105 @@ def test_prompt_refuses_a_long_line_and_end_of_input():
     error, _, _ = _prompt_on_a_pty(b"\n")
     assert isinstance(error, pkeys.ArgumentError) and "empty" in str(error)
     assert pkeys.virtual_key_stats()["keys"] == 0
+
+
+def test_a_prompt_without_a_terminal_is_an_oserror_that_says_so():
+    keys = pkeys.allocated_keys()
+    with pytest.raises(OSError, match="needs a terminal") as info:
+        pkeys.prompt(tty="/dev/null")
+    assert info.value.errno == errno.ENOTTY
+    assert pkeys.allocated_keys() == keys
+
+
+def test_from_file_of_a_directory_names_the_directory():
+    for size in (None, 64):
+        with pytest.raises(IsADirectoryError, match="a directory") as info:
+            pkeys.ProtectedBuffer.from_file("/", size)
+        assert info.value.filename == "/"
+    assert pkeys.virtual_key_stats()["keys"] == 0
+
+
+def _inner_pages(buffer: pkeys.ProtectedBuffer) -> bytes:
+    """Every byte of the buffer's inner pages: canary, data and what lies before."""
+    from pkeys._binding import ffi as pkeys_ffi
+
+    mapping = buffer._mapping
+    copy = pkeys_ffi.new("char[]", mapping.inner_length)
+    keyed_copy(mapping, int(pkeys_ffi.cast("uintptr_t", copy)), mapping.inner,
+               mapping.inner_length)
+    return pkeys_ffi.buffer(copy)[:]
+
+
+@pytest.mark.parametrize("secret", [b"tok_0123456789", b"t" * 3000], ids=["short", "long"])
+def test_from_file_can_strip_the_final_newline_and_keeps_no_copy_of_it(tmp_path, secret):
+    path = tmp_path / "token"
+    path.write_bytes(secret + b"\n")  # echo "$TOKEN" > token
+    with pkeys.ProtectedBuffer.from_file(path, strip_newline=True) as buffer:
+        assert len(buffer) == len(secret) and contents(buffer) == secret
+        inner = _inner_pages(buffer)
+        mapping = buffer._mapping
+        before_canary = mapping.canary_address - mapping.inner
+        assert inner[before_canary + 16:] == secret  # the data, flush against the guard
+        assert inner[:before_canary] == bytes(before_canary)  # the rest was wiped
+    with pkeys.ProtectedBuffer.from_file(path) as kept:
+        assert contents(kept) == secret + b"\n"  # off by default
+    path.write_bytes(secret)
+    with pkeys.ProtectedBuffer.from_file(path, strip_newline=True) as unchanged:
+        assert contents(unchanged) == secret
+    path.write_bytes(b"\n")
+    with pytest.raises(pkeys.ArgumentError, match="empty"):
+        pkeys.ProtectedBuffer.from_file(path, strip_newline=True)
+    with pytest.raises(TypeError, match="strip_newline"):
+        pkeys.ProtectedBuffer.from_file(path, strip_newline="yes")  # type: ignore[arg-type]
+    assert pkeys.virtual_key_stats()["keys"] == 0
+
+
+def _file_system_of(path: str) -> str:
+    """The type of the file system holding ``path`` (longest mount point)."""
+    best, kind = "", ""
+    with open("/proc/self/mountinfo") as mounts:
+        for line in mounts:
+            fields = line.split()
+            point, fs_type = fields[4], fields[fields.index("-") + 1]
+            if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+                best, kind = point, fs_type
+    return kind
+
+
+@pytest.mark.parametrize("size", [100, 5000], ids=["small", "over-2000-bytes"])
+def test_loading_from_the_tree_pkeys_vm_shares_over_9p(size):
+    """The guest sees this tree over 9p, which pins the pages it reads into,
+    and secret memory cannot be pinned: EFAULT on 6.1 from about 2,000
+    bytes, on 6.12 at every size.  A bounce page takes over."""
+    path = os.path.realpath(__file__)
+    if os.environ.get("PKEYS_REQUIRE_PKU") == "1":  # the emulated tier, in pkeys vm
+        assert _file_system_of(path) == "9p"
+    with open(path, "rb") as source:
+        expected = source.read(size)
+    assert len(expected) == size
+    with pkeys.ProtectedBuffer.from_file(path, size=os.path.getsize(path)) as whole:
+        assert contents(whole)[:size] == expected
+    with pkeys.ProtectedBuffer(size) as buffer, open(path, "rb") as source:
+        assert buffer.backing == ("secretmem" if _secretmem.availability()[0] else "anonymous")
+        assert buffer.read_from(source.fileno()) == size
+        assert contents(buffer) == expected
+
+
+@pytest.mark.skipif(not _secretmem.availability()[0], reason="no secret memory here")
+def test_an_o_direct_read_into_secret_memory_goes_through_a_wiped_bounce_page(tmp_path):
+    """O_DIRECT pins the destination too (natively, on ext4): EFAULT before."""
+    path = tmp_path / "direct"
+    path.write_bytes(bytes(range(256)) * 16)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError as exc:
+        pytest.skip(f"no O_DIRECT on {_file_system_of(str(tmp_path))}: {exc}")
+    maps_before = len(open("/proc/self/maps").readlines())
+    try:
+        with pkeys.ProtectedBuffer(4096) as buffer:  # page-aligned data, as O_DIRECT needs
+            assert buffer.backing == "secretmem" and buffer.address % 4096 == 0
+            assert buffer.read_from(fd) == 4096
+            assert contents(buffer) == bytes(range(256)) * 16
+    finally:
+        os.close(fd)
+    assert len(open("/proc/self/maps").readlines()) == maps_before  # the bounce page is gone

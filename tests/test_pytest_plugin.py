@@ -15,8 +15,13 @@ import textwrap
 import pytest
 
 import pkeys
+from pkeys import _secretmem
 
 HARDWARE = pkeys.hardware_supported() and pkeys.backend() == "hardware"
+
+
+def pkeys_secretmem_available() -> bool:
+    return _secretmem.availability()[0]
 
 
 def run_pytest(tmp_path, source: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -171,3 +176,41 @@ def test_progress_while_the_vms_run(tmp_path, verbose):
     assert len(terminal.lines) == (3 if verbose else 1)
     host._wait()  # nothing new: nothing printed again
     assert len(terminal.lines) == (3 if verbose else 1)
+
+
+@pytest.mark.anybackend
+@pytest.mark.skipif(not pkeys_secretmem_available(), reason="no secret memory here")
+def test_expect_fault_refuses_a_fault_that_only_secret_memory_missing_in_the_child_caused(
+        tmp_path):
+    """A forked child has no secret-memory pages: reading one faults
+    'unmapped' whatever the key says.  The fixture used to return that
+    fault, and a test that only checked "it faults" passed."""
+    result = run_pytest(tmp_path, """
+        import ctypes
+        import pkeys
+
+        def test_default_buffer(expect_fault, pkey):
+            with pkeys.ProtectedBuffer(32, key=pkey) as secret:
+                assert secret.backing == "secretmem"
+                expect_fault(lambda: ctypes.string_at(secret.address, 1))
+
+        def test_unmapped_asked_for(expect_fault):
+            secret = pkeys.ProtectedBuffer(32)
+            fault = expect_fault(lambda: ctypes.string_at(secret.address, 1),
+                                 kind=pkeys.FaultKind.UNMAPPED)
+            assert fault.kind is pkeys.FaultKind.UNMAPPED
+
+        def test_the_readmes_example(expect_fault, pkey):
+            secret = pkeys.ProtectedBuffer(32, key=pkey, secretmem=False)
+            fault = expect_fault(lambda: ctypes.string_at(secret.address, 1))
+            if pkeys.backend() == "hardware":
+                assert fault.kind.value == "pkey" and fault.pkey == pkey.pkey
+            else:
+                assert fault.kind.value == "protection"
+            secret.close()
+    """)
+    out = result.stdout
+    assert "1 failed, 2 passed" in out, out + result.stderr
+    assert "test_default_buffer" in out
+    assert "in secret memory (memfd_secret) that a forked child does not have" in out
+    assert "secretmem=False" in out

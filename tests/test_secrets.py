@@ -9,6 +9,8 @@ import errno
 import os
 import resource
 import signal
+import threading
+import warnings
 
 import cffi
 import pytest
@@ -186,6 +188,65 @@ def test_memlock_refusal_falls_back_to_anonymous_or_raises_when_required():
     assert result.exitcode == 0, result.stderr
 
 
+@needs_secretmem
+def test_threads_at_the_memlock_limit_fall_back_instead_of_dying_of_sigbus():
+    """Every thread passes the limit check before any of them maps (forced
+    with a barrier, as another thread or process locking memory would):
+    6.1 and 6.12 then mapped secret memory past the limit and killed the
+    process with SIGBUS at the first touch."""
+    threads, rounds, limit_pages = 8, 3, 4
+
+    def child() -> None:
+        signal.alarm(60)
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (limit_pages * PAGE, limit_pages * PAGE))
+        if os.geteuid() == 0:  # root may lock regardless of the limit: become nobody
+            os.setgid(65534)
+            os.setuid(65534)
+        barrier = threading.Barrier(threads)
+        checked = _secretmem.memlock_budget
+
+        def all_checked_first() -> int | None:
+            budget = checked()
+            barrier.wait()
+            return budget
+
+        _secretmem.memlock_budget = all_checked_first
+        buffers: list[tuple[pkeys.ProtectedBuffer, bytes]] = []
+        errors: list[BaseException] = []
+
+        def make(index: int) -> None:
+            try:
+                for round_ in range(rounds):
+                    buffer = pkeys.ProtectedBuffer(16, lock_memory=False)
+                    payload = f"thread {index} round {round_}".encode().ljust(16, b".")
+                    buffer.write(payload)  # the first touch of the data's page
+                    buffers.append((buffer, payload))
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", pkeys.MemoryLockWarning)
+            workers = [threading.Thread(target=make, args=(i,)) for i in range(threads)]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
+        assert not errors, errors
+        backings = [buffer.backing for buffer, _ in buffers]
+        assert len(backings) == threads * rounds
+        assert backings.count("secretmem") <= limit_pages, backings
+        fell_back = [w for w in caught if "anonymous memory instead" in str(w.message)]
+        assert len(fell_back) == backings.count("anonymous")
+        for buffer, payload in buffers:
+            out = bytearray(16)
+            buffer.readinto(out)
+            assert out == payload
+            buffer.close()
+
+    result = run_in_child(child)
+    assert result.exitcode == 0, result.describe() + "\n" + result.stderr
+
+
 def test_secretmem_true_without_secret_memory_says_why(monkeypatch):
     monkeypatch.setattr(_secretmem, "availability", lambda: (False, "a reason from the kernel"))
     keys = pkeys.allocated_keys()
@@ -344,7 +405,7 @@ int main(void) {
     char *page = mmap(0, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     page[0] = 1;
     printf("%d %d %d %d %zu\n", pk_secretmem_probe() == -ENOSYS,
-           pk_secretmem_map((uintptr_t)page, 4096) == -ENOSYS, pk_mseal_available(),
+           pk_secretmem_map((uintptr_t)page, 4096, 1) == -ENOSYS, pk_mseal_available(),
            pk_mseal((uintptr_t)page, 4096) == -ENOSYS, pk_wipe_touched((uintptr_t)page, 4096));
     return page[0];
 }

@@ -156,6 +156,16 @@ def test_guest_script_reproduces_argv_environment_and_directory(tmp_path):
     assert result.stdout == f"['a b', \"it's\", '$HOME', ''] {tmp_path} line1\nline2 'q' \"dq\" $x\n"
 
 
+def test_guest_script_passes_variables_whose_names_are_not_shell_identifiers():
+    environ = {"PATH": os.environ["PATH"], "A-B": "dash", "BASH_FUNC_f%%": "() {  echo hi\n}",
+               "1ST": "digit", "-LEADING": "dash first"}
+    script = vm.guest_script(
+        ["python3", "-c", "import os, sys; print(sorted(k for k in sys.argv[1:] if k in os.environ))",
+         *environ], "/", environ)
+    result = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout == f"{sorted(environ)}\n"
+
+
 def test_guest_script_puts_the_real_interpreter_first_on_path():
     script = vm.guest_script(["true"], "/", {"PATH": "/root/.pyenv/shims:/usr/bin"})
     assert f"PATH={os.path.dirname(sys.executable)}:/root/.pyenv/shims" in script

@@ -65,12 +65,16 @@ def guest_script(
     # pyenv's shims cost seconds per start under emulation: put the real
     # interpreter first.
     env["PATH"] = interpreter_dir + os.pathsep + env.get("PATH", "")
+    # Every variable, whatever its name (A-B, BASH_FUNC_f%%, -X): `env`
+    # takes them as arguments, not as shell assignments, and "--" keeps a
+    # name that starts with "-" from reading as an option.  A name cannot
+    # hold "=" (the environment's own separator).
     assignments = " ".join(shlex.quote(f"{k}={v}") for k, v in sorted(env.items()) if "=" not in k)
     soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     prefix = []
     if identity is not None and not identity.is_root:
         prefix = _drop_privileges(identity)
-    command = " ".join(shlex.quote(a) for a in [*prefix, "env", "-i"]) + f" {assignments} "
+    command = " ".join(shlex.quote(a) for a in [*prefix, "env", "-i", "--"]) + f" {assignments} "
     command += " ".join(shlex.quote(a) for a in argv)
     return (
         # Locked memory is limited for non-root users as on the host (root
