@@ -696,7 +696,7 @@ class ProtectedBuffer:
 
 
 def _check_seal() -> None:
-    if chosen_backend.NAME != "hardware":
+    if chosen_backend.MODE != lib.PK_MODE_HARDWARE:
         raise UnsupportedError(
             "seal=True needs hardware protection keys: the software backend opens and closes "
             "a buffer with mprotect, which a sealed mapping refuses for good"

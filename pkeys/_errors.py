@@ -23,6 +23,7 @@ __all__ = [
     "RevocationError",
     "PkeysWarning",
     "MemoryLockWarning",
+    "SimulatedRegisterWarning",
     "os_error",
 ]
 
@@ -92,6 +93,12 @@ class PkeysWarning(UserWarning):
 
 class MemoryLockWarning(PkeysWarning):
     """A protected buffer could not be locked in memory (RLIMIT_MEMLOCK)."""
+
+
+class SimulatedRegisterWarning(PkeysWarning):
+    """This pkeys is the simulated-register build (PKEYS_BUILD_SIMULATED_PKU=1):
+    its register is a thread-local variable and it protects nothing.  Made
+    to measure the hardware path; never for real use."""
 
 
 def os_error(err: int) -> OSError:

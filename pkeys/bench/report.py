@@ -12,6 +12,8 @@ from .contention import Sample
 
 NO_PKU = "n/a (no PKU)"
 FLOOR = "baseline/noop/cffi"
+LOCK = "baseline/lock/with"
+SIMULATED_LABEL = "simulated register"
 
 # (description, numerator, denominator, comparison, bound)
 TARGETS = [
@@ -25,6 +27,12 @@ TARGETS = [
      "software/mprotect/raw", "<=", 1.3),
     ("software pkey_set (1 region, a buffer's) <= 1.3x raw mprotect",
      "software/pkey_set/1region-buffer", "software/mprotect/raw", "<=", 1.3),
+    ("with key.allow(): <= 1.5x with threading.Lock()", "pkeys/allow/key", LOCK, "<=", 1.5),
+    ("with pkeys.allow(4 keys): <= 1.2x one key", "pkeys/allow/4keys", "pkeys/allow/key",
+     "<=", 1.2),
+    ("hot with buf.unlocked() as v: <= 3x with threading.Lock()", "pkeys/unlocked/hot", LOCK,
+     "<=", 3.0),
+    ("pkey_set(Key, same) <= 2x cffi no-op", "pkeys/pkey_set/key-same", FLOOR, "<=", 2.0),
 ]
 
 # (description, case, [(case, times) subtracted], bound): the Python-level
@@ -35,6 +43,10 @@ OVERHEAD_TARGETS = [
     ("unlocked() round trip (hot buffer) beyond 2 WRPKRU <= 2x cffi no-op",
      "pkeys/unlocked/hot", [("c/wrpkru/alternate", 2)], 2.0),
 ]
+
+# The layers against the two floors of a Python call (issue 16's table).
+LAYER_CASES = ["baseline/lock/with", "pkeys/pkey_get/key", "pkeys/pkey_set/key-same",
+               "pkeys/allow/key", "pkeys/allow/4keys", "pkeys/unlocked/hot"]
 
 # syscall / instruction pairs: what the 2016 debate was about
 RATIOS = [
@@ -103,6 +115,8 @@ class Results:
     case_names: list[str]  # every case the suite defines, run or not
     tsc_ghz: float | None = None  # TSC ticks per ns, measured over the C loops
     quick: bool = False
+    # Cases that ran on the simulated register (the simulated-register build)
+    simulated_cases: frozenset[str] = frozenset()
 
     @property
     def ns_per_op(self) -> dict[str, float]:
@@ -154,6 +168,12 @@ def table(results: Results) -> str:
             "!! EMULATED CPU (QEMU TCG): these timings are NOT hardware numbers; "
             "only the semantics are real."
         )
+    if results.simulated_cases:
+        lines.append(
+            "!! SIMULATED-REGISTER BUILD: the cases marked 'simulated register' ran with "
+            "RDPKRU/WRPKRU acting on a thread-local variable: they measure pkeys' layers, "
+            "not the instructions, and nothing was protected."
+        )
     if results.tsc_ghz:
         lines.append(
             f"TSC {results.tsc_ghz:.3f} GHz, measured (ticks per ns over the C loops): the "
@@ -184,8 +204,10 @@ def table(results: Results) -> str:
         ):
             cycles_text += " !"
             disagreeing.append(name)
+        label = f"  {SIMULATED_LABEL}" if name in results.simulated_cases else ""
         lines.append(
             f"{name:<40} {_ns(timing.median):>12} {spread:>19} {relative:>13} {cycles_text:>14}"
+            + label
         )
     if disagreeing:
         lines.append(
@@ -198,6 +220,18 @@ def table(results: Results) -> str:
     for label, numerator, denominator in RATIOS:
         ratio = results.ratio(numerator, denominator)
         lines.append(f"  {label:<58} {f'{ratio.value:,.1f}x' if ratio else NO_PKU:>12}")
+    lines.append("")
+    lines.append("layers against the floors (median ratios, with the range the quartiles allow)")
+    lines.append(f"  {'case':<40} {'x cffi no-op':>22} {'x with Lock':>22}")
+    for name in LAYER_CASES:
+        to_floor, to_lock = results.ratio(name, FLOOR), results.ratio(name, LOCK)
+        if to_floor is None or to_lock is None:
+            lines.append(f"  {name:<40} {NO_PKU:>22}")
+            continue
+        cells = [f"{r.value:.2f} ({r.low:.2f}-{r.high:.2f})" if not r.single_values
+                 else f"{r.value:.2f}" for r in (to_floor, to_lock)]
+        label = f"  {SIMULATED_LABEL}" if name in results.simulated_cases else ""
+        lines.append(f"  {name:<40} {cells[0]:>22} {cells[1]:>22}{label}")
     lines.append("")
     lines.append("targets (median ratios measured side by side in this run, with the range "
                  "the quartiles allow)")
