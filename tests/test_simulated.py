@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+from ._strace import loop_syscalls
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
@@ -72,3 +74,11 @@ def test_bench_quick_runs_the_layer_cases_on_the_simulated_register(simulated_bu
         if name.startswith(("pkeys/", "c/")):
             line = next(line for line in result.stdout.splitlines() if line.startswith(name + " "))
             assert "simulated register" in line, line
+
+
+def test_a_hot_unlocked_loop_makes_no_syscall_on_the_simulated_register(simulated_build, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(simulated_build), PYTHONWARNINGS="ignore")
+    env.pop("PKEYS_BACKEND", None)
+    backend, syscalls = loop_syscalls(tmp_path, 1000, env=env)
+    assert backend == "simulated"
+    assert sum(syscalls.values()) == 0, dict(syscalls)
