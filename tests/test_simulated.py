@@ -82,3 +82,16 @@ def test_a_hot_unlocked_loop_makes_no_syscall_on_the_simulated_register(simulate
     backend, syscalls = loop_syscalls(tmp_path, 1000, env=env)
     assert backend == "simulated"
     assert sum(syscalls.values()) == 0, dict(syscalls)
+
+
+def test_layers_measures_every_layer_case_on_the_simulated_register(simulated_build, tmp_path):
+    from pkeys.bench.report import LAYER_CASES
+
+    result = run_simulated(simulated_build, tmp_path, "-W", "ignore", "-m", "pkeys.bench.layers",
+                           "--rounds", "3", "--loops", "100")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {line.split()[0]: line for line in result.stdout.splitlines()[4:]}
+    assert set(LAYER_CASES) <= set(rows), result.stdout
+    for name in LAYER_CASES:
+        if name.startswith("pkeys/"):
+            assert rows[name].endswith("simulated register"), rows[name]

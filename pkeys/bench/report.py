@@ -159,9 +159,11 @@ def _ns_range(low: float, high: float) -> str:
 
 def table(results: Results) -> str:
     m = results.machine
+    cpu = (f"PKU {'yes' if m['pku'] else 'no'}, OSPKE {'yes' if m['ospke'] else 'no'}"
+           if not m.get("simulated_register") else
+           f"{SIMULATED_LABEL}: PKU and OSPKE read as present")
     lines = [
-        (f"pkeys bench on {m['cpu_model']} (PKU {'yes' if m['pku'] else 'no'}, "
-         f"OSPKE {'yes' if m['ospke'] else 'no'}), Linux {m['kernel']}, Python {m['python']}"),
+        f"pkeys bench on {m['cpu_model']} ({cpu}), Linux {m['kernel']}, Python {m['python']}",
     ]
     if m["emulated"]:
         lines.append(
