@@ -78,7 +78,6 @@ import errno
 import mmap
 import os
 import stat
-import sys
 import warnings
 import weakref
 from types import TracebackType
@@ -111,11 +110,7 @@ _READ_ONLY = lib.PK_GRANT_READ_ONLY
 _READ_WRITE = lib.PK_GRANT_READ_WRITE
 _UINTPTR = ffi.typeof("uintptr_t")
 _exporter_of = ffi.buffer
-_references = sys.getrefcount
-# The references to a block's exporter that its own __exit__ holds: its
-# local name and getrefcount's argument.  Any other is a managed buffer
-# (CPython's memoryobject.c) kept alive by a view made from the block's.
-_OWN_REFERENCES = 2
+_weak = weakref.ref
 
 
 def _address(memory: object) -> int:
@@ -793,13 +788,19 @@ class Unlocked:
         except BufferError:
             leaked = True  # something still holds an export of the view itself
         del view
-        if leaked or _references(exporter) > _OWN_REFERENCES:
-            # A view made from this block's (a slice, a cast, an array of
-            # one) is alive.  Recorded before the use ends, so that a
-            # close() that can only follow the end sees it.
-            leaked = True
-            mapping.escaped.append(weakref.ref(exporter))
+        # The exporter was this entry's alone, and its last reference is
+        # gone with the name below, unless a managed buffer (CPython's
+        # memoryobject.c) still holds it for a view made from the block's
+        # (a slice, a cast, an array of one).  Unsafe assumption, written
+        # down: reference counting frees an object as its last reference
+        # goes (CPython; the exporter is in no cycle).
+        survivor = _weak(exporter)
         del exporter
+        if leaked or survivor() is not None:
+            # Recorded before the use ends, so that a close() that can
+            # only follow the end sees it.
+            leaked = True
+            mapping.escaped.append(survivor)
         self._end(token)
         if mapping.orphaned and not lib.pk_vbuf_users(mapping.vbuf):
             mapping.orphaned = False

@@ -119,6 +119,29 @@ def test_a_view_that_escapes_is_caught_while_other_threads_hold_theirs():
     assert buffer.closed
 
 
+@pytest.mark.parametrize("escape", [
+    lambda view: view[1:3],
+    lambda view: view.cast("B"),
+    lambda view: memoryview(view),
+    lambda view: view.obj,
+    lambda view: __import__("numpy").frombuffer(view, dtype="uint8"),
+    lambda view: __import__("numpy").frombuffer(view[2:], dtype="uint8"),
+], ids=["slice", "cast", "memoryview", "obj", "numpy", "numpy-of-slice"])
+def test_every_kind_of_escape_is_caught_and_holds_off_close(escape):
+    if "numpy" in repr(escape.__code__.co_names):
+        pytest.importorskip("numpy")
+    buffer = pkeys.ProtectedBuffer(16, secretmem=False, lock_memory=False)
+    with pytest.raises(BufferError, match="a numpy array, a memoryview cast"):
+        with buffer.unlocked(write=True) as view:
+            kept = escape(view)
+    with pytest.raises(BufferError, match="still alive"):
+        buffer.close()
+    assert not buffer.closed
+    del kept
+    buffer.close()
+    assert buffer.closed
+
+
 def test_a_clean_block_after_an_escape_raises_nothing():
     with pkeys.ProtectedBuffer(16, secretmem=False, lock_memory=False) as buffer:
         with pytest.raises(BufferError):
