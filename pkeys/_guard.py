@@ -19,15 +19,19 @@ with the syscall and put the guard back on top.
 from __future__ import annotations
 
 import faulthandler
+import importlib
 import signal
+from collections.abc import Callable
 
 from ._binding import lib
 
 __all__ = ["install", "install_if_changed"]
 
 _faulthandler_enabled = faulthandler.is_enabled
-_python_handler = signal.getsignal
-_SIGSEGV = signal.SIGSEGV
+# The C function under signal.getsignal, which wraps its result in an enum
+# at about ten times the cost.  Same object for the same handler.
+_python_handler: Callable[[int], object] = importlib.import_module("_signal").getsignal
+_SIGSEGV = int(signal.SIGSEGV)
 
 # What Python showed at the last check (None before the first).
 _seen_faulthandler: bool | None = None

@@ -6,7 +6,10 @@ shared or loaded machine two cases can see different loads.  Here every
 round times each case once (``--loops`` operations), in turn, with the
 suite's own time functions; each round gives a ratio to the cffi no-op and
 to ``with threading.Lock():``, and the table gives the median and the
-quartiles of those ratios.  On the simulated-register build this is the
+quartiles of those ratios.  Each value is the thread's CPU time
+(``CLOCK_THREAD_CPUTIME_ID``, user and kernel) over the case's time
+function, not the wall clock: on a shared machine a round that is
+preempted would otherwise count the other processes' time.  On the simulated-register build this is the
 hardware path without the cost of the instructions.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 
 import pkeys
 
@@ -23,7 +27,7 @@ from .report import FLOOR, LAYER_CASES, LOCK, SIMULATED_LABEL
 
 
 def measure(rounds: int, loops: int) -> dict[str, list[float]]:
-    """ns per operation of each case that runs here, one value per round."""
+    """CPU ns per operation of each case that runs here, one value per round."""
     names = [name for name in dict.fromkeys([FLOOR, *LAYER_CASES]) if suite.runs_here(name)]
     values: dict[str, list[float]] = {name: [] for name in names}
     try:
@@ -31,7 +35,9 @@ def measure(rounds: int, loops: int) -> dict[str, list[float]]:
             suite.CASES[name][1](loops)  # set up and warm
         for _ in range(rounds):
             for name in names:
-                values[name].append(suite.CASES[name][1](loops) / loops * 1e9)
+                started = time.thread_time_ns()
+                suite.CASES[name][1](loops)
+                values[name].append((time.thread_time_ns() - started) / loops)
     finally:
         suite.release_cached()
     return values
@@ -47,9 +53,9 @@ def table(values: dict[str, list[float]], rounds: int, loops: int) -> str:
     lines = [
         f"layers, interleaved: {rounds} rounds of {loops:,} operations per case, backend "
         f"{pkeys.backend()}" + (f" ({SIMULATED_LABEL}: nothing is protected)" if simulated else ""),
-        "median (quartiles) of the per-round values",
+        "median (quartiles) of the per-round values; ns/op is the thread's CPU time",
         "",
-        f"{'case':<28} {'ns/op':>22} {'x cffi no-op':>22} {'x with Lock':>22}",
+        f"{'case':<28} {'CPU ns/op':>22} {'x cffi no-op':>22} {'x with Lock':>22}",
     ]
     for name, ns in values.items():
         cells = [ns]
