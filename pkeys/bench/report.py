@@ -272,7 +272,10 @@ def table(results: Results) -> str:
             line = f"  {workers:>7} {row['none'].faults_per_second:>20,.0f}"
             for mode in modes:
                 s = row[mode]
-                line += f" {f'{s.relative:.2f} ({s.flips_per_second:,.0f}/s)':>30}"
+                # No fault at all without flipping (a very short run on a busy
+                # machine) leaves nothing to compare with.
+                relative = "-" if s.relative is None else f"{s.relative:.2f}"
+                line += f" {f'{relative} ({s.flips_per_second:,.0f}/s)':>30}"
             if "wrpkru" not in modes:
                 line += f" {NO_PKU:>30}"
             lines.append(line)
