@@ -221,7 +221,9 @@ def table(results: Results) -> str:
     lines.append("syscall / instruction")
     for label, numerator, denominator in RATIOS:
         ratio = results.ratio(numerator, denominator)
-        lines.append(f"  {label:<58} {f'{ratio.value:,.1f}x' if ratio else NO_PKU:>12}")
+        simulated = {numerator, denominator} & results.simulated_cases
+        lines.append(f"  {label:<58} {f'{ratio.value:,.1f}x' if ratio else NO_PKU:>12}"
+                     + (f"  {SIMULATED_LABEL}: not the instruction" if ratio and simulated else ""))
     lines.append("")
     lines.append("layers against the floors (median ratios, with the range the quartiles allow)")
     lines.append(f"  {'case':<40} {'x cffi no-op':>22} {'x with Lock':>22}")
