@@ -7,6 +7,7 @@ this file's directory, which is where setuptools runs the build.
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import cffi
@@ -28,14 +29,24 @@ SOURCES = [
 ]
 HEADERS = [f"{CSRC}/pkeys_api.h", f"{CSRC}/pkeys_internal.h"]
 
+# PKEYS_BUILD_SIMULATED_PKU=1 builds the simulated-register variant
+# (csrc/pkeys_internal.h): RDPKRU/WRPKRU act on a thread-local variable and
+# keys are a bitmap, to measure the hardware backend's code on any CPU.  It
+# protects nothing; tools/build-wheel.sh refuses to ship it.  The macro is
+# in the generated source too, so that switching variants rebuilds it.
+SIMULATED = os.environ.get("PKEYS_BUILD_SIMULATED_PKU", "") not in ("", "0")
+MACROS = [("PK_SIMULATED_PKU", "1")] if SIMULATED else []
+PREAMBLE = "".join(f"#define {name} {value}\n" for name, value in MACROS)
+
 ffibuilder = cffi.FFI()
 ffibuilder.cdef(pathlib.Path(__file__).with_name(CSRC).joinpath("pkeys_api.h").read_text())
 ffibuilder.set_source(
     "pkeys._pkeys_cffi",
-    '#include "pkeys_internal.h"\n',
+    PREAMBLE + '#include "pkeys_internal.h"\n',
     sources=SOURCES,
     depends=HEADERS,
     include_dirs=[CSRC],
+    define_macros=MACROS,
     libraries=["dl", "pthread"],
     extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra"],
     # Stable ABI only (Py_LIMITED_API): the wheel is tagged abi3 in setup.py.

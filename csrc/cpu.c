@@ -7,8 +7,14 @@
 #include <cpuid.h>
 #endif
 
-int pk_ospke_enabled;
-static int pku_present;
+/* The simulated-register build reads as PKU with OSPKE on, so that the
+ * hardware backend's code runs; its instructions touch a variable. */
+int pk_ospke_enabled = PK_SIMULATED_PKU;
+static int pku_present = PK_SIMULATED_PKU;
+#if PK_SIMULATED_PKU
+__thread __attribute__((tls_model("initial-exec"))) volatile uint32_t pk_simulated_pkru =
+    0x55555554u;
+#endif
 
 /* Leaf 7 exists only when the maximum basic leaf reaches it; asking a CPU
  * for an unsupported leaf returns the highest leaf's data, not zeros. */
@@ -28,7 +34,10 @@ static unsigned int cpuid7_ecx(void)
 
 __attribute__((constructor)) static void pk_detect_cpu(void)
 {
-    unsigned int ecx = cpuid7_ecx();
+    unsigned int ecx;
+    if (PK_SIMULATED_PKU)
+        return;
+    ecx = cpuid7_ecx();
     pku_present = (ecx >> 3) & 1;
     pk_ospke_enabled = (ecx >> 4) & 1;
 }
@@ -36,6 +45,7 @@ __attribute__((constructor)) static void pk_detect_cpu(void)
 int pk_cpu_has_pku(void) { return pku_present; }
 int pk_cpu_has_ospke(void) { return pk_ospke_enabled; }
 int pk_arch_is_x86(void) { return PK_X86; }
+int pk_build_simulated(void) { return PK_SIMULATED_PKU; }
 
 int64_t pk_rdpkru(void)
 {

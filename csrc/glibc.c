@@ -77,9 +77,11 @@ int pk_glibc_pkey_mprotect(uintptr_t addr, size_t len, int prot, int pkey)
     return glibc_mprotect((void *)addr, len, prot, pkey);
 }
 
+/* The simulated-register build refuses too: glibc would run the real
+ * instruction, on a register that build does not use. */
 int pk_glibc_pkey_get(int pkey)
 {
-    if (!glibc_get || !pk_ospke_enabled) {
+    if (!glibc_get || !pk_ospke_enabled || PK_SIMULATED_PKU) {
         errno = ENOSYS;
         return -1;
     }
@@ -88,7 +90,7 @@ int pk_glibc_pkey_get(int pkey)
 
 int pk_glibc_pkey_set(int pkey, unsigned int access_rights)
 {
-    if (!glibc_set || !pk_ospke_enabled) {
+    if (!glibc_set || !pk_ospke_enabled || PK_SIMULATED_PKU) {
         errno = ENOSYS;
         return -1;
     }

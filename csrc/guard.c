@@ -90,7 +90,7 @@ __attribute__((constructor)) static void pk_find_pkru_xstate(void)
 {
 #if PK_X86
     unsigned int eax, ebx, ecx, edx;
-    if (!pk_ospke_enabled || __get_cpuid_max(0, NULL) < 0xd)
+    if (!pk_ospke_enabled || PK_SIMULATED_PKU || __get_cpuid_max(0, NULL) < 0xd)
         return;
     /* Leaf 0xD sub-leaf 9 describes XSAVE component 9, PKRU: EBX is its
      * offset in the standard (non-compacted) layout the signal frame uses. */
@@ -117,6 +117,8 @@ static int64_t interrupted_pkru(void *ucontext)
 #else
     (void)ucontext;
 #endif
+    if (PK_SIMULATED_PKU)
+        return pk_rdpkru_unchecked(); /* a handler runs on its thread's variable */
     if (!pk_ospke_enabled)
         return atomic_load(&sw_pkru);
     return -1;

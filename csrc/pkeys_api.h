@@ -20,6 +20,11 @@
 int pk_cpu_has_pku(void);     /* CPUID.(EAX=7,ECX=0):ECX[bit 3] */
 int pk_cpu_has_ospke(void);   /* CPUID.(EAX=7,ECX=0):ECX[bit 4]: CR4.PKE is set */
 int pk_arch_is_x86(void);
+/* 1 in the simulated-register build (PKEYS_BUILD_SIMULATED_PKU=1): the
+ * register is a thread-local variable and keys are a bitmap, so that the
+ * hardware backend's code runs, and can be measured, on any CPU.  It
+ * protects nothing.  0 in every other build. */
+int pk_build_simulated(void);
 
 /* Raw register access.  Both check OSPKE first and refuse (-1) without it,
  * so that no call from Python can reach a SIGILL. */

@@ -25,6 +25,17 @@
  * never written again: OSPKE cannot change while the process runs. */
 extern int pk_ospke_enabled;
 
+/* PK_SIMULATED_PKU: the simulated-register build (_build_ffi.py defines it
+ * when PKEYS_BUILD_SIMULATED_PKU=1).  Never the default, never in a wheel. */
+#ifndef PK_SIMULATED_PKU
+#define PK_SIMULATED_PKU 0
+#endif
+
+/* The PKRU instructions' machine code runs only on real PKU: x86, and not
+ * the simulated build.  Code that reads CPUID's XSAVE layout for PKRU or
+ * emits the instructions itself is limited to this. */
+#define PK_REAL_PKRU (PK_X86 && !PK_SIMULATED_PKU)
+
 /*
  * The PKRU instructions, for callers that have already checked
  * pk_ospke_enabled.  Without OSPKE both raise #UD (SIGILL).
@@ -37,7 +48,30 @@ extern int pk_ospke_enabled;
  * the instruction that opens or closes access to them.  The CPU itself
  * does not execute WRPKRU speculatively, so no fence is needed.
  */
-#if PK_X86
+#if PK_SIMULATED_PKU
+/* The simulated register: one per thread, initial-exec TLS so that a
+ * signal handler can touch it (the revocation handler edits it, in the
+ * thread it interrupted, where real PKU edits the signal frame).  Each
+ * thread starts at the kernel's init value, 0x55555554, like a new
+ * process; it does not copy its creator's register as real threads do,
+ * because the shim never sees a thread being created (CPython starts its
+ * threads from libpython, which a dlopened module cannot interpose).
+ * Both accessors are compiler barriers, like the instructions. */
+extern __thread __attribute__((tls_model("initial-exec"))) volatile uint32_t pk_simulated_pkru;
+
+static inline uint32_t pk_rdpkru_unchecked(void)
+{
+    __asm__ volatile("" : : : "memory");
+    return pk_simulated_pkru;
+}
+
+static inline void pk_wrpkru_unchecked(uint32_t value)
+{
+    __asm__ volatile("" : : : "memory");
+    pk_simulated_pkru = value;
+    __asm__ volatile("" : : : "memory");
+}
+#elif PK_X86
 static inline uint32_t pk_rdpkru_unchecked(void)
 {
     uint32_t eax, edx;

@@ -149,10 +149,15 @@ static struct pending_slot *slot_of(pid_t tid)
 }
 
 /* The PKRU slot of the interrupted context, or NULL if the frame is not an
- * XSAVE frame that includes PKRU. */
+ * XSAVE frame that includes PKRU.  In the simulated-register build it is
+ * the thread's variable itself: the handler runs in the thread it edits,
+ * and sigreturn leaves that variable alone. */
 static uint32_t *saved_pkru(void *ucontext)
 {
-#if PK_X86 && defined(__x86_64__)
+#if PK_SIMULATED_PKU
+    (void)ucontext;
+    return (uint32_t *)&pk_simulated_pkru;
+#elif PK_X86 && defined(__x86_64__)
     ucontext_t *uc = ucontext;
     unsigned char *fpstate;
     uint32_t magic, xstate_size;
@@ -223,7 +228,7 @@ __attribute__((constructor)) static void pk_find_xsave_pkru(void)
 {
 #if PK_X86
     unsigned int eax, ebx, ecx, edx;
-    if (!pk_ospke_enabled || __get_cpuid_max(0, NULL) < 0xd)
+    if (!pk_ospke_enabled || PK_SIMULATED_PKU || __get_cpuid_max(0, NULL) < 0xd)
         return;
     __cpuid_count(0xd, XFEATURE_PKRU, eax, ebx, ecx, edx);
     (void)ecx, (void)edx;

@@ -23,7 +23,7 @@
 
 #define HIDDEN __attribute__((visibility("hidden")))
 
-#if PK_X86 && defined(__x86_64__)
+#if PK_REAL_PKRU && defined(__x86_64__)
 
 /* Written by the handlers, read after the signal. */
 HIDDEN volatile uint32_t pk_sigframe_entry_pkru;  /* PKRU as the handler began */
@@ -117,7 +117,7 @@ fail:
     return -1;
 }
 
-#else  /* not x86-64: nothing to probe */
+#else  /* not x86-64, or the simulated register: nothing to probe */
 
 int pk_sigframe_altstack(int pkey, uint32_t rights, struct pk_sigframe *out)
 {

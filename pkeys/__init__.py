@@ -29,6 +29,7 @@ from ._errors import (
     PkeysWarning,
     RevocationError,
     ScopeError,
+    SimulatedRegisterWarning,
     UnsupportedError,
 )
 from ._fault import Fault, FaultKind, probe
@@ -107,10 +108,12 @@ __all__ = [
     "ClosedError",
     "PkeysWarning",
     "MemoryLockWarning",
+    "SimulatedRegisterWarning",
 ]
 
 def backend() -> BackendName:
-    """``"hardware"`` or ``"software"``: the backend chosen at import."""
+    """``"hardware"`` or ``"software"``: the backend chosen at import
+    (``"simulated"`` in the simulated-register build, which protects nothing)."""
     return _key.chosen_backend.NAME
 
 

@@ -7,8 +7,9 @@ The lifecycle, after libsodium's ``sodium_malloc`` and memguard:
 
 Creation
   1. Reserve ``2 + n`` anonymous *private* pages as one Python ``mmap``.
-     CPython counts the buffer exports of an mmap; that is how ``close()``
-     knows whether a view is still alive, whatever backs the pages inside.
+     The buffer holds one export of its data (``_Mapping.pin``) until it
+     closes; every view ``unlocked()`` hands out is made from it, so the
+     mmap, and its pages, live as long as the last view does.
   2. Back the inner ``n`` pages with ``memfd_secret`` where the kernel
      offers it (``secretmem=None``, the default, or ``True``): a fresh
      secret file mapped over them, ``MAP_SHARED | MAP_FIXED``, so that they
@@ -41,7 +42,11 @@ Creation
 
 Access
   ``unlocked()`` opens the buffer (this thread only, on hardware) for a
-  block and yields a memoryview that is released on exit.  ``readinto``,
+  block and yields a memoryview that is released on exit.  Each block makes
+  its view from an exporter of its own (a fresh ``ffi.buffer`` over the
+  pin), so its exit can tell, exactly and with no syscall, whether a view
+  made from its view (a slice, a cast, an array) is still alive: another
+  block's views, in this thread or another, are never its leak.  ``readinto``,
   ``write`` and ``read_from`` copy in C with access open only for the
   copy.  Each of them holds one *use* of the buffer (an atomic count in C)
   while it runs; a buffer in use keeps its key.
@@ -78,7 +83,7 @@ import weakref
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Unpack
 
-from . import _api, _secretmem, _state
+from . import _api, _guard, _secretmem, _state
 from ._binding import ffi, lib
 from ._errors import (
     ArgumentError,
@@ -110,6 +115,8 @@ _READ_WRITE = lib.PK_GRANT_READ_WRITE
 _UINTPTR = ffi.typeof("uintptr_t")
 # Parsed once: the finalizer closes buffers through _call.
 _VBUF_OP = ffi.typeof("struct pk_vbuf_op *")
+_exporter_of = ffi.buffer
+_weak = weakref.ref
 
 
 def _address(memory: object) -> int:
@@ -167,6 +174,11 @@ class _Mapping:
         self.sealed = False
         self.tagged = False
         self.vbuf: Any = ffi.NULL
+        # The one export of the data (see _pin_data), and the exporters of
+        # blocks whose views outlived them (weak: they go with the views).
+        self.data_view: memoryview | None = None
+        self.pin: Any = None
+        self.escaped: list[weakref.ref[Any]] = []
         # Set when the ProtectedBuffer was collected while in use: the last
         # use to end closes it.
         self.orphaned = False
@@ -207,6 +219,25 @@ class _Mapping:
         self.data = self.inner + self.inner_length - size
         self.data_offset = self.data - self.base
         self.canary_address = self.data - CANARY_SIZE
+        self._pin_data()
+
+    def _pin_data(self) -> None:
+        """Hold one export of exactly the data, from now until close; the
+        views unlocked() hands out are made from it.  Only while no view
+        exists (creation, trim)."""
+        self._unpin()
+        assert self.map is not None
+        self.data_view = memoryview(self.map)[self.data_offset:self.data_offset + self.size]
+        self.pin = ffi.from_buffer(self.data_view)
+
+    def _unpin(self) -> None:
+        """Give the export back; only when no view made from it is alive."""
+        if self.pin is not None:
+            ffi.release(self.pin)
+            self.pin = None
+        if self.data_view is not None:
+            self.data_view.release()
+            self.data_view = None
 
     def _back(self, secretmem: bool | None) -> None:
         if secretmem is False:
@@ -302,16 +333,10 @@ class _Mapping:
         self.sealed = True
 
     def views_exported(self) -> bool:
-        # CPython refuses to resize an mmap with live exports; resizing to
-        # the same size changes nothing otherwise.
-        assert self.map is not None
-        try:
-            self.map.resize(self.map_length)
-        except BufferError:
-            return True
-        except OSError:
-            return False  # sealed: the kernel refuses mremap, so there were no exports
-        return False
+        """Whether a view made in unlocked() is still alive: its block
+        recorded its exporter as it ended (before its use ended, so that a
+        close() that follows the use sees it)."""
+        return any(exporter() is not None for exporter in self.escaped)
 
     def copy(self, dst: int, src: int, length: int, kind: int, internal: int = 0) -> None:
         _call(lib.pk_vbuf_copy, self.vbuf, dst, src, length, kind, internal)
@@ -405,6 +430,9 @@ class _Mapping:
             if self.key is None:
                 self._free_record()
             memory = self.map
+            # Dropped, not released: the escaped views hold the export, and
+            # through it the mmap, until the last of them goes.
+            self.pin = self.data_view = None
             self.map = None
             weakref.finalize(memory, self._unmapped)
             del memory
@@ -423,12 +451,15 @@ class _Mapping:
         """A sealed range cannot be untagged or unmapped: it stays, wiped,
         with its key (whose number therefore stays allocated) and region."""
         self._free_record()
+        # Dropped, not released: escaped views may still use the export.
+        self.pin = self.data_view = None
         self.map = None  # its munmap would be refused (EPERM) anyway
 
     def _unmap(self) -> None:
         if self.tagged:
             lib.pk_region_forget(self.inner, self.inner_length)
         self._free_record()  # a virtual key's pages become PROT_NONE, key 0, first
+        self._unpin()
         if self.map is not None:
             self.map.close()
             self.map = None
@@ -497,7 +528,7 @@ class ProtectedBuffer:
             raise TypeError(f"seal must be a bool, not {type(seal).__name__}")
         if seal:
             _check_seal()
-        lib.pk_guard_install()
+        _guard.install()
         self._label = label
         self._mapping = _Mapping(size, key, label, bool(lock_memory), secretmem, seal)
         self._finalizer = weakref.finalize(self, _finalize, self._mapping)
@@ -728,7 +759,7 @@ class ProtectedBuffer:
 
 
 def _check_seal() -> None:
-    if chosen_backend.NAME != "hardware":
+    if chosen_backend.MODE != lib.PK_MODE_HARDWARE:
         raise UnsupportedError(
             "seal=True needs hardware protection keys: the software backend opens and closes "
             "a buffer with mprotect, which a sealed mapping refuses for good"
@@ -749,11 +780,12 @@ class Unlocked:
         self._mapping = mapping
         self._write = write
         self._kind = _READ_WRITE if write else _READ_ONLY
-        self._entries: list[tuple[int, memoryview]] = []
+        # (token, view, exporter) of each entry not ended yet.
+        self._entries: list[tuple[int, memoryview, Any]] = []
 
     def __enter__(self) -> memoryview:
         mapping = self._mapping
-        lib.pk_guard_install()  # stay first in line if a handler was installed since
+        _guard.install_if_changed()  # stay first in line if a handler was installed since
         token = _enter(mapping.vbuf, self._kind, 0)
         if token < 0:
             if token == _NEED_PINS:
@@ -761,8 +793,9 @@ class Unlocked:
             if token < 0:
                 _raise(token)
         try:
-            assert mapping.map is not None
-            view = memoryview(mapping.map)[mapping.data_offset:mapping.data_offset + mapping.size]
+            # This entry's own exporter: views made from the view hold it.
+            exporter = _exporter_of(mapping.pin)
+            view = memoryview(exporter)
             if not self._write:
                 readonly = view.toreadonly()
                 view.release()
@@ -770,7 +803,7 @@ class Unlocked:
         except BaseException:
             self._end(token)
             raise
-        self._entries.append((token, view))
+        self._entries.append((token, view, exporter))
         return view
 
     def __exit__(
@@ -780,17 +813,28 @@ class Unlocked:
         tb: TracebackType | None,
     ) -> None:
         mapping = self._mapping
-        token, view = self._take_entry()
+        token, view, exporter = self._take_entry()
         leaked = False
         try:
             view.release()
         except BufferError:
             leaked = True  # something still holds an export of the view itself
+        del view
+        # The exporter was this entry's alone, and its last reference is
+        # gone with the name below, unless a managed buffer (CPython's
+        # memoryobject.c) still holds it for a view made from the block's
+        # (a slice, a cast, an array of one).  Unsafe assumption, written
+        # down: reference counting frees an object as its last reference
+        # goes (CPython; the exporter is in no cycle).
+        survivor = _weak(exporter)
+        del exporter
+        if leaked or survivor() is not None:
+            # Recorded before the use ends, so that a close() that can
+            # only follow the end sees it.
+            leaked = True
+            mapping.escaped.append(survivor)
         self._end(token)
-        idle = not lib.pk_vbuf_users(mapping.vbuf)
-        if not leaked and idle and mapping.map is not None:
-            leaked = mapping.views_exported()  # a slice of the view escaped
-        if mapping.orphaned and idle:
+        if mapping.orphaned and not lib.pk_vbuf_users(mapping.vbuf):
             mapping.orphaned = False
             mapping.close_when_released()
         if leaked and exc is None:
@@ -799,7 +843,7 @@ class Unlocked:
                 "still alive; delete it inside the block: outside it, touching it would fault"
             )
 
-    def _take_entry(self) -> tuple[int, memoryview]:
+    def _take_entry(self) -> tuple[int, memoryview, Any]:
         entries = self._entries
         if len(entries) > 1:
             serial = lib.pk_thread_serial()

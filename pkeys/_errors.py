@@ -23,6 +23,7 @@ __all__ = [
     "RevocationError",
     "PkeysWarning",
     "MemoryLockWarning",
+    "SimulatedRegisterWarning",
     "os_error",
 ]
 
@@ -94,12 +95,18 @@ class MemoryLockWarning(PkeysWarning):
     """A protected buffer could not be locked in memory (RLIMIT_MEMLOCK)."""
 
 
+class SimulatedRegisterWarning(PkeysWarning):
+    """This pkeys is the simulated-register build (PKEYS_BUILD_SIMULATED_PKU=1):
+    its register is a thread-local variable and it protects nothing.  Made
+    to measure the hardware path; never for real use."""
+
+
 # Tracebacks and reprs name them where users import them from
 # (pkeys.InvalidKeyError, not pkeys._errors.InvalidKeyError); pickle finds
 # them there too.
 for _public in (PkeysError, UnsupportedError, ArgumentError, InvalidKeyError, KeyInUseError,
                 BufferCorruptedError, ClosedError, ScopeError, RevocationError, PkeysWarning,
-                MemoryLockWarning):
+                MemoryLockWarning, SimulatedRegisterWarning):
     _public.__module__ = "pkeys"
 del _public
 

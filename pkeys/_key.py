@@ -109,7 +109,7 @@ class Scope:
             status = _state.call_pinned(_exit, self._handle, token)
             if not status:
                 return
-        if status == _WRONG_THREAD and chosen_backend.NAME == "hardware":
+        if status == _WRONG_THREAD and chosen_backend.MODE == lib.PK_MODE_HARDWARE:
             self._tokens.append(token)  # still active in the thread that entered it
         raise_status(status)
 

@@ -35,7 +35,7 @@ BufferLike: TypeAlias = "Buffer"
 MemoryTarget: TypeAlias = "int | Buffer"
 
 #: What :func:`pkeys.backend` returns.
-BackendName: TypeAlias = Literal["hardware", "software"]
+BackendName: TypeAlias = Literal["hardware", "software", "simulated"]
 
 
 class Backend(Protocol):

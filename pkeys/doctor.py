@@ -84,6 +84,7 @@ def collect() -> dict[str, Any]:
             "ospke": bool(lib.pk_cpu_has_ospke()),
         },
         "emulated": emulated(),
+        "simulated_register": bool(lib.pk_build_simulated()),
         "kernel": platform.release(),
         "glibc": {"version": glibc.version() or None, "functions": glibc.available()},
         "hardware_supported": hardware_supported(),
@@ -100,7 +101,7 @@ def collect() -> dict[str, Any]:
         if pkru is None
         else {
             "value": f"{pkru:#010x}",
-            "scope": "this thread" if pkeys.backend() == "hardware" else "process (emulated)",
+            "scope": "process (emulated)" if pkeys.backend() == "software" else "this thread",
             "keys": {str(k): _rights_name((pkru >> (2 * k)) & 3) for k in range(NUM_KEYS)},
             "matches_package_record": None if shadow is None else shadow == pkru,
         },
@@ -140,11 +141,13 @@ def _secret_memory() -> dict[str, Any]:
 def _revocation_status() -> dict[str, Any]:
     """Whether Key.revoke() can reach other threads here: it edits the PKRU
     saved in their signal frames, which depends on the kernel."""
-    if pkeys.backend() != "hardware":
+    if pkeys.backend() == "software":
         return {"mechanism": "process-wide rights (software backend)", "works": True,
                 "signal": None}
     works = lib.pk_revocation_selftest() == 1
-    return {"mechanism": "signal-frame PKRU edit", "works": works,
+    mechanism = ("thread-local simulated PKRU edit" if lib.pk_build_simulated()
+                 else "signal-frame PKRU edit")
+    return {"mechanism": mechanism, "works": works,
             "signal": lib.pk_revocation_signal()}
 
 
@@ -173,6 +176,9 @@ def _render(report: dict[str, Any]) -> str:
         + ("all present" if not missing else "missing " + ", ".join(missing)),
         f"backend        {report['backend']['name']}: {report['backend']['reason']}",
     ]
+    if report["simulated_register"]:
+        lines.insert(0, "!! SIMULATED-REGISTER BUILD: PKU and OSPKE read as present, the register "
+                        "is a thread-local variable, NOTHING IS PROTECTED")
     if not report["backend"]["works"]:
         lines.append(f"  NOT WORKING  {report['backend']['failure']}")
     for difference in report["backend"]["differences_from_hardware"]:

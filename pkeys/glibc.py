@@ -47,6 +47,11 @@ def version() -> str:
 
 
 def _require(name: str, needs_register: bool = False) -> None:
+    if lib.pk_build_simulated():
+        raise UnsupportedError(
+            f"this is the simulated-register build: glibc's {name} would act on the CPU's "
+            "keys and register, which that build does not use"
+        )
     if not _FOUND & _FUNCTIONS[name]:
         raise UnsupportedError(f"this libc has no {name} (glibc >= 2.27 provides it)")
     if needs_register and not _OSPKE:

@@ -5,7 +5,8 @@
 #      reference fails the run);
 #   3. `pkeys vm setup` for Debian's 6.1 and 6.12 kernels (QEMU, kernels and
 #      initramfs, cached in ~/.cache/pkeys);
-#   4. one pytest session: the native suite here (the software backend, or
+#   4. the simulated-register variant, built once (tools/build-simulated.sh);
+#   5. one pytest session: the native suite here (the software backend, or
 #      the hardware one on PKU machines) while the pkeys pytest plugin runs
 #      the `pku` tier, and the `anybackend` tests again, on an emulated PKU
 #      CPU with each kernel (--pkeys-vm), its results merged into this report.
@@ -48,6 +49,12 @@ else
     if [ "${CI:-}" = "true" ]; then exit 1; fi
     echo "pku tier NOT RUN" >&2
 fi
+
+# The simulated-register variant (RDPKRU/WRPKRU on a thread-local variable),
+# built once into build/simulated-pku: tests/test_simulated.py runs its API
+# and a quick `pkeys bench` against it (a smoke run, no timing asserted).
+built_at=$SECONDS
+echo "== simulated-register build: $(bash tools/build-simulated.sh) ($((SECONDS - built_at))s)"
 
 echo "== tests (backend here: $(python -c 'import pkeys; print(pkeys.backend())'))"
 # pytest's summary line (with the duration) stays the last line printed.

@@ -205,3 +205,15 @@ def test_every_available_case_runs_in_process():
     assert ran == expected
     if hardware:
         assert len(ran) == len(CASES)
+
+
+def test_layers_interleaves_the_cases_that_run_here():
+    from pkeys.bench import layers, suite
+
+    values = layers.measure(rounds=3, loops=50)
+    expected = [n for n in dict.fromkeys([report.FLOOR, *report.LAYER_CASES]) if suite.runs_here(n)]
+    assert list(values) == expected and report.LOCK in values
+    assert all(len(v) == 3 and min(v) > 0 for v in values.values())
+    text = layers.table(values, 3, 50)
+    floor_row = next(line for line in text.splitlines() if line.startswith(report.FLOOR))
+    assert "1.00 (1.00-1.00)" in floor_row  # the floor against itself, every round

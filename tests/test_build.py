@@ -69,6 +69,30 @@ def test_native_build_is_warning_free(tmp_path):
     assert lines[0].split()[0] == "1"
 
 
+@pytest.mark.parametrize("arch", [[], ["-DPK_ASSUME_NON_X86"]], ids=["x86", "non-x86"])
+def test_simulated_register_build_runs_the_hardware_path_without_the_instructions(tmp_path, arch):
+    # This machine may have no PKU: a real RDPKRU here would be SIGILL.
+    lines = build_and_run(tmp_path, "-DPK_SIMULATED_PKU=1", *arch)
+    # PKU and OSPKE read as present; RDPKRU and WRPKRU work on the variable
+    # (the compiler evaluates printf's arguments in either order: RDPKRU
+    # reads the init value, or the 0 that WRPKRU wrote).
+    _, pku, ospke, pkru, written = lines[0].split()
+    assert (pku, ospke, written) == ("1", "1", "0")
+    assert int(pkru) in (0x55555554, 0)
+    assert lines[2] == "-1 1"  # glibc's pkey_get still refused: it would run the instruction
+    assert lines[3] == "0 1"
+
+
+def test_build_wheel_refuses_the_simulated_register_build(tmp_path):
+    out = tmp_path / "dist"
+    env = dict(os.environ, PKEYS_BUILD_SIMULATED_PKU="1", PYTHON=sys.executable)
+    result = subprocess.run(["bash", str(ROOT / "tools" / "build-wheel.sh"), str(out)],
+                            check=False, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "simulated-register" in result.stderr and "protects nothing" in result.stderr
+    assert not out.exists()
+
+
 def test_wrpkru_has_a_memory_clobber():
     header = (CSRC / "pkeys_internal.h").read_text()
     wrpkru = header[header.index("pk_wrpkru_unchecked(uint32_t value)\n{"):]

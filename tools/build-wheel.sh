@@ -11,6 +11,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The simulated-register build protects nothing: it must never be published.
+if [ -n "${PKEYS_BUILD_SIMULATED_PKU:-}" ] && [ "${PKEYS_BUILD_SIMULATED_PKU}" != 0 ]; then
+    echo "build-wheel.sh: PKEYS_BUILD_SIMULATED_PKU=${PKEYS_BUILD_SIMULATED_PKU} would build the" \
+         "simulated-register variant, which protects nothing; unset it to build a wheel" >&2
+    exit 2
+fi
+
 out=$(realpath -m "${1:-dist}")
 python=${PYTHON:-python}
 work=$(mktemp -d)

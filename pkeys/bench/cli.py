@@ -42,7 +42,7 @@ def _direct_cycles(quick: bool) -> tuple[dict[str, float], float | None]:
     total_ticks = total_ns = 0
     try:
         for name, (run, minimum) in suite.C_LOOPS.items():
-            if suite.CASES[name][0] and not suite.HARDWARE:
+            if not suite.runs_here(name):
                 continue
             if run(minimum * scale, result) == 0 and result.iterations and result.cycles:
                 cycles[name] = result.cycles / result.iterations
@@ -71,7 +71,7 @@ def main(args: argparse.Namespace) -> int:
             print("--plot needs matplotlib: pip install 'pkeys[plot]'", file=sys.stderr)
             return 2
 
-    from .suite import CASES
+    from .suite import CASES, SIMULATED_CASES
 
     with tempfile.TemporaryDirectory(prefix="pkeys-bench-") as work:
         raw = os.path.join(work, "suite.json")
@@ -98,6 +98,7 @@ def main(args: argparse.Namespace) -> int:
         cycles_per_op=cycles,
         contention=samples,
         case_names=list(CASES),
+        simulated_cases=SIMULATED_CASES if about["simulated_register"] else frozenset(),
         tsc_ghz=tsc_ghz,
         quick=args.quick,
     )

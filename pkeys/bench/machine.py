@@ -19,4 +19,5 @@ def describe() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": sys.version.split()[0],
         "emulated": emulated(),
+        "simulated_register": bool(lib.pk_build_simulated()),
     }

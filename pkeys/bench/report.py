@@ -12,6 +12,8 @@ from .contention import Sample
 
 NO_PKU = "n/a (no PKU)"
 FLOOR = "baseline/noop/cffi"
+LOCK = "baseline/lock/with"
+SIMULATED_LABEL = "simulated register"
 
 # (description, numerator, denominator, comparison, bound)
 TARGETS = [
@@ -25,6 +27,12 @@ TARGETS = [
      "software/mprotect/raw", "<=", 1.3),
     ("software pkey_set (1 region, a buffer's) <= 1.3x raw mprotect",
      "software/pkey_set/1region-buffer", "software/mprotect/raw", "<=", 1.3),
+    ("with key.allow(): <= 1.5x with threading.Lock()", "pkeys/allow/key", LOCK, "<=", 1.5),
+    ("with pkeys.allow(4 keys): <= 1.2x one key", "pkeys/allow/4keys", "pkeys/allow/key",
+     "<=", 1.2),
+    ("hot with buf.unlocked() as v: <= 3x with threading.Lock()", "pkeys/unlocked/hot", LOCK,
+     "<=", 3.0),
+    ("pkey_set(Key, same) <= 2x cffi no-op", "pkeys/pkey_set/key-same", FLOOR, "<=", 2.0),
 ]
 
 # (description, case, [(case, times) subtracted], bound): the Python-level
@@ -35,6 +43,10 @@ OVERHEAD_TARGETS = [
     ("unlocked() round trip (hot buffer) beyond 2 WRPKRU <= 2x cffi no-op",
      "pkeys/unlocked/hot", [("c/wrpkru/alternate", 2)], 2.0),
 ]
+
+# The layers against the two floors of a Python call (issue 16's table).
+LAYER_CASES = ["baseline/lock/with", "pkeys/pkey_get/key", "pkeys/pkey_set/key-same",
+               "pkeys/allow/key", "pkeys/allow/4keys", "pkeys/unlocked/hot"]
 
 # syscall / instruction pairs: what the 2016 debate was about
 RATIOS = [
@@ -103,6 +115,8 @@ class Results:
     case_names: list[str]  # every case the suite defines, run or not
     tsc_ghz: float | None = None  # TSC ticks per ns, measured over the C loops
     quick: bool = False
+    # Cases that ran on the simulated register (the simulated-register build)
+    simulated_cases: frozenset[str] = frozenset()
 
     @property
     def ns_per_op(self) -> dict[str, float]:
@@ -145,14 +159,22 @@ def _ns_range(low: float, high: float) -> str:
 
 def table(results: Results) -> str:
     m = results.machine
+    cpu = (f"PKU {'yes' if m['pku'] else 'no'}, OSPKE {'yes' if m['ospke'] else 'no'}"
+           if not m.get("simulated_register") else
+           f"{SIMULATED_LABEL}: PKU and OSPKE read as present")
     lines = [
-        (f"pkeys bench on {m['cpu_model']} (PKU {'yes' if m['pku'] else 'no'}, "
-         f"OSPKE {'yes' if m['ospke'] else 'no'}), Linux {m['kernel']}, Python {m['python']}"),
+        f"pkeys bench on {m['cpu_model']} ({cpu}), Linux {m['kernel']}, Python {m['python']}",
     ]
     if m["emulated"]:
         lines.append(
             "!! EMULATED CPU (QEMU TCG): these timings are NOT hardware numbers; "
             "only the semantics are real."
+        )
+    if results.simulated_cases:
+        lines.append(
+            "!! SIMULATED-REGISTER BUILD: the cases marked 'simulated register' ran with "
+            "RDPKRU/WRPKRU acting on a thread-local variable: they measure pkeys' layers, "
+            "not the instructions, and nothing was protected."
         )
     if results.tsc_ghz:
         lines.append(
@@ -184,8 +206,10 @@ def table(results: Results) -> str:
         ):
             cycles_text += " !"
             disagreeing.append(name)
+        label = f"  {SIMULATED_LABEL}" if name in results.simulated_cases else ""
         lines.append(
             f"{name:<40} {_ns(timing.median):>12} {spread:>19} {relative:>13} {cycles_text:>14}"
+            + label
         )
     if disagreeing:
         lines.append(
@@ -197,7 +221,21 @@ def table(results: Results) -> str:
     lines.append("syscall / instruction")
     for label, numerator, denominator in RATIOS:
         ratio = results.ratio(numerator, denominator)
-        lines.append(f"  {label:<58} {f'{ratio.value:,.1f}x' if ratio else NO_PKU:>12}")
+        simulated = {numerator, denominator} & results.simulated_cases
+        lines.append(f"  {label:<58} {f'{ratio.value:,.1f}x' if ratio else NO_PKU:>12}"
+                     + (f"  {SIMULATED_LABEL}: not the instruction" if ratio and simulated else ""))
+    lines.append("")
+    lines.append("layers against the floors (median ratios, with the range the quartiles allow)")
+    lines.append(f"  {'case':<40} {'x cffi no-op':>22} {'x with Lock':>22}")
+    for name in LAYER_CASES:
+        to_floor, to_lock = results.ratio(name, FLOOR), results.ratio(name, LOCK)
+        if to_floor is None or to_lock is None:
+            lines.append(f"  {name:<40} {NO_PKU:>22}")
+            continue
+        cells = [f"{r.value:.2f} ({r.low:.2f}-{r.high:.2f})" if not r.single_values
+                 else f"{r.value:.2f}" for r in (to_floor, to_lock)]
+        label = f"  {SIMULATED_LABEL}" if name in results.simulated_cases else ""
+        lines.append(f"  {name:<40} {cells[0]:>22} {cells[1]:>22}{label}")
     lines.append("")
     lines.append("targets (median ratios measured side by side in this run, with the range "
                  "the quartiles allow)")
@@ -236,7 +274,10 @@ def table(results: Results) -> str:
             line = f"  {workers:>7} {row['none'].faults_per_second:>20,.0f}"
             for mode in modes:
                 s = row[mode]
-                line += f" {f'{s.relative:.2f} ({s.flips_per_second:,.0f}/s)':>30}"
+                # No fault at all without flipping (a very short run on a busy
+                # machine) leaves nothing to compare with.
+                relative = "-" if s.relative is None else f"{s.relative:.2f}"
+                line += f" {f'{relative} ({s.flips_per_second:,.0f}/s)':>30}"
             if "wrpkru" not in modes:
                 line += f" {NO_PKU:>30}"
             lines.append(line)

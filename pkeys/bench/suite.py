@@ -11,7 +11,10 @@ Cases are named ``group/op/impl``:
 * ``software/...`` the mprotect emulation, and the raw ``mprotect`` it issues.
 
 Cases that need PKU are skipped where it is absent (the report prints
-"n/a (no PKU)").  Each case does its setup on first use, so a pyperf
+"n/a (no PKU)").  On the simulated-register build
+(``PKEYS_BUILD_SIMULATED_PKU=1``) the layer cases (SIMULATED_CASES) run,
+labelled "simulated register": they measure what the package adds around
+RDPKRU/WRPKRU, which there act on a thread-local variable.  Each case does its setup on first use, so a pyperf
 worker only pays for the case it runs.
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import mmap
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +35,16 @@ from pkeys import glibc
 from pkeys._binding import ffi, lib
 
 HARDWARE = pkeys.hardware_supported() and pkeys.backend() == "hardware"
+SIMULATED = pkeys.backend() == "simulated"
+# What the package adds around the instructions, which the simulated
+# register measures on any CPU.  Not the glibc and ctypes cases (they would
+# run the real instructions), nor pkey_mprotect (plain mprotect there).
+SIMULATED_CASES = frozenset({
+    "c/rdpkru/insn", "c/wrpkru/same", "c/wrpkru/alternate",
+    "pkeys/pkey_get/safe", "pkeys/pkey_set/same", "pkeys/pkey_get/key",
+    "pkeys/pkey_set/key-same", "pkeys/rdpkru/safe", "pkeys/pkey_set/toggle",
+    "pkeys/allow/key", "pkeys/allow/4keys", "pkeys/unlocked/hot",
+})
 PAGE = mmap.PAGESIZE
 SYS_PKEY_MPROTECT = 329
 
@@ -46,6 +60,12 @@ CASES: dict[str, tuple[bool, TimeFunction]] = {}
 MIN_C_ITERATIONS = 10_000
 # The same for calls from Python, whose first calls also warm caches.
 MIN_PYTHON_CALLS = 1_000
+
+
+def runs_here(name: str) -> bool:
+    """Whether the case can run in this process's build and backend."""
+    needs_pku, _ = CASES[name]
+    return not needs_pku or HARDWARE or (SIMULATED and name in SIMULATED_CASES)
 
 
 def case(name: str, needs_pku: bool = False) -> Callable[[TimeFunction], TimeFunction]:
@@ -205,6 +225,18 @@ def _python_noop() -> None:
 
 case("baseline/noop/cffi")(_timed(lib.pk_noop))
 case("baseline/noop/python")(_timed(_python_noop))
+
+
+@case("baseline/lock/with")
+def _with_lock(loops: int) -> float:
+    # The floor for any context manager written in C.
+    lock = threading.Lock()
+
+    def body() -> None:
+        with lock:
+            pass
+
+    return _timed(body)(loops)
 
 
 @case("pkeys/pkey_get/safe", True)
@@ -465,10 +497,10 @@ def _raw_mprotect(loops: int) -> float:
 def main() -> None:
     runner = pyperf.Runner()
     runner.metadata["pkeys_backend"] = pkeys.backend()
-    for name, (needs_pku, time_function) in CASES.items():
-        if needs_pku and not HARDWARE:
-            continue
-        runner.bench_time_func(name, time_function)
+    runner.metadata["pkeys_simulated_register"] = str(SIMULATED)
+    for name, (_, time_function) in CASES.items():
+        if runs_here(name):
+            runner.bench_time_func(name, time_function)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ and never touch /boot; each kernel gets its own initramfs.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +55,8 @@ def _tools() -> None:
         missing.append(tools.PACKAGES["qemu"])
     if not initramfs.busybox():
         missing.append(tools.PACKAGES["busybox"])
+    if not shutil.which("strace"):
+        missing.append(tools.PACKAGES["strace"])  # counts the syscalls of hot paths in tests
     if missing:
         tools.install_packages(missing)
 

@@ -1,5 +1,7 @@
 """The host programs ``pkeys vm`` runs: QEMU and a static busybox (and, for
-zstd-compressed kernels without a Python decoder, the zstd tool)."""
+zstd-compressed kernels without a Python decoder, the zstd tool), and
+strace, which the test suite runs on the host and in the guest (the guest
+sees the host's /usr over 9p)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from .errors import VMError
 
 QEMU = "qemu-system-x86_64"
 #: Debian/Ubuntu package of each tool.
-PACKAGES = {"qemu": "qemu-system-x86", "busybox": "busybox-static", "zstd": "zstd"}
+PACKAGES = {"qemu": "qemu-system-x86", "busybox": "busybox-static", "zstd": "zstd",
+            "strace": "strace"}
 
 
 def qemu() -> str | None:
