@@ -538,10 +538,15 @@ class HandlerHeld:
 
 @pytest.fixture
 def alarm():
-    """A test that could hang fails instead, after a minute."""
+    """A test that could hang fails instead, after two minutes."""
+    def expired(signo: int, frame: object) -> None:
+        raise AssertionError("timed out (SIGALRM)")
+
+    previous = signal.signal(signal.SIGALRM, expired)
     signal.alarm(120)
     yield
     signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.mark.pku
@@ -773,3 +778,23 @@ def test_a_revocation_signal_taken_before_import_is_a_clear_error():
                           timeout=120, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SIGRTMIN+" in done.stdout and "EBUSY" not in done.stdout
+
+
+@pytest.mark.pku
+def test_signal_pause_returns_after_a_revocation_as_documented(key, alarm):
+    # The README lists signal.pause() among the calls a revocation ends,
+    # as any handled signal does: revoke until it has returned.
+    returned = threading.Event()
+
+    def revoker() -> None:
+        while not returned.is_set():
+            key.revoke(timeout=30)
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=revoker)
+    thread.start()
+    try:
+        signal.pause()
+    finally:
+        returned.set()
+        thread.join(60)
