@@ -714,6 +714,9 @@ def test_faulthandlers_watchdog_is_named_as_the_likely_cause(key):
     faulthandler.dump_traceback_later(600)
     try:
         watchdog = int(({thread for thread in os.listdir("/proc/self/task")} - before).pop())
+        # It blocks every signal as its first step: wait for that step.
+        signo = lib.pk_revocation_signal()
+        wait_for(lambda: blocked_signals(watchdog) >> (signo - 1) & 1, "the watchdog to start")
         with pytest.raises(pkeys.RevocationError, match="dump_traceback_later") as info:
             key.revoke(timeout=0.3)
         assert info.value.unanswered == (watchdog,)
