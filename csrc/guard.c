@@ -36,10 +36,6 @@
 #include <ucontext.h>
 #include <unistd.h>
 
-#if PK_X86
-#include <cpuid.h>
-#endif
-
 #ifndef SEGV_PKUERR
 #define SEGV_PKUERR 4
 #endif
@@ -59,7 +55,6 @@ static PK_TLS struct pk_fault *volatile guard_fault;
 static struct sigaction displaced;       /* what we replaced when installing */
 static atomic_int installed;
 static atomic_uint sw_pkru = 0x55555554u; /* software backend's register, for messages */
-static int pkru_xstate_offset = -1;       /* byte offset of PKRU in the XSAVE area */
 
 /* The labelled buffers.  A slot is published by storing `end` last and
  * retired by zeroing it first, so the handler never sees half an entry
@@ -86,39 +81,16 @@ static int siginfo_pkey(const siginfo_t *info)
 #endif
 }
 
-__attribute__((constructor)) static void pk_find_pkru_xstate(void)
-{
-#if PK_X86
-    unsigned int eax, ebx, ecx, edx;
-    if (!pk_ospke_enabled || PK_SIMULATED_PKU || __get_cpuid_max(0, NULL) < 0xd)
-        return;
-    /* Leaf 0xD sub-leaf 9 describes XSAVE component 9, PKRU: EBX is its
-     * offset in the standard (non-compacted) layout the signal frame uses. */
-    __cpuid_count(0xd, 9, eax, ebx, ecx, edx);
-    (void)ecx, (void)edx;
-    if (eax >= 4)
-        pkru_xstate_offset = (int)ebx;
-#endif
-}
-
-int pk_pkru_xstate_offset(void) { return pkru_xstate_offset; }
-
 /* The PKRU of the interrupted code: the handler's own is the kernel's init
  * value, the interrupted one is saved in the signal frame's XSAVE area. */
 static int64_t interrupted_pkru(void *ucontext)
 {
-#if PK_X86 && defined(__x86_64__)
-    ucontext_t *uc = ucontext;
-    if (pkru_xstate_offset > 0 && uc && uc->uc_mcontext.fpregs) {
+    const uint32_t *saved = pk_frame_pkru(ucontext);
+    if (saved) {
         uint32_t value;
-        memcpy(&value, (char *)uc->uc_mcontext.fpregs + pkru_xstate_offset, sizeof value);
+        memcpy(&value, saved, sizeof value);
         return value;
     }
-#else
-    (void)ucontext;
-#endif
-    if (PK_SIMULATED_PKU)
-        return pk_rdpkru_unchecked(); /* a handler runs on its thread's variable */
     if (!pk_ospke_enabled)
         return atomic_load(&sw_pkru);
     return -1;

@@ -83,16 +83,30 @@ struct pk_broadcast {
     int answered;             /* ...that applied the change */
     int unanswered;           /* ...that did not answer in time (signal blocked?) */
     int refused;              /* ...whose signal frame could not be edited */
-    int listed[PK_BROADCAST_LISTED]; /* thread ids of the unanswered, then the refused */
+    int in_handler;           /* ...found only inside another signal handler */
+    int listed[PK_BROADCAST_LISTED]; /* thread ids: unanswered, refused, in a handler */
+    int listed_signal[PK_BROADCAST_LISTED]; /* in a handler: a handled signal it blocked */
     double seconds;           /* how long it took */
 };
 #define PK_E_BROADCAST -15    /* some thread did not take the new rights */
+#define PK_E_NO_REVOCATION -22 /* the signal-frame edit does not work on this kernel */
+#define PK_E_SIGNAL_TAKEN -23 /* the revocation signal has another handler */
+/* How long a change for every thread waits for them all to answer, in
+ * seconds: the one default of every revocation path. */
+extern const double pk_revocation_timeout;
 int pk_key_free(int pkey, uint32_t identity, double timeout, struct pk_broadcast *result,
                 uint64_t pins);
 int pk_key_set_all(int pkey, uint32_t identity, int access_rights, double timeout,
                    struct pk_broadcast *result, uint64_t pins);
 int pk_revocation_signal(void);
-int pk_revocation_selftest(void);
+/* PK_OK when the signal-frame edit works on this kernel (checked once, and
+ * before the first broadcast); else PK_E_NO_REVOCATION, PK_E_SIGNAL_TAKEN,
+ * PK_E_UNSUPPORTED (no PKU) or PK_E_ERRNO. */
+int pk_revocation_check(void);
+/* The last failed broadcast of the calling thread (PK_E_BROADCAST). */
+void pk_revocation_last_failure(struct pk_broadcast *out);
+/* Test only: the check's verdict (0 fails, 1 works, -1 check again). */
+void pk_test_force_revocation_check(int verdict);
 uint32_t pk_key_identity(int pkey);
 int pk_key_get(int pkey);
 int pk_key_set(int pkey, int access_rights, uint64_t pins);
@@ -158,7 +172,6 @@ int pk_probe(uintptr_t addr, int write, struct pk_fault *fault);
 void pk_sw_mirror_pkru(uint32_t value);
 int pk_label_add(uintptr_t start, uintptr_t end, int pkey, const char *label);
 void pk_label_remove(int slot);
-int pk_pkru_xstate_offset(void);
 int pk_signal_pkru(int64_t *in_handler, int64_t *after_return);
 
 /* ---- secret.c: memory hygiene for protected buffers ------------------- */

@@ -124,6 +124,9 @@ int pk_broadcast(uint32_t keys, uint32_t bits, double timeout, struct pk_broadca
 uint32_t pk_revocations_mark(void);
 int pk_revocations_moved(uint32_t mark);
 uint32_t pk_revocations_catch_up(uint32_t pkru);
+/* In a handler: the PKRU saved in its signal frame's XSAVE area, or NULL
+ * where the frame has none (revoke.c holds the one lookup of its offset). */
+uint32_t *pk_frame_pkru(void *ucontext);
 
 /* read(2) into a protected buffer, through a wiped bounce page where the
  * file system cannot pin secret memory (secretmem.c). */

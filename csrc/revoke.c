@@ -9,16 +9,24 @@
  *  1. state.c stamps the keys with a new revocation epoch and the rights
  *     every thread must now have (pk_revoked_at, pk_revoked_bits), under
  *     the state mutex, which also keeps two revocations from overlapping.
- *  2. pk_broadcast() sends a dedicated real-time signal to every other
- *     thread of the process (tgkill over /proc/self/task).
+ *  2. pk_broadcast() checks that the signal's handler is still this file's
+ *     (someone may have installed theirs over it), and before its first
+ *     use on this kernel that a frame edit is what sigreturn installs
+ *     (check_locked).  Then it sends a dedicated real-time signal to every
+ *     other thread of the process (tgkill over /proc/self/task).
  *  3. The handler, in each thread, takes the rights waiting for it in its
  *     slot of the pending table (every revocation it was signalled for and
  *     has not applied, merged), edits the PKRU saved in the interrupted
  *     context's XSAVE area, so that sigreturn installs it, and acknowledges.
+ *     If the interrupted context is itself a signal handler, it applies
+ *     nothing and says so: the outer handler's sigreturn would restore the
+ *     register that the outer frame saved (handled_signal_blocked).
  *  4. The broadcaster waits for every acknowledgement (with a timeout),
+ *     signalling again every millisecond the threads found in a handler,
  *     scans /proc/self/task again for threads created meanwhile, and
  *     signals those too.  state.c then applies the change to its own
- *     thread.
+ *     thread.  Any thread not reached by the deadline makes the call fail
+ *     (PK_E_BROADCAST): it never reports a change that some thread lacks.
  *
  * Races, and why they are covered:
  *  - A thread writing PKRU from a value it read before the handler ran
@@ -54,6 +62,7 @@
 
 #include <dirent.h>
 #include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -67,10 +76,20 @@
 #endif
 
 #define MAX_TARGETS 4096
-/* One broadcast at a time (the state mutex): thread ids signalled, and for
- * each, 0 while waiting, 1 when applied, 2 when its frame was not usable. */
+/* What a signalled thread answered. */
+enum answer {
+    WAITING = 0,
+    APPLIED = 1,
+    REFUSED = 2,    /* its signal frame was not usable */
+    GONE = 3,       /* it exited first */
+    IN_HANDLER = 4, /* it was running another signal handler: not applied */
+};
+/* One broadcast at a time (the state mutex): thread ids signalled, their
+ * answers, and for those found in a handler, a handled signal their
+ * interrupted context blocks. */
 static pid_t target_tid[MAX_TARGETS];
 static int target_answer[MAX_TARGETS];
+static int target_signal[MAX_TARGETS];
 static int target_count;
 
 /* What each thread still has to apply, by thread id: bits 32+k say key k
@@ -83,8 +102,13 @@ struct pending_slot {
 };
 static struct pending_slot pending[MAX_TARGETS];
 
+const double pk_revocation_timeout = 5.0;
+
 static int revocation_signal;
 static int handler_installed;
+/* Whether the frame edit works here (pk_revocation_check): -1 not checked
+ * yet, 1 it works, 0 it does not. */
+static int mechanism_works = -1;
 #if PK_X86
 static int xsave_pkru_offset = -1;
 #endif
@@ -95,6 +119,8 @@ static int xsave_pkru_offset = -1;
 #define XFEATURE_PKRU 9
 #define FXSAVE_SW_BYTES 464
 #define XSAVE_HEADER 512
+/* Signals a kernel sigset holds (the first 64 bits of uc_sigmask). */
+#define KERNEL_SIGNALS 64
 
 static pid_t current_tid(void) { return (pid_t)syscall(SYS_gettid); }
 
@@ -149,10 +175,11 @@ static struct pending_slot *slot_of(pid_t tid)
 }
 
 /* The PKRU slot of the interrupted context, or NULL if the frame is not an
- * XSAVE frame that includes PKRU.  In the simulated-register build it is
- * the thread's variable itself: the handler runs in the thread it edits,
+ * XSAVE frame that includes PKRU.  The one lookup of that slot, for this
+ * handler and guard.c's fault reports.  In the simulated-register build it
+ * is the thread's variable itself: the handler runs in the thread it edits,
  * and sigreturn leaves that variable alone. */
-static uint32_t *saved_pkru(void *ucontext)
+uint32_t *pk_frame_pkru(void *ucontext)
 {
 #if PK_SIMULATED_PKU
     (void)ucontext;
@@ -161,7 +188,7 @@ static uint32_t *saved_pkru(void *ucontext)
     ucontext_t *uc = ucontext;
     unsigned char *fpstate;
     uint32_t magic, xstate_size;
-    uint64_t xfeatures, xstate_bv;
+    uint64_t xfeatures;
     if (xsave_pkru_offset <= 0 || !uc || !uc->uc_mcontext.fpregs)
         return NULL;
     fpstate = (unsigned char *)uc->uc_mcontext.fpregs;
@@ -171,11 +198,6 @@ static uint32_t *saved_pkru(void *ucontext)
     if (magic != FP_XSTATE_MAGIC1 || !(xfeatures & (1ull << XFEATURE_PKRU)) ||
         (uint32_t)xsave_pkru_offset + 4 > xstate_size)
         return NULL;
-    /* sigreturn loads PKRU from the frame only if the header says it is
-     * there; otherwise it would install the init value. */
-    memcpy(&xstate_bv, fpstate + XSAVE_HEADER, sizeof xstate_bv);
-    xstate_bv |= 1ull << XFEATURE_PKRU;
-    memcpy(fpstate + XSAVE_HEADER, &xstate_bv, sizeof xstate_bv);
     return (uint32_t *)(fpstate + xsave_pkru_offset);
 #else
     (void)ucontext;
@@ -183,23 +205,84 @@ static uint32_t *saved_pkru(void *ucontext)
 #endif
 }
 
-static void answer(int value)
+/* The slot, made to be the one sigreturn loads: it does only if the XSAVE
+ * header says PKRU is there; otherwise it installs the init value. */
+static uint32_t *editable_pkru(void *ucontext)
+{
+    uint32_t *slot = pk_frame_pkru(ucontext);
+#if PK_X86 && defined(__x86_64__)
+    if (slot) {
+        unsigned char *fpstate = (unsigned char *)((ucontext_t *)ucontext)->uc_mcontext.fpregs;
+        uint64_t xstate_bv;
+        memcpy(&xstate_bv, fpstate + XSAVE_HEADER, sizeof xstate_bv);
+        xstate_bv |= 1ull << XFEATURE_PKRU;
+        memcpy(fpstate + XSAVE_HEADER, &xstate_bv, sizeof xstate_bv);
+    }
+#endif
+    return slot;
+}
+
+/*
+ * Whether the interrupted context may itself be a signal handler: it blocks
+ * a signal that has a handler installed.  The kernel blocks a handler's own
+ * signal (and its sa_mask) while it runs, and the sigreturn that ends it
+ * restores the PKRU saved in *its* frame, not the one edited here; so an
+ * edit of this frame would last only until then.  Returns that signal, or 0.
+ *
+ * Unsafe assumptions, written down:
+ *  - An outer handler installed with SA_NODEFER and an empty sa_mask
+ *    (faulthandler.register(..., chain=True) is one) blocks nothing, and is
+ *    not seen: the edit is lost when it returns.
+ *  - A thread that blocks a handled signal on purpose (SIGINT, which Python
+ *    handles, in a worker thread) is taken for one inside a handler: its
+ *    revocation fails with RevocationError rather than succeeding.  That
+ *    errs on the side that never reports a false success.
+ */
+static int handled_signal_blocked(void *ucontext)
+{
+    const ucontext_t *uc = ucontext;
+    uint64_t blocked;
+    int signo;
+    if (!uc)
+        return 0;
+    memcpy(&blocked, &uc->uc_sigmask, sizeof blocked);
+    for (signo = 1; signo <= KERNEL_SIGNALS; signo++) {
+        struct sigaction current;
+        if (!((blocked >> (signo - 1)) & 1) || signo == revocation_signal ||
+            signo == SIGKILL || signo == SIGSTOP)
+            continue;
+        /* glibc refuses its own internal signals here (EINVAL): skipped. */
+        if (sigaction(signo, NULL, &current) != 0)
+            continue;
+        if ((current.sa_flags & SA_SIGINFO) ||
+            (current.sa_handler != SIG_DFL && current.sa_handler != SIG_IGN))
+            return signo;
+    }
+    return 0;
+}
+
+static void answer(int value, int signo)
 {
     pid_t me = current_tid();
     int i, count = __atomic_load_n(&target_count, __ATOMIC_ACQUIRE);
     for (i = 0; i < count; i++) {
         if (__atomic_load_n(&target_tid[i], __ATOMIC_ACQUIRE) == me) {
+            __atomic_store_n(&target_signal[i], signo, __ATOMIC_RELEASE);
             __atomic_store_n(&target_answer[i], value, __ATOMIC_RELEASE);
             return;
         }
     }
 }
 
+/* Set in the thread running pk_revocation_check's own delivery, whose
+ * context is no handler whatever its mask says. */
+static PK_TLS volatile int checking_here;
+
 static void revocation_handler(int signo, siginfo_t *info, void *ucontext)
 {
-    int saved_errno = errno;
+    int saved_errno = errno, outer;
     struct pending_slot *mine = slot_of(current_tid());
-    uint32_t *slot = saved_pkru(ucontext);
+    uint32_t *slot;
     uint64_t waiting;
     uint32_t value;
     (void)signo, (void)info;
@@ -207,8 +290,16 @@ static void revocation_handler(int signo, siginfo_t *info, void *ucontext)
         errno = saved_errno;
         return; /* a late signal with nothing left to apply */
     }
+    if (!checking_here && (outer = handled_signal_blocked(ucontext)) != 0) {
+        /* Leave what is waiting for a delivery outside that handler: the
+         * broadcaster signals again until one comes, or gives up. */
+        answer(IN_HANDLER, outer);
+        errno = saved_errno;
+        return;
+    }
+    slot = editable_pkru(ucontext);
     if (!slot) {
-        answer(2);
+        answer(REFUSED, 0);
         errno = saved_errno;
         return;
     }
@@ -220,7 +311,7 @@ static void revocation_handler(int signo, siginfo_t *info, void *ucontext)
     handled_since_mark = merge_waiting(handled_since_mark, waiting);
     __atomic_signal_fence(__ATOMIC_SEQ_CST);
     handled_count = handled_count + 1;
-    answer(1);
+    answer(APPLIED, 0);
     errno = saved_errno;
 }
 
@@ -230,6 +321,8 @@ __attribute__((constructor)) static void pk_find_xsave_pkru(void)
     unsigned int eax, ebx, ecx, edx;
     if (!pk_ospke_enabled || PK_SIMULATED_PKU || __get_cpuid_max(0, NULL) < 0xd)
         return;
+    /* Leaf 0xD sub-leaf 9 describes XSAVE component 9, PKRU: EBX is its
+     * offset in the standard (non-compacted) layout the signal frame uses. */
     __cpuid_count(0xd, XFEATURE_PKRU, eax, ebx, ecx, edx);
     (void)ecx, (void)edx;
     if (eax >= 4)
@@ -250,32 +343,31 @@ int pk_revocation_signal(void)
     return revocation_signal;
 }
 
-static int install_handler(void)
+/* Whether the signal's handler is ours, for the broadcast about to use it.
+ * Installs it the first time; never takes over someone else's handler, and
+ * notices one installed over ours since (sending the signal then would run
+ * their handler, or with SIG_DFL kill the process).  The check costs one
+ * sigaction(2), next to a broadcast's tgkill per thread. */
+static int own_the_signal(void)
 {
     struct sigaction action, current;
     int signo = pk_revocation_signal();
-    if (handler_installed)
-        return 0;
     if (sigaction(signo, NULL, &current) != 0)
-        return -1;
-    if (!(current.sa_flags & SA_SIGINFO) && current.sa_handler != SIG_DFL &&
-        current.sa_handler != SIG_IGN) {
-        errno = EBUSY; /* someone else's signal: never take it over */
-        return -1;
-    }
-    if ((current.sa_flags & SA_SIGINFO) && current.sa_sigaction != revocation_handler) {
-        errno = EBUSY;
-        return -1;
-    }
+        return PK_E_ERRNO;
+    if ((current.sa_flags & SA_SIGINFO) && current.sa_sigaction == revocation_handler)
+        return PK_OK;
+    if (handler_installed || (current.sa_flags & SA_SIGINFO) ||
+        (current.sa_handler != SIG_DFL && current.sa_handler != SIG_IGN))
+        return PK_E_SIGNAL_TAKEN;
     memset(&action, 0, sizeof action);
     action.sa_sigaction = revocation_handler;
     /* SA_RESTART: a read(2) or futex wait interrupted in another thread goes on. */
     action.sa_flags = SA_SIGINFO | SA_RESTART | SA_ONSTACK;
     sigemptyset(&action.sa_mask);
     if (sigaction(signo, &action, NULL) != 0)
-        return -1;
+        return PK_E_ERRNO;
     handler_installed = 1;
-    return 0;
+    return PK_OK;
 }
 
 static double now_seconds(void)
@@ -294,7 +386,6 @@ static int is_target(pid_t tid)
     return 0;
 }
 
-/* Signal every thread not signalled yet; returns how many were new, or -1. */
 /* Forget the slots of threads that are gone, so that a new thread that
  * gets a recycled id inherits nothing. */
 static void clear_gone(pid_t pid)
@@ -333,6 +424,7 @@ static int add_waiting(pid_t tid, uint32_t keys, uint32_t pkru_bits)
     return 0;
 }
 
+/* Signal every thread not signalled yet; returns how many were new, or -1. */
 static int signal_new_threads(pid_t self, pid_t pid, int signo, uint32_t keys, uint32_t bits)
 {
     DIR *tasks = opendir("/proc/self/task");
@@ -346,12 +438,13 @@ static int signal_new_threads(pid_t self, pid_t pid, int signo, uint32_t keys, u
             continue;
         if (target_count == MAX_TARGETS || add_waiting(tid, keys, bits) != 0)
             break;
-        __atomic_store_n(&target_answer[target_count], 0, __ATOMIC_RELEASE);
+        __atomic_store_n(&target_answer[target_count], WAITING, __ATOMIC_RELEASE);
+        __atomic_store_n(&target_signal[target_count], 0, __ATOMIC_RELEASE);
         __atomic_store_n(&target_tid[target_count], tid, __ATOMIC_RELEASE);
         __atomic_store_n(&target_count, target_count + 1, __ATOMIC_RELEASE);
         if (syscall(SYS_tgkill, pid, tid, signo) != 0) {
             /* Exited since the listing: nothing left to change there. */
-            __atomic_store_n(&target_answer[target_count - 1], 1, __ATOMIC_RELEASE);
+            __atomic_store_n(&target_answer[target_count - 1], GONE, __ATOMIC_RELEASE);
             continue;
         }
         added++;
@@ -360,115 +453,209 @@ static int signal_new_threads(pid_t self, pid_t pid, int signo, uint32_t keys, u
     return added;
 }
 
-/* Every target answered, or is gone (it exited before it could). */
-static int all_answered(pid_t pid)
+/* How often a thread found inside another handler is signalled again. */
+#define RESIGNAL_SECONDS 0.001
+
+/* Every target answered, or is gone (it exited before it could).  Those
+ * found inside another signal handler are signalled again (`resignal`),
+ * until a delivery finds them outside it. */
+static int all_answered(pid_t pid, int signo, int resignal)
 {
     int i, all = 1;
     for (i = 0; i < target_count; i++) {
-        if (__atomic_load_n(&target_answer[i], __ATOMIC_ACQUIRE))
+        int value = __atomic_load_n(&target_answer[i], __ATOMIC_ACQUIRE);
+        if (value == APPLIED || value == REFUSED || value == GONE)
             continue;
-        if (syscall(SYS_tgkill, pid, target_tid[i], 0) != 0 && errno == ESRCH)
-            __atomic_store_n(&target_answer[i], 3, __ATOMIC_RELEASE);
-        else
-            all = 0;
+        all = 0;
+        if (value == IN_HANDLER && resignal) {
+            __atomic_store_n(&target_answer[i], WAITING, __ATOMIC_RELEASE);
+            if (syscall(SYS_tgkill, pid, target_tid[i], signo) != 0 && errno == ESRCH)
+                __atomic_store_n(&target_answer[i], GONE, __ATOMIC_RELEASE);
+        } else if (value == WAITING && syscall(SYS_tgkill, pid, target_tid[i], 0) != 0 &&
+                   errno == ESRCH) {
+            __atomic_store_n(&target_answer[i], GONE, __ATOMIC_RELEASE);
+        }
     }
-    return all;
+    if (!all) { /* one more look: the last of them may have just answered */
+        for (i = 0; i < target_count; i++) {
+            int value = __atomic_load_n(&target_answer[i], __ATOMIC_ACQUIRE);
+            if (value != APPLIED && value != REFUSED && value != GONE)
+                return 0;
+        }
+    }
+    return 1;
+}
+
+/* The last broadcast of this thread that failed, for the paths that pass
+ * no result of their own (a pool eviction): pk_revocation_last_failure. */
+static __thread struct pk_broadcast last_failure;
+
+void pk_revocation_last_failure(struct pk_broadcast *out) { *out = last_failure; }
+
+static void summarise(struct pk_broadcast *out, double started)
+{
+    int i, listed = 0, pass;
+    memset(out, 0, sizeof *out);
+    out->threads = target_count;
+    for (i = 0; i < target_count; i++) {
+        int value = __atomic_load_n(&target_answer[i], __ATOMIC_ACQUIRE);
+        if (value == APPLIED || value == GONE)
+            out->answered++;
+        else if (value == REFUSED)
+            out->refused++;
+        else if (__atomic_load_n(&target_signal[i], __ATOMIC_ACQUIRE))
+            out->in_handler++; /* found in a handler, and in none since */
+        else
+            out->unanswered++;
+    }
+    /* Listed in that order: unanswered, refused, in a handler. */
+    for (pass = 0; pass < 3; pass++) {
+        for (i = 0; i < target_count && listed < PK_BROADCAST_LISTED; i++) {
+            int value = __atomic_load_n(&target_answer[i], __ATOMIC_ACQUIRE);
+            int outer = __atomic_load_n(&target_signal[i], __ATOMIC_ACQUIRE);
+            int waiting = value == WAITING || value == IN_HANDLER;
+            if ((pass == 0 && waiting && !outer) || (pass == 1 && value == REFUSED) ||
+                (pass == 2 && waiting && outer)) {
+                out->listed_signal[listed] = pass == 2 ? outer : 0;
+                out->listed[listed++] = target_tid[i];
+            }
+        }
+    }
+    out->seconds = now_seconds() - started;
+}
+
+static int check_locked(void);
+
+/* Whether the calling thread is the process's only one: then a change of
+ * its own register is a change for every thread, with or without frames
+ * to edit (no other thread exists to create one meanwhile). */
+static int only_thread(pid_t self)
+{
+    DIR *tasks = opendir("/proc/self/task");
+    struct dirent *entry;
+    int alone = 1;
+    if (!tasks)
+        return 0;
+    while (alone && (entry = readdir(tasks)) != NULL) {
+        pid_t tid = (pid_t)atoi(entry->d_name);
+        if (tid > 0 && tid != self)
+            alone = 0;
+    }
+    closedir(tasks);
+    return alone;
 }
 
 int pk_broadcast(uint32_t keys, uint32_t bits, double timeout, struct pk_broadcast *result)
 {
     pid_t self = current_tid(), pid = getpid();
-    int signo = pk_revocation_signal(), added, i, status = PK_OK;
+    int signo = pk_revocation_signal(), added, status;
     double started = now_seconds(), deadline = started + (timeout > 0 ? timeout : 0);
+    double resignal_at = started;
+    struct pk_broadcast summary;
 
     if (result)
         memset(result, 0, sizeof *result);
     if (!pk_ospke_enabled)
         return PK_E_UNSUPPORTED;
-    if (install_handler() != 0)
-        return PK_E_ERRNO;
+    status = own_the_signal();
+    if (status != PK_OK)
+        return status;
+    status = check_locked();
+    if (status == PK_E_NO_REVOCATION && only_thread(self))
+        return PK_OK; /* nobody to reach, and nobody to be created meanwhile */
+    if (status != PK_OK)
+        return status;
     __atomic_store_n(&target_count, 0, __ATOMIC_RELEASE);
     clear_gone(pid);
     do {
         added = signal_new_threads(self, pid, signo, keys, bits);
         if (added < 0)
             return PK_E_ERRNO;
-        while (!all_answered(pid) && now_seconds() < deadline) {
+        for (;;) {
+            double now = now_seconds();
             struct timespec pause = {0, 20000};
+            int resignal = now >= resignal_at;
+            if (resignal)
+                resignal_at = now + RESIGNAL_SECONDS;
+            if (all_answered(pid, signo, resignal) || now >= deadline)
+                break;
             nanosleep(&pause, NULL);
         }
         /* Threads created meanwhile: their creators may have copied the
          * old register into them before answering. */
-    } while (added > 0 && all_answered(pid));
+    } while (added > 0 && all_answered(pid, signo, 0));
 
-    if (result) {
-        int listed = 0;
-        result->threads = target_count;
-        for (i = 0; i < target_count; i++) {
-            int value = __atomic_load_n(&target_answer[i], __ATOMIC_ACQUIRE);
-            if (value == 1 || value == 3)
-                result->answered++;
-            else if (value == 2)
-                result->refused++;
-            else
-                result->unanswered++;
-        }
-        for (i = 0; i < target_count && listed < PK_BROADCAST_LISTED; i++)
-            if (!__atomic_load_n(&target_answer[i], __ATOMIC_ACQUIRE))
-                result->listed[listed++] = target_tid[i];
-        for (i = 0; i < target_count && listed < PK_BROADCAST_LISTED; i++)
-            if (__atomic_load_n(&target_answer[i], __ATOMIC_ACQUIRE) == 2)
-                result->listed[listed++] = target_tid[i];
-        result->seconds = now_seconds() - started;
-        if (result->unanswered || result->refused)
-            status = PK_E_BROADCAST;
-    } else if (!all_answered(pid)) {
-        status = PK_E_BROADCAST;
-    }
+    summarise(&summary, started);
+    status = summary.unanswered || summary.refused || summary.in_handler ? PK_E_BROADCAST : PK_OK;
+    if (status != PK_OK)
+        last_failure = summary;
+    if (result)
+        *result = summary;
     __atomic_store_n(&target_count, 0, __ATOMIC_RELEASE);
     return status;
 }
 
 /*
- * Whether editing the signal frame works on this kernel: send the signal
- * to this thread with a handler that flips one key's access-disable bit in
- * the saved PKRU, and see whether sigreturn installed it.  1: it works,
- * 0: it does not, negative: no PKU.
+ * Whether editing the signal frame works on this kernel, checked once
+ * before the first broadcast with the real signal and handler: this thread
+ * signals itself with key 15's access-disable bit to flip, and sees whether
+ * sigreturn installed the flipped value.  Then the register and this
+ * thread's handler record are put back as they were.  The PKRU signal path
+ * changed three times in the 6.12 stable series (70044df250d0,
+ * ae6012d72fa6, d1e420772cd1), so this is not taken on trust.
  */
-static volatile int selftest_seen;
-
-static void selftest_handler(int signo, siginfo_t *info, void *ucontext)
+static int check_locked(void)
 {
-    uint32_t *slot = saved_pkru(ucontext);
-    uint32_t value;
-    (void)signo, (void)info;
+    pid_t self = current_tid();
+    uint32_t before, flipped, after;
+    uint32_t saved_count = handled_count;
+    uint64_t saved_since_mark = handled_since_mark;
+    struct pending_slot *slot;
+    sigset_t only_ours, saved_mask;
+    int signo = pk_revocation_signal();
+    if (mechanism_works >= 0)
+        return mechanism_works ? PK_OK : PK_E_NO_REVOCATION;
+    before = pk_rdpkru_unchecked();
+    flipped = before ^ (PK_AD << PK_KEY_SHIFT(PK_NKEYS - 1));
+    if (add_waiting(self, 1u << (PK_NKEYS - 1), flipped) != 0)
+        return PK_E_ERRNO;
+    sigemptyset(&only_ours);
+    sigaddset(&only_ours, signo);
+    /* Delivered before tgkill returns, even if this thread blocks it. */
+    pthread_sigmask(SIG_UNBLOCK, &only_ours, &saved_mask);
+    checking_here = 1;
+    syscall(SYS_tgkill, getpid(), self, signo);
+    checking_here = 0;
+    after = pk_rdpkru_unchecked();
+    pthread_sigmask(SIG_SETMASK, &saved_mask, NULL);
+    pk_wrpkru_unchecked(before);
+    handled_since_mark = saved_since_mark;
+    handled_count = saved_count;
+    slot = slot_of(self);
     if (slot) {
-        memcpy(&value, slot, sizeof value);
-        value ^= 1u << PK_KEY_SHIFT(PK_NKEYS - 1);
-        memcpy(slot, &value, sizeof value);
-        selftest_seen = 1;
+        __atomic_store_n(&slot->waiting, 0, __ATOMIC_RELEASE);
+        __atomic_store_n(&slot->tid, 0, __ATOMIC_RELEASE);
     }
+    mechanism_works = after == flipped;
+    return mechanism_works ? PK_OK : PK_E_NO_REVOCATION;
 }
 
-int pk_revocation_selftest(void)
+int pk_revocation_check(void)
 {
-    struct sigaction action, previous;
-    uint32_t before, after;
-    int signo = SIGRTMAX - 1, works;
+    int status;
     if (!pk_ospke_enabled)
         return PK_E_UNSUPPORTED;
-    memset(&action, 0, sizeof action);
-    action.sa_sigaction = selftest_handler;
-    action.sa_flags = SA_SIGINFO;
-    sigemptyset(&action.sa_mask);
-    if (sigaction(signo, &action, &previous) != 0)
-        return PK_E_ERRNO;
-    selftest_seen = 0;
-    before = pk_rdpkru_unchecked();
-    syscall(SYS_tgkill, getpid(), current_tid(), signo);
-    after = pk_rdpkru_unchecked();
-    works = selftest_seen && after == (before ^ (1u << PK_KEY_SHIFT(PK_NKEYS - 1)));
-    pk_wrpkru_unchecked(before);
-    sigaction(signo, &previous, NULL);
-    return works;
+    pk_state_lock();
+    status = own_the_signal();
+    if (status == PK_OK)
+        status = check_locked();
+    pk_state_unlock();
+    return status;
+}
+
+void pk_test_force_revocation_check(int verdict)
+{
+    pk_state_lock();
+    mechanism_works = verdict < 0 ? -1 : verdict != 0;
+    pk_state_unlock();
 }

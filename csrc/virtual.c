@@ -49,9 +49,9 @@
 #define USAGE_EVICTING 0x40000000u
 #define USAGE_COUNT 0x3fffffffu
 #define TAKE_SLOW 1 /* acquire(): the cell is being evicted; retry under the mutex */
-/* Freeing a pool key revokes it in every thread first (state.c); a key that
- * some thread did not give up in time stays in the pool, unused until then. */
-#define REVOKE_TIMEOUT 1.0
+/* Freeing a pool key revokes it in every thread first (state.c), waiting
+ * pk_revocation_timeout; a key that some thread did not give up in time
+ * stays in the pool, unused until then. */
 
 #define LOAD(x) __atomic_load_n(&(x), __ATOMIC_SEQ_CST)
 #define STORE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_SEQ_CST)
@@ -197,7 +197,7 @@ static int assign(struct pk_vbuf *b)
      * creator's open rights for the key, and nothing ends them: revoke the
      * key in every thread before another buffer's pages carry it. */
     if (pool[s].used) {
-        status = pk_key_set_all(pool[s].pkey, pool[s].identity, (int)PK_AD, 1.0, NULL, 0);
+        status = pk_key_set_all(pool[s].pkey, pool[s].identity, (int)PK_AD, pk_revocation_timeout, NULL, 0);
         if (status != PK_OK)
             return status;
         pool[s].used = 0;
@@ -360,7 +360,7 @@ void pk_vbuf_detach(struct pk_vbuf *b)
             pk_region_forget(b->inner, b->inner_length);
         pool[s].holder = NULL;
         STORE(b->slot, -1);
-        if (pk_key_free(pool[s].pkey, pool[s].identity, REVOKE_TIMEOUT, NULL, 0) == PK_OK) {
+        if (pk_key_free(pool[s].pkey, pool[s].identity, pk_revocation_timeout, NULL, 0) == PK_OK) {
             pool[s].pkey = 0;
             pool_keys--;
         }
@@ -566,7 +566,7 @@ int pk_vkeys_release_idle(void)
                                              __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
             evict(s);
         if (pool[s].pkey > 0 && !pool[s].holder &&
-            pk_key_free(pool[s].pkey, pool[s].identity, REVOKE_TIMEOUT, NULL, 0) == PK_OK) {
+            pk_key_free(pool[s].pkey, pool[s].identity, pk_revocation_timeout, NULL, 0) == PK_OK) {
             pool[s].pkey = 0;
             pool_keys--;
             freed++;

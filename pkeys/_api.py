@@ -17,7 +17,8 @@ from ._collect import collect_garbage
 from ._memory import check_prot, resolve
 from ._rights import NUM_KEYS, RIGHTS_BY_VALUE, PkeyRights
 from ._types import KeyLike, MemoryTarget
-from ._errors import ArgumentError, KeyInUseError, RevocationError
+from ._errors import ArgumentError, KeyInUseError
+from ._revocation import revocation_error
 from ._validate import (
     check_alloc_args,
     check_key_range,
@@ -98,8 +99,8 @@ def free_key(pkey: int, identity: int, timeout: float = REVOCATION_TIMEOUT) -> N
     if status == _E_IN_USE:
         raise_in_use(pkey)
     if status == _E_BROADCAST:
-        raise revocation_error(pkey, result, "the key stays allocated, so its number is "
-                               "not handed out again")
+        raise revocation_error(pkey, "the key stays allocated, so its number is not "
+                               "handed out again", result)
     if status:
         raise_status(status, pkey)
 
@@ -111,27 +112,9 @@ def set_all_threads(pkey: int, identity: int, access_rights: int,
     result = ffi.new(_BROADCAST_RESULT)
     status = _state.call(lib.pk_key_set_all, pkey, identity, access_rights, timeout, result)
     if status == _E_BROADCAST:
-        raise revocation_error(pkey, result, "")
+        raise revocation_error(pkey, "", result)
     if status:
         raise_status(status, pkey, access_rights)
-
-
-def revocation_error(pkey: int, result: Any, consequence: str) -> Exception:
-    listed = [result.listed[i] for i in range(min(result.unanswered + result.refused,
-                                                  lib.PK_BROADCAST_LISTED))]
-    unanswered, refused = tuple(listed[:result.unanswered]), tuple(listed[result.unanswered:])
-    parts = [f"pkey {pkey}: the change reached {result.answered} of {result.threads} other "
-             f"thread(s) and this one"]
-    if unanswered:
-        parts.append(f"threads {list(unanswered)} did not answer signal "
-                     f"{lib.pk_revocation_signal()} within {result.seconds:.2f} s (blocked "
-                     "there?); they apply it when they handle it")
-    if refused:
-        parts.append(f"the signal frames of threads {list(refused)} could not be edited")
-    if consequence:
-        parts.append(consequence)
-    return RevocationError("; ".join(parts), threads=result.threads, answered=result.answered,
-                           unanswered=unanswered, refused=refused)
 
 
 def raise_in_use(pkey: int) -> None:

@@ -70,21 +70,27 @@ class ScopeError(PkeysError, RuntimeError):
 
 
 class RevocationError(PkeysError, TimeoutError):
-    """A change of rights for every thread did not reach every thread: some
-    did not answer the revocation signal in time (it is blocked there, or
-    the thread is stuck outside Python), or their signal frame could not be
-    edited.  ``threads`` were signalled, ``answered`` applied the change;
-    ``unanswered`` and ``refused`` are the thread ids of the others.  The
-    calling thread and every thread that answered have the new rights; a
-    thread that answers later applies them then."""
+    """A change of rights for every thread did not reach every thread, and
+    the call says so rather than return: some thread did not answer the
+    revocation signal in time (it blocks it, or is stuck outside Python),
+    its signal frame could not be edited, or it was running another signal
+    handler each time (whose return would undo the change); or the signal
+    itself has another handler.  ``threads`` were signalled, ``answered``
+    applied the change; ``unanswered``, ``refused`` and ``in_handler`` are
+    the thread ids of the others.  The calling thread and every thread that
+    answered have the new rights; an unanswered thread applies them when it
+    handles the signal, one in a handler keeps its rights until a later
+    revocation reaches it."""
 
     def __init__(self, message: str, *, threads: int = 0, answered: int = 0,
-                 unanswered: tuple[int, ...] = (), refused: tuple[int, ...] = ()) -> None:
+                 unanswered: tuple[int, ...] = (), refused: tuple[int, ...] = (),
+                 in_handler: tuple[int, ...] = ()) -> None:
         super().__init__(message)
         self.threads = threads
         self.answered = answered
         self.unanswered = unanswered
         self.refused = refused
+        self.in_handler = in_handler
 
 
 class PkeysWarning(UserWarning):

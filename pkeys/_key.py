@@ -221,7 +221,7 @@ class Key:
             return
         warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
         status = lib.pk_key_free(self._pkey, self._identity, _api.REVOCATION_TIMEOUT, _NULL, 0)
-        if status in (lib.PK_E_IN_USE, lib.PK_E_BROADCAST):
+        if status in _state.KEEP_ALLOCATED:
             # Still guarding memory, or some thread still has to answer:
             # freed as soon as that memory goes.
             _state.adopt_orphan(self._pkey, self._identity)

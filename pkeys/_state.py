@@ -44,9 +44,14 @@ __all__ = [
 ]
 
 NEED_PINS = lib.PK_E_NEED_PINS
-# How long a change for every thread waits for them all to answer.
-REVOCATION_TIMEOUT = 5.0
+# How long a change for every thread waits for them all to answer (the one
+# constant, csrc/revoke.c's, which the virtual-key pool uses too).
+REVOCATION_TIMEOUT: float = lib.pk_revocation_timeout
 _UINTPTR = ffi.typeof("uintptr_t")
+# Why freeing a key may have to wait: it still guards memory, or it could
+# not be revoked in every thread (the number must not be handed out again).
+KEEP_ALLOCATED = (lib.PK_E_IN_USE, lib.PK_E_BROADCAST, lib.PK_E_NO_REVOCATION,
+                  lib.PK_E_SIGNAL_TAKEN)
 
 
 class _Owner:
@@ -180,7 +185,7 @@ def adopt_orphan(pkey: int, identity: int) -> None:
 def _free_orphans() -> None:
     for pkey, identity in list(_orphans.items()):
         status = lib.pk_key_free(pkey, identity, REVOCATION_TIMEOUT, ffi.NULL, 0)
-        if status not in (lib.PK_E_IN_USE, lib.PK_E_BROADCAST):
+        if status not in KEEP_ALLOCATED:
             _orphans.pop(pkey, None)
 
 

@@ -20,6 +20,7 @@ from ._errors import (
     UnsupportedError,
     os_error,
 )
+from ._revocation import no_revocation_error, revocation_error, signal_taken_error
 from ._rights import NUM_KEYS, PKRU_MAX
 
 __all__ = [
@@ -117,6 +118,12 @@ def raise_status(status: int, pkey: object = None, rights: object = None) -> NoR
         raise InvalidKeyError(
             f"pkey {pkey} is not allocated: never allocated through pkeys, or already freed"
         )
+    if status == lib.PK_E_BROADCAST:
+        raise revocation_error(pkey, "")
+    if status == lib.PK_E_NO_REVOCATION:
+        raise no_revocation_error()
+    if status == lib.PK_E_SIGNAL_TAKEN:
+        raise signal_taken_error()
     if status in _STATUS_MESSAGES:
         cls, message = _STATUS_MESSAGES[status]
         raise cls(message)

@@ -15,6 +15,7 @@ import pkeys
 from . import _api, glibc
 from ._binding import lib
 from ._errors import UnsupportedError
+from ._revocation import no_revocation_error, signal_taken_error
 from ._rights import NUM_KEYS
 from ._select import cpu_model, emulated, hardware_absence_reason, hardware_supported
 
@@ -143,12 +144,19 @@ def _revocation_status() -> dict[str, Any]:
     saved in their signal frames, which depends on the kernel."""
     if pkeys.backend() == "software":
         return {"mechanism": "process-wide rights (software backend)", "works": True,
-                "signal": None}
-    works = lib.pk_revocation_selftest() == 1
+                "signal": None, "reason": ""}
+    status = lib.pk_revocation_check()  # the check every revocation relies on
+    reason = ""
+    if status == lib.PK_E_NO_REVOCATION:
+        reason = str(no_revocation_error())
+    elif status == lib.PK_E_SIGNAL_TAKEN:
+        reason = str(signal_taken_error())
+    elif status:
+        reason = f"the check could not run (status {status})"
     mechanism = ("thread-local simulated PKRU edit" if lib.pk_build_simulated()
                  else "signal-frame PKRU edit")
-    return {"mechanism": mechanism, "works": works,
-            "signal": lib.pk_revocation_signal()}
+    return {"mechanism": mechanism, "works": status == 0,
+            "signal": lib.pk_revocation_signal(), "reason": reason}
 
 
 def _vm_status() -> dict[str, Any]:
@@ -198,8 +206,9 @@ def _render(report: dict[str, Any]) -> str:
     revocation = report["revocation"]
     lines.append(
         f"all threads    {revocation['mechanism']}: "
-        + ("works" if revocation["works"] else "does NOT work on this kernel")
+        + ("works" if revocation["works"] else "does NOT work")
         + (f" (signal {revocation['signal']})" if revocation["signal"] else "")
+        + (f": {revocation['reason']}" if revocation["reason"] else "")
     )
     memlock = report["rlimit_memlock"]
     lines.append(f"locked memory  {_bytes(report['locked_memory'])} (ProtectedBuffer mlocks its pages)")
