@@ -12,11 +12,13 @@ creator's register.  pkeys warns at import (SimulatedRegisterWarning).
 
 from __future__ import annotations
 
+from typing import Final
+
 from ._api import *  # noqa: F403 - the backend's operations
 from ._api import __all__ as _operations
 from ._binding import lib
 
-NAME = "simulated"
+NAME: Final = "simulated"
 MODE = lib.PK_MODE_HARDWARE
 
 __all__ = ["NAME", "MODE", *_operations]
