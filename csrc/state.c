@@ -121,16 +121,31 @@ static inline unsigned composed(const struct grants *g, int k)
     return g->base[k];
 }
 
-/* The grants of `g` for key k, cleared if they belonged to a freed key or
- * were voided by a revocation since. */
-static inline void adopt(struct grants *g, int k, uint32_t identity)
+/*
+ * The grants of `g` for key k, cleared if they belonged to a freed key or
+ * were voided by a revocation since.  Returns 1 when a revocation is why:
+ * the base is then the rights the revocation gives every thread, not what
+ * this thread's register holds, because the register may not have
+ * received the revocation yet (its signal is on its way).  Taking the base
+ * from the register there was issue 15's item 2: a scope that began after
+ * the stamp and before the signal recorded the old open rights as its
+ * base, the signal closed the key inside the scope, and the scope's end
+ * opened it again for good.
+ */
+static inline int adopt(struct grants *g, int k, uint32_t identity)
 {
     uint32_t stamp = LOAD(pk_revoked_at[k]);
-    if (g->identity[k] != identity || g->epoch[k] != stamp) {
-        memset(g->count[k], 0, sizeof g->count[k]);
-        g->identity[k] = identity;
-        g->epoch[k] = stamp;
-    }
+    if (g->identity[k] == identity && g->epoch[k] == stamp)
+        return 0;
+    memset(g->count[k], 0, sizeof g->count[k]);
+    g->identity[k] = identity;
+    g->epoch[k] = stamp;
+    if (!stamp)
+        return 0;
+    /* Read after the stamp: a later revocation's rights, if one came in
+     * between, are what this thread is about to get anyway. */
+    g->base[k] = (uint8_t)(LOAD(pk_revoked_bits[k]) & 3u);
+    return 1;
 }
 
 uint32_t pk_thread_serial(void)
@@ -612,7 +627,10 @@ static void count_grant(struct grants *g, uint32_t keys, int kind, const uint32_
     for (k = 1; k < PK_NKEYS; k++) {
         if (!(keys & (1u << k)))
             continue;
-        adopt(g, k, identities[k]);
+        if (adopt(g, k, identities[k]) && delta > 0) {
+            g->count[k][kind]++; /* on the base the revocation gave */
+            continue;
+        }
         if (delta > 0) {
             if (!active(g, k))
                 g->base[k] = (uint8_t)bits_of(pkru, k);
