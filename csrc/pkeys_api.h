@@ -107,6 +107,19 @@ uint32_t pk_thread_serial(void);
 uint32_t pk_allocated_mask(void);
 int64_t pk_shadow_pkru(void);
 int pk_after_fork_in_child(uint64_t pins);
+/* A thread born inside a block: its creator's grants are not its own, yet
+ * it copies the register they opened.  The creator takes a snapshot as it
+ * starts the thread, and the new thread, before anything else, gives each
+ * of those keys its creator's rights outside every grant (hardware; a
+ * no-op on the software backend, whose grants are the process's). */
+struct pk_birth {
+    uint32_t keys;              /* bit k: the creator had grants on key k */
+    uint32_t bits;              /* the creator's base rights for them (PKRU layout) */
+    uint32_t epoch;             /* the revocation epoch at the snapshot */
+    uint32_t identities[16];
+};
+int pk_birth_snapshot(struct pk_birth *out);
+int pk_birth_settle(const struct pk_birth *birth);
 
 /* A protected buffer's usage cell: how many operations are inside it, and
  * whether it is closed.  Enter and exit take and drop a use atomically. */
@@ -236,6 +249,13 @@ void pk_vbuf_reopen(struct pk_vbuf *b);
 int pk_vbuf_users(const struct pk_vbuf *b);
 int pk_vbuf_pkey(const struct pk_vbuf *b);
 int pk_vbuf_forked(const struct pk_vbuf *b);
+/* Revoke the key the buffer holds now in every thread (every grant on it
+ * ends; PK_OK at once when it holds none).  pk_vbuf_end_elsewhere ends a
+ * use whose grant belongs to another thread (a generator closed there):
+ * by that revocation, then the use is released. */
+int pk_vbuf_revoke(struct pk_vbuf *b, double timeout, struct pk_broadcast *result,
+                   uint64_t pins);
+int pk_vbuf_end_elsewhere(struct pk_vbuf *b, double timeout, struct pk_broadcast *result);
 
 struct pk_vkeys_stats {
     int limit;              /* the most keys the pool may take */

@@ -121,31 +121,41 @@ static inline unsigned composed(const struct grants *g, int k)
     return g->base[k];
 }
 
+/* What adopt() found: */
+#define ADOPT_SAME 0      /* the counts stand */
+#define ADOPT_REVOKED 1   /* voided by a revocation since this thread last looked */
+#define ADOPT_FIRST 2     /* this thread's first look at this key, revoked before */
+#define ADOPT_FRESH 3     /* first look (or a freed key's counts), never revoked */
+
 /*
  * The grants of `g` for key k, cleared if they belonged to a freed key or
- * were voided by a revocation since.  Returns 1 when a revocation is why:
- * the base is then the rights the revocation gives every thread, not what
- * this thread's register holds, because the register may not have
+ * were voided by a revocation since.
+ *
+ * After a revocation the base is the rights the revocation gives every
+ * thread, not what this thread's register holds: the register may not have
  * received the revocation yet (its signal is on its way).  Taking the base
  * from the register there was issue 15's item 2: a scope that began after
  * the stamp and before the signal recorded the old open rights as its
  * base, the signal closed the key inside the scope, and the scope's end
- * opened it again for good.
+ * opened it again for good.  A thread that never looked at the key cannot
+ * tell whether its register predates the revocation (a thread born during
+ * the broadcast): its base is the stricter of the two (count_grant).
  */
 static inline int adopt(struct grants *g, int k, uint32_t identity)
 {
     uint32_t stamp = LOAD(pk_revoked_at[k]);
-    if (g->identity[k] == identity && g->epoch[k] == stamp)
-        return 0;
+    int same_key = g->identity[k] == identity;
+    if (same_key && g->epoch[k] == stamp)
+        return ADOPT_SAME;
     memset(g->count[k], 0, sizeof g->count[k]);
     g->identity[k] = identity;
     g->epoch[k] = stamp;
     if (!stamp)
-        return 0;
+        return ADOPT_FRESH;
     /* Read after the stamp: a later revocation's rights, if one came in
      * between, are what this thread is about to get anyway. */
     g->base[k] = (uint8_t)(LOAD(pk_revoked_bits[k]) & 3u);
-    return 1;
+    return same_key ? ADOPT_REVOKED : ADOPT_FIRST;
 }
 
 uint32_t pk_thread_serial(void)
@@ -623,16 +633,15 @@ static int check_identities(uint32_t keys, const uint32_t *identities)
 static void count_grant(struct grants *g, uint32_t keys, int kind, const uint32_t *identities,
                         int delta, uint32_t pkru)
 {
-    int k;
+    int k, found;
     for (k = 1; k < PK_NKEYS; k++) {
         if (!(keys & (1u << k)))
             continue;
-        if (adopt(g, k, identities[k]) && delta > 0) {
-            g->count[k][kind]++; /* on the base the revocation gave */
-            continue;
-        }
+        found = adopt(g, k, identities[k]);
         if (delta > 0) {
-            if (!active(g, k))
+            if (found == ADOPT_FIRST) /* both bits are restrictions: OR is the stricter */
+                g->base[k] = (uint8_t)(g->base[k] | bits_of(pkru, k));
+            else if (found != ADOPT_REVOKED && !active(g, k))
                 g->base[k] = (uint8_t)bits_of(pkru, k);
             g->count[k][kind]++;
         } else if (g->count[k][kind]) {
@@ -812,4 +821,48 @@ int pk_scope_exit(const struct pk_scope *scope, int64_t token, uint64_t pins)
         return status;
     usage_release(usage);
     return own_thread ? PK_OK : PK_E_WRONG_THREAD;
+}
+
+/* ---- threads born inside a block ---------------------------------------- */
+
+/* The keys this thread holds grants on, with their base rights: what a
+ * thread it starts now must have instead of the register it copies. */
+int pk_birth_snapshot(struct pk_birth *out)
+{
+    const struct grants *g = &thread_grants;
+    int k;
+    memset(out, 0, sizeof *out);
+    /* First: a revocation stamped after this read is skipped by settle,
+     * since it reaches the new thread by itself. */
+    out->epoch = LOAD(pk_revocation_epoch);
+    if (pk_mode != PK_MODE_HARDWARE)
+        return 0;
+    for (k = 1; k < PK_NKEYS; k++) {
+        uint32_t identity = LOAD(key_identity[k]);
+        if (!identity || g->identity[k] != identity || g->epoch[k] != LOAD(pk_revoked_at[k]) ||
+            !active(g, k))
+            continue;
+        out->keys |= 1u << k;
+        out->bits = with_bits(out->bits, k, g->base[k]);
+        out->identities[k] = identity;
+    }
+    return out->keys != 0;
+}
+
+/* In the new thread, before it runs anything else. */
+int pk_birth_settle(const struct pk_birth *birth)
+{
+    uint32_t mark, old, next;
+    int k;
+    if (pk_mode != PK_MODE_HARDWARE || !birth->keys)
+        return PK_OK;
+    mark = pk_revocations_mark();
+    old = pk_rdpkru_unchecked();
+    next = old;
+    for (k = 1; k < PK_NKEYS; k++)
+        if ((birth->keys & (1u << k)) && LOAD(key_identity[k]) == birth->identities[k] &&
+            !revoked_since(k, birth->epoch))
+            next = with_bits(next, k, bits_of(birth->bits, k));
+    hw_write_settled(old, next, mark);
+    return PK_OK;
 }

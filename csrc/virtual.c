@@ -594,3 +594,34 @@ void pk_vkeys_stats(struct pk_vkeys_stats *out)
     out->evictions = evictions;
     pool_unlock();
 }
+
+/* ---- ending access in every thread ------------------------------------- */
+
+int pk_vbuf_revoke(struct pk_vbuf *b, double timeout, struct pk_broadcast *result,
+                   uint64_t pins)
+{
+    int pkey = 0, status = PK_OK;
+    uint32_t identity = 0;
+    if (result)
+        memset(result, 0, sizeof *result);
+    /* Under the pool mutex the buffer's key cannot be evicted and reused
+     * for another buffer meanwhile. */
+    pool_lock();
+    if (key_of(b, &pkey, &identity))
+        status = pk_key_set_all(pkey, identity, (int)PK_AD, timeout, result, pins);
+    pool_unlock();
+    return status;
+}
+
+int pk_vbuf_end_elsewhere(struct pk_vbuf *b, double timeout, struct pk_broadcast *result)
+{
+    int status;
+    if (pk_mode != PK_MODE_HARDWARE)
+        return PK_E_UNSUPPORTED; /* the software backend ends such grants in pk_scope_exit */
+    if (!pk_vbuf_users(b))
+        return PK_E_UNBALANCED;
+    status = pk_vbuf_revoke(b, timeout, result, 0);
+    if (status == PK_OK)
+        release(b);
+    return status;
+}
