@@ -170,6 +170,26 @@ static inline int64_t make_token(uint32_t epoch)
     return ((int64_t)pk_thread_serial() << 32) | epoch;
 }
 
+/*
+ * The epoch a hardware grant's token carries: the latest of the stamps its
+ * keys were counted under (adopt() recorded them).  Not the global epoch
+ * read after counting: a revocation could bump that between the counting
+ * and the read, and the token would then claim a grant voided by that
+ * very revocation; once a nested scope had re-adopted the key under the
+ * new stamp, the old scope's exit withdrew the new scope's grant (found by
+ * tests/model/grants_model.c).  Any later stamp is a larger epoch than
+ * every stamp before it, so the exit sees it as revoked since.
+ */
+static uint32_t counted_under(const struct grants *g, uint32_t keys)
+{
+    uint32_t latest = 0;
+    int k;
+    for (k = 1; k < PK_NKEYS; k++)
+        if ((keys & (1u << k)) && (int32_t)(g->epoch[k] - latest) > 0)
+            latest = g->epoch[k];
+    return latest;
+}
+
 static inline int revoked_since(int k, uint32_t epoch)
 {
     return (int32_t)(LOAD(pk_revoked_at[k]) - epoch) > 0;
@@ -682,9 +702,7 @@ int64_t pk_scope_enter(const struct pk_scope *scope, uint64_t pins)
         uint32_t mark = pk_revocations_mark(), old = pk_rdpkru_unchecked();
         int64_t token;
         count_grant(&thread_grants, keys, kind, identities, +1, old);
-        /* After the counting: the token must not predate the revocation
-         * stamp the grant was counted under, or its exit would skip it. */
-        token = make_token(LOAD(pk_revocation_epoch));
+        token = make_token(counted_under(&thread_grants, keys));
         hw_write_settled(old, hw_compose(&thread_grants, keys, old), mark);
         /* A pkey_free in another thread may have raced with this grant:
          * once the register is written, check again and take it back. */
