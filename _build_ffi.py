@@ -25,11 +25,14 @@ SOURCES = [
     f"{CSRC}/secretmem.c",
     f"{CSRC}/virtual.c",
     f"{CSRC}/sigframe.c",
+    f"{CSRC}/test_steps.c",
 ]
-HEADERS = [f"{CSRC}/pkeys_api.h", f"{CSRC}/pkeys_internal.h"]
+HEADERS = [f"{CSRC}/pkeys_api.h", f"{CSRC}/pkeys_testing.h", f"{CSRC}/pkeys_internal.h"]
 
 ffibuilder = cffi.FFI()
-ffibuilder.cdef(pathlib.Path(__file__).with_name(CSRC).joinpath("pkeys_api.h").read_text())
+# The production API, then the test and bench entry points (labelled apart).
+for header in ("pkeys_api.h", "pkeys_testing.h"):
+    ffibuilder.cdef(pathlib.Path(__file__).with_name(CSRC).joinpath(header).read_text())
 ffibuilder.set_source(
     "pkeys._pkeys_cffi",
     '#include "pkeys_internal.h"\n',

@@ -164,8 +164,6 @@ int pk_probe(uintptr_t addr, int write, struct pk_fault *fault);
 void pk_sw_mirror_pkru(uint32_t value);
 int pk_label_add(uintptr_t start, uintptr_t end, int pkey, const char *label);
 void pk_label_remove(int slot);
-int pk_pkru_xstate_offset(void);
-int pk_signal_pkru(int64_t *in_handler, int64_t *after_return);
 
 /* ---- secret.c: memory hygiene for protected buffers ------------------- */
 int pk_mlock(uintptr_t addr, size_t len);

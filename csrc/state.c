@@ -246,10 +246,13 @@ static inline void hw_write(uint32_t old, uint32_t value)
 static inline void hw_write_settled(uint32_t old, uint32_t value, uint32_t mark)
 {
     hw_write(old, value);
+    PK_STEP();
     if (pk_revocations_moved(mark)) {
         uint32_t now = pk_rdpkru_unchecked();
+        PK_STEP();
         hw_write(now, pk_revocations_catch_up(now));
     }
+    PK_STEP();
 }
 
 /* The emulated register that the software backend's state implies. */
@@ -541,8 +544,12 @@ int pk_key_set(int pkey, int access_rights, uint64_t pins)
     if (pk_mode == PK_MODE_HARDWARE) {
         struct grants *g = &thread_grants;
         uint32_t mark = pk_revocations_mark();
-        uint32_t old = pk_rdpkru_unchecked();
+        uint32_t old;
+        PK_STEP();
+        old = pk_rdpkru_unchecked();
+        PK_STEP();
         adopt(g, pkey, LOAD(key_identity[pkey]));
+        PK_STEP();
         if (active(g, pkey))
             g->base[pkey] = (uint8_t)access_rights;
         else
@@ -601,7 +608,10 @@ int pk_pkru_write(uint32_t value, uint64_t pins)
     if (pk_mode == PK_MODE_HARDWARE) {
         struct grants *g = &thread_grants;
         uint32_t mark = pk_revocations_mark();
-        uint32_t old = pk_rdpkru_unchecked(), next = value;
+        uint32_t old, next = value;
+        PK_STEP();
+        old = pk_rdpkru_unchecked();
+        PK_STEP();
         for (k = 1; k < PK_NKEYS; k++) {
             if (!LOAD(key_identity[k]))
                 continue;
@@ -611,6 +621,7 @@ int pk_pkru_write(uint32_t value, uint64_t pins)
                 next = with_bits(next, k, composed(g, k));
             }
         }
+        PK_STEP();
         hw_write_settled(old, next, mark);
         return PK_OK;
     }
@@ -699,10 +710,14 @@ int64_t pk_scope_enter(const struct pk_scope *scope, uint64_t pins)
     }
 
     if (pk_mode == PK_MODE_HARDWARE) {
-        uint32_t mark = pk_revocations_mark(), old = pk_rdpkru_unchecked();
+        uint32_t mark = pk_revocations_mark(), old;
         int64_t token;
+        PK_STEP();
+        old = pk_rdpkru_unchecked();
+        PK_STEP();
         count_grant(&thread_grants, keys, kind, identities, +1, old);
         token = make_token(counted_under(&thread_grants, keys));
+        PK_STEP();
         hw_write_settled(old, hw_compose(&thread_grants, keys, old), mark);
         /* A pkey_free in another thread may have raced with this grant:
          * once the register is written, check again and take it back. */
@@ -799,13 +814,17 @@ int pk_scope_exit(const struct pk_scope *scope, int64_t token, uint64_t pins)
          * and leave the grant for its own thread to end. */
         if (!own_thread)
             return PK_E_WRONG_THREAD;
+        PK_STEP();
         live = live_keys(&thread_grants, keys, identities, epoch);
         if (!balanced(&thread_grants, live, kind, identities))
             return PK_E_UNBALANCED;
+        PK_STEP();
         old = pk_rdpkru_unchecked();
+        PK_STEP();
         count_grant(&thread_grants, live, kind, identities, -1, 0);
         next = hw_compose(&thread_grants, live, old);
         next = close_freed(&thread_grants, keys & ~live, kind, identities, next);
+        PK_STEP();
         hw_write_settled(old, next, mark);
         usage_release(usage);
         return PK_OK;

@@ -294,6 +294,7 @@ static int64_t open_for(struct pk_vbuf *b, int kind, int allow_closed, uint64_t 
     int status = take(b, allow_closed, &pkey, &identity);
     if (status != PK_OK)
         return status;
+    PK_STEP();
     single_key(&scope, pkey, identity, kind);
     token = pk_scope_enter(&scope, pins);
     if (token < 0)
@@ -312,9 +313,11 @@ static int close_for(struct pk_vbuf *b, int kind, int64_t token, uint64_t pins)
     if (!key_of(b, &pkey, &identity))
         return PK_E_UNBALANCED;
     single_key(&scope, pkey, identity, kind);
+    PK_STEP();
     status = pk_scope_exit(&scope, token, pins);
     if (status == PK_OK || (status == PK_E_WRONG_THREAD && pk_mode == PK_MODE_SOFTWARE))
         release(b);
+    PK_STEP();
     return status;
 }
 
