@@ -59,7 +59,9 @@ static PK_TLS struct pk_fault *volatile guard_fault;
 static struct sigaction displaced;       /* what we replaced when installing */
 static atomic_int installed;
 static atomic_uint sw_pkru = 0x55555554u; /* software backend's register, for messages */
+#if PK_X86
 static int pkru_xstate_offset = -1;       /* byte offset of PKRU in the XSAVE area */
+#endif
 
 /* The labelled buffers.  A slot is published by storing `end` last and
  * retired by zeroing it first, so the handler never sees half an entry

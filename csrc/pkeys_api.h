@@ -6,8 +6,9 @@
  * stay free of preprocessor logic and of any type cffi does not know.
  */
 
-/* Status codes of the validating (pk_hw_*) entry points.  Negative so that
- * a single int return carries either a result (>= 0) or one of these. */
+/* Status codes of the validating entry points (state.c, regions.c,
+ * virtual.c).  Negative so that a single int return carries either a
+ * result (>= 0) or one of these. */
 #define PK_OK 0
 #define PK_E_UNSUPPORTED -1    /* OSPKE is off: no PKU instruction may run */
 #define PK_E_KEY_RANGE -2      /* key outside 0..15 */
@@ -98,7 +99,6 @@ int pk_pkru_write(uint32_t value, uint64_t pins);
 struct pk_scope {
     uint32_t keys;              /* bit k: key k */
     int kind;                   /* PK_GRANT_* */
-    uint32_t *usage;            /* a protected buffer's usage cell, or NULL */
     uint32_t identities[16];    /* identity of each key in `keys` */
 };
 int64_t pk_scope_enter(const struct pk_scope *scope, uint64_t pins);
@@ -120,11 +120,6 @@ struct pk_birth {
 };
 int pk_birth_snapshot(struct pk_birth *out);
 int pk_birth_settle(const struct pk_birth *birth);
-
-/* A protected buffer's usage cell: how many operations are inside it, and
- * whether it is closed.  Enter and exit take and drop a use atomically. */
-int pk_usage_close(uint32_t *usage);
-void pk_usage_reopen(uint32_t *usage);
 
 /* ---- regions.c: which memory each key guards ------------------------- */
 #define PK_OWNER_CALLER 0   /* an int address: the caller keeps it mapped */
@@ -166,7 +161,6 @@ int pk_label_add(uintptr_t start, uintptr_t end, int pkey, const char *label);
 void pk_label_remove(int slot);
 
 /* ---- secret.c: memory hygiene for protected buffers ------------------- */
-int pk_mlock(uintptr_t addr, size_t len);
 int pk_munlock(uintptr_t addr, size_t len);
 int pk_madvise(uintptr_t addr, size_t len, int advice);
 void pk_wipe(uintptr_t addr, size_t len);

@@ -195,39 +195,6 @@ static inline int revoked_since(int k, uint32_t epoch)
     return (int32_t)(LOAD(pk_revoked_at[k]) - epoch) > 0;
 }
 
-/* ---- usage cells of protected buffers ---------------------------------- */
-
-#define USAGE_CLOSED 0x80000000u
-
-static int usage_acquire(uint32_t *usage)
-{
-    uint32_t seen = __atomic_load_n(usage, __ATOMIC_ACQUIRE);
-    do {
-        if (seen & USAGE_CLOSED)
-            return PK_E_CLOSED;
-    } while (!__atomic_compare_exchange_n(usage, &seen, seen + 1, 1, __ATOMIC_ACQ_REL,
-                                          __ATOMIC_ACQUIRE));
-    return PK_OK;
-}
-
-static void usage_release(uint32_t *usage)
-{
-    if (usage)
-        __atomic_sub_fetch(usage, 1, __ATOMIC_RELEASE);
-}
-
-/* Close only an idle buffer: the one transition from 0 users to closed. */
-int pk_usage_close(uint32_t *usage)
-{
-    uint32_t idle = 0;
-    if (__atomic_compare_exchange_n(usage, &idle, USAGE_CLOSED, 0, __ATOMIC_ACQ_REL,
-                                    __ATOMIC_ACQUIRE))
-        return PK_OK;
-    return (idle & USAGE_CLOSED) ? PK_E_CLOSED : PK_E_BUSY;
-}
-
-void pk_usage_reopen(uint32_t *usage) { __atomic_store_n(usage, 0, __ATOMIC_RELEASE); }
-
 /* ---- the register ------------------------------------------------------ */
 
 static inline void hw_write(uint32_t old, uint32_t value)
@@ -692,7 +659,7 @@ static uint32_t hw_compose(const struct grants *g, uint32_t keys, uint32_t pkru)
 
 int64_t pk_scope_enter(const struct pk_scope *scope, uint64_t pins)
 {
-    uint32_t keys = scope->keys, *usage = scope->usage;
+    uint32_t keys = scope->keys;
     const uint32_t *identities = scope->identities;
     int kind = scope->kind;
     uint32_t epoch = 0;
@@ -701,13 +668,8 @@ int64_t pk_scope_enter(const struct pk_scope *scope, uint64_t pins)
         return PK_E_UNSUPPORTED;
     if (kind < 0 || kind > 2)
         return PK_E_RIGHTS;
-    /* The buffer first: a closed buffer says so, whatever became of its key. */
-    if (usage && (status = usage_acquire(usage)) != PK_OK)
+    if ((status = check_identities(keys, identities)) != PK_OK)
         return status;
-    if ((status = check_identities(keys, identities)) != PK_OK) {
-        usage_release(usage);
-        return status;
-    }
 
     if (pk_mode == PK_MODE_HARDWARE) {
         uint32_t mark = pk_revocations_mark(), old;
@@ -725,7 +687,6 @@ int64_t pk_scope_enter(const struct pk_scope *scope, uint64_t pins)
             count_grant(&thread_grants, keys, kind, identities, -1, 0);
             old = pk_rdpkru_unchecked();
             hw_write(old, hw_compose(&thread_grants, keys, old));
-            usage_release(usage);
             return PK_E_KEY_CLOSED;
         }
         return token;
@@ -744,10 +705,8 @@ int64_t pk_scope_enter(const struct pk_scope *scope, uint64_t pins)
             count_grant(&process_grants, keys, kind, identities, -1, 0);
     }
     pk_state_unlock();
-    if (status != PK_OK) {
-        usage_release(usage);
+    if (status != PK_OK)
         return status;
-    }
     return make_token(epoch);
 }
 
@@ -797,7 +756,7 @@ static int balanced(const struct grants *g, uint32_t keys, int kind, const uint3
 
 int pk_scope_exit(const struct pk_scope *scope, int64_t token, uint64_t pins)
 {
-    uint32_t keys = scope->keys, *usage = scope->usage;
+    uint32_t keys = scope->keys;
     const uint32_t *identities = scope->identities;
     int kind = scope->kind;
     uint32_t epoch = (uint32_t)token;
@@ -826,7 +785,6 @@ int pk_scope_exit(const struct pk_scope *scope, int64_t token, uint64_t pins)
         next = close_freed(&thread_grants, keys & ~live, kind, identities, next);
         PK_STEP();
         hw_write_settled(old, next, mark);
-        usage_release(usage);
         return PK_OK;
     }
 
@@ -856,7 +814,6 @@ int pk_scope_exit(const struct pk_scope *scope, int64_t token, uint64_t pins)
     pk_state_unlock();
     if (status != PK_OK)
         return status;
-    usage_release(usage);
     return own_thread ? PK_OK : PK_E_WRONG_THREAD;
 }
 

@@ -45,7 +45,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#define USAGE_CLOSED 0x80000000u /* the same bit as state.c's usage cells */
+#define USAGE_CLOSED 0x80000000u
 #define USAGE_EVICTING 0x40000000u
 #define USAGE_COUNT 0x3fffffffu
 #define TAKE_SLOW 1 /* acquire(): the cell is being evicted; retry under the mutex */
@@ -279,8 +279,7 @@ static void single_key(struct pk_scope *scope, int pkey, uint32_t identity, int 
 {
     memset(scope, 0, sizeof *scope);
     scope->keys = 1u << pkey;
-    scope->kind = kind;
-    scope->usage = NULL; /* the buffer's cell is held by take() instead */
+    scope->kind = kind; /* the buffer's usage cell is held by take() */
     scope->identities[pkey] = identity;
 }
 
@@ -508,7 +507,7 @@ int pk_vbuf_read(struct pk_vbuf *b, int fd, uintptr_t dst, size_t len, int stop_
     return finish(b, PK_GRANT_READ_WRITE, op, pins);
 }
 
-/* The one step from idle to closed (as pk_usage_close), taken under the
+/* The one step from idle to closed, taken under the
  * pool mutex so that an eviction under way is not mistaken for a use. */
 int pk_vbuf_close(struct pk_vbuf *b)
 {
