@@ -26,8 +26,9 @@ SOURCES = [
     f"{CSRC}/secretmem.c",
     f"{CSRC}/virtual.c",
     f"{CSRC}/sigframe.c",
+    f"{CSRC}/test_steps.c",
 ]
-HEADERS = [f"{CSRC}/pkeys_api.h", f"{CSRC}/pkeys_internal.h"]
+HEADERS = [f"{CSRC}/pkeys_api.h", f"{CSRC}/pkeys_testing.h", f"{CSRC}/pkeys_internal.h"]
 
 # PKEYS_BUILD_SIMULATED_PKU=1 builds the simulated-register variant
 # (csrc/pkeys_internal.h): RDPKRU/WRPKRU act on a thread-local variable and
@@ -39,7 +40,9 @@ MACROS = [("PK_SIMULATED_PKU", "1")] if SIMULATED else []
 PREAMBLE = "".join(f"#define {name} {value}\n" for name, value in MACROS)
 
 ffibuilder = cffi.FFI()
-ffibuilder.cdef(pathlib.Path(__file__).with_name(CSRC).joinpath("pkeys_api.h").read_text())
+# The production API, then the test and bench entry points (labelled apart).
+for header in ("pkeys_api.h", "pkeys_testing.h"):
+    ffibuilder.cdef(pathlib.Path(__file__).with_name(CSRC).joinpath(header).read_text())
 ffibuilder.set_source(
     "pkeys._pkeys_cffi",
     PREAMBLE + '#include "pkeys_internal.h"\n',

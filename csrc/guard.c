@@ -299,6 +299,7 @@ int pk_probe(uintptr_t addr, int write, struct pk_fault *fault)
     volatile uint32_t saved_pkru = pk_ospke_enabled ? pk_rdpkru_unchecked() : 0;
     volatile int faulted = 0;
     sigset_t segv, caller_mask;
+    PK_STEP();
 
     /* Installed once and left in place: restoring the previous handler
      * after each probe would pull it out from under a probe running in
@@ -337,9 +338,15 @@ int pk_probe(uintptr_t addr, int write, struct pk_fault *fault)
         if (pk_ospke_enabled) {
             /* Write first, then look: a handler that runs between a look
              * and the write would have its edit overwritten. */
+            PK_STEP();
             pk_wrpkru_unchecked(saved_pkru);
-            if (pk_revocations_moved(mark))
-                pk_wrpkru_unchecked(pk_revocations_catch_up(pk_rdpkru_unchecked()));
+            PK_STEP();
+            if (pk_revocations_moved(mark)) {
+                uint32_t now = pk_rdpkru_unchecked();
+                PK_STEP();
+                pk_wrpkru_unchecked(pk_revocations_catch_up(now));
+            }
+            PK_STEP();
         }
     }
     guard_fault = NULL;

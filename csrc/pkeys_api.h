@@ -6,8 +6,9 @@
  * stay free of preprocessor logic and of any type cffi does not know.
  */
 
-/* Status codes of the validating (pk_hw_*) entry points.  Negative so that
- * a single int return carries either a result (>= 0) or one of these. */
+/* Status codes of the validating entry points (state.c, regions.c,
+ * virtual.c).  Negative so that a single int return carries either a
+ * result (>= 0) or one of these. */
 #define PK_OK 0
 #define PK_E_UNSUPPORTED -1    /* OSPKE is off: no PKU instruction may run */
 #define PK_E_KEY_RANGE -2      /* key outside 0..15 */
@@ -117,7 +118,6 @@ int pk_pkru_write(uint32_t value, uint64_t pins);
 struct pk_scope {
     uint32_t keys;              /* bit k: key k */
     int kind;                   /* PK_GRANT_* */
-    uint32_t *usage;            /* a protected buffer's usage cell, or NULL */
     uint32_t identities[16];    /* identity of each key in `keys` */
 };
 int64_t pk_scope_enter(const struct pk_scope *scope, uint64_t pins);
@@ -126,11 +126,19 @@ uint32_t pk_thread_serial(void);
 uint32_t pk_allocated_mask(void);
 int64_t pk_shadow_pkru(void);
 int pk_after_fork_in_child(uint64_t pins);
-
-/* A protected buffer's usage cell: how many operations are inside it, and
- * whether it is closed.  Enter and exit take and drop a use atomically. */
-int pk_usage_close(uint32_t *usage);
-void pk_usage_reopen(uint32_t *usage);
+/* A thread born inside a block: its creator's grants are not its own, yet
+ * it copies the register they opened.  The creator takes a snapshot as it
+ * starts the thread, and the new thread, before anything else, gives each
+ * of those keys its creator's rights outside every grant (hardware; a
+ * no-op on the software backend, whose grants are the process's). */
+struct pk_birth {
+    uint32_t keys;              /* bit k: the creator had grants on key k */
+    uint32_t bits;              /* the creator's base rights for them (PKRU layout) */
+    uint32_t epoch;             /* the revocation epoch at the snapshot */
+    uint32_t identities[16];
+};
+int pk_birth_snapshot(struct pk_birth *out);
+int pk_birth_settle(const struct pk_birth *birth);
 
 /* ---- regions.c: which memory each key guards ------------------------- */
 #define PK_OWNER_CALLER 0   /* an int address: the caller keeps it mapped */
@@ -172,39 +180,11 @@ int pk_probe(uintptr_t addr, int write, struct pk_fault *fault);
 void pk_sw_mirror_pkru(uint32_t value);
 int pk_label_add(uintptr_t start, uintptr_t end, int pkey, const char *label);
 void pk_label_remove(int slot);
-int pk_signal_pkru(int64_t *in_handler, int64_t *after_return);
 
 /* ---- secret.c: memory hygiene for protected buffers ------------------- */
-int pk_mlock(uintptr_t addr, size_t len);
 int pk_munlock(uintptr_t addr, size_t len);
 int pk_madvise(uintptr_t addr, size_t len, int advice);
 void pk_wipe(uintptr_t addr, size_t len);
-
-/* ---- bench.c: C-level loops for `pkeys bench` ------------------------- */
-struct pk_bench {
-    uint64_t iterations;
-    uint64_t nanoseconds;  /* clock_gettime(CLOCK_MONOTONIC) around the loop */
-    uint64_t cycles;       /* rdtsc around the loop; 0 off x86 */
-};
-void pk_noop(void);
-int pk_bench_rdpkru(uint64_t n, struct pk_bench *out);
-int pk_bench_wrpkru(uint64_t n, int alternate, int pkey, struct pk_bench *out);
-int pk_bench_glibc_pkey_set(uint64_t n, int pkey, struct pk_bench *out);
-int pk_bench_null_syscall(uint64_t n, struct pk_bench *out);
-int pk_bench_mprotect(uint64_t n, uintptr_t addr, size_t len, int pkey, int idle_threads,
-                      struct pk_bench *out);
-struct pk_contention {
-    double seconds;          /* how long the fault workers ran */
-    uint64_t faults;         /* pages faulted in by all workers */
-    uint64_t flips;          /* access changes made by the flipper */
-};
-int pk_bench_contention(int workers, int flip_mode, int pkey, uint32_t flips_per_second,
-                        double seconds, struct pk_contention *out);
-#define PK_FLIP_NONE 0
-#define PK_FLIP_PKEY_MPROTECT 1
-#define PK_FLIP_WRPKRU 2
-#define PK_FLIP_REVOKE 3
-int pk_bench_revoke(uint64_t n, int pkey, int idle_threads, struct pk_bench *out);
 
 /* ---- secretmem.c, virtual.c: the memory under protected buffers, and
  * virtual keys (any number of buffers on 15 hardware keys) ------------- */
@@ -256,6 +236,13 @@ void pk_vbuf_reopen(struct pk_vbuf *b);
 int pk_vbuf_users(const struct pk_vbuf *b);
 int pk_vbuf_pkey(const struct pk_vbuf *b);
 int pk_vbuf_forked(const struct pk_vbuf *b);
+/* Revoke the key the buffer holds now in every thread (every grant on it
+ * ends; PK_OK at once when it holds none).  pk_vbuf_end_elsewhere ends a
+ * use whose grant belongs to another thread (a generator closed there):
+ * by that revocation, then the use is released. */
+int pk_vbuf_revoke(struct pk_vbuf *b, double timeout, struct pk_broadcast *result,
+                   uint64_t pins);
+int pk_vbuf_end_elsewhere(struct pk_vbuf *b, double timeout, struct pk_broadcast *result);
 
 struct pk_vkeys_stats {
     int limit;              /* the most keys the pool may take */
@@ -268,29 +255,3 @@ struct pk_vkeys_stats {
 int pk_vkeys_limit(int limit);
 int pk_vkeys_release_idle(void);
 void pk_vkeys_stats(struct pk_vkeys_stats *out);
-
-/* ---- sigframe.c: the signal frame under a restrictive PKRU ------------- */
-struct pk_sigframe {
-    uint32_t signal_pkru;    /* PKRU when the signal was sent */
-    uint32_t entry_pkru;     /* PKRU as the handler began */
-    uint32_t after_pkru;     /* PKRU once sigreturn had restored it */
-    int handler_ran;
-    uintptr_t handler_stack; /* address of a local of the handler */
-    uintptr_t stack_start;   /* the alternate stack, if any */
-    uintptr_t stack_end;
-};
-/* Send SIGUSR2 to a SA_ONSTACK handler whose alternate stack is tagged
- * with `pkey`, while this thread's rights for `pkey` are `rights`
- * (PKEY_DISABLE_ACCESS or PKEY_DISABLE_WRITE).  Returns 0 once the handler
- * has run, -1 without OSPKE or on a setup error.  Before Linux 6.12 the
- * process dies of SIGSEGV instead: run it in a forked child. */
-int pk_sigframe_altstack(int pkey, uint32_t rights, struct pk_sigframe *out);
-/* A SIGSEGV/SIGBUS handler writing one report to `fd`, then dying of the
- * signal as if there had been no handler. */
-struct pk_fault_report {
-    int signo;
-    int code;
-    int pkey;                /* -1 unless si_code is SEGV_PKUERR */
-    uint64_t addr;
-};
-int pk_fault_reporter(int fd);

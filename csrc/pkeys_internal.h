@@ -12,6 +12,7 @@
 #include <sys/types.h>
 
 #include "pkeys_api.h"
+#include "pkeys_testing.h"
 
 /* PK_ASSUME_NON_X86 builds the non-x86 variant on x86, so that the tests
  * can compile and run the path other architectures take. */
@@ -96,6 +97,17 @@ static inline void pk_wrpkru_unchecked(uint32_t value) { (void)value; }
 #define PK_KEY_MASK(k) (3u << PK_KEY_SHIFT(k))
 #define PK_AD 1u  /* access-disable */
 #define PK_WD 2u  /* write-disable */
+
+/* TEST ONLY (test_steps.c): a boundary between two steps of a path that
+ * reads and writes PKRU, where a test may deliver a revocation.  Unarmed:
+ * one relaxed load and a branch not taken. */
+extern int pk_test_steps_armed;
+void pk_test_step(void);
+#define PK_STEP()                                                                    \
+    do {                                                                             \
+        if (__builtin_expect(__atomic_load_n(&pk_test_steps_armed, __ATOMIC_RELAXED), 0)) \
+            pk_test_step();                                                          \
+    } while (0)
 
 /* Between state.c and regions.c; every one is called with the state lock
  * held (see state.c), except pk_state_lock/unlock themselves. */

@@ -1,14 +1,13 @@
 /*
- * Memory hygiene for protected buffers: locking, advice, and wiping that
- * the compiler cannot remove.  (Copies with access opened only for their
- * duration are in state.c.)
+ * Memory hygiene for protected buffers: unlocking, advice, and wiping that
+ * the compiler cannot remove.  (Locking is pk_mlock_onfault in
+ * secretmem.c; copies with access opened only for their duration are in
+ * virtual.c.)
  */
 #include "pkeys_internal.h"
 
 #include <string.h>
 #include <sys/mman.h>
-
-int pk_mlock(uintptr_t addr, size_t len) { return mlock((const void *)addr, len); }
 
 int pk_munlock(uintptr_t addr, size_t len) { return munlock((const void *)addr, len); }
 

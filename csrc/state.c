@@ -121,16 +121,41 @@ static inline unsigned composed(const struct grants *g, int k)
     return g->base[k];
 }
 
-/* The grants of `g` for key k, cleared if they belonged to a freed key or
- * were voided by a revocation since. */
-static inline void adopt(struct grants *g, int k, uint32_t identity)
+/* What adopt() found: */
+#define ADOPT_SAME 0      /* the counts stand */
+#define ADOPT_REVOKED 1   /* voided by a revocation since this thread last looked */
+#define ADOPT_FIRST 2     /* this thread's first look at this key, revoked before */
+#define ADOPT_FRESH 3     /* first look (or a freed key's counts), never revoked */
+
+/*
+ * The grants of `g` for key k, cleared if they belonged to a freed key or
+ * were voided by a revocation since.
+ *
+ * After a revocation the base is the rights the revocation gives every
+ * thread, not what this thread's register holds: the register may not have
+ * received the revocation yet (its signal is on its way).  Taking the base
+ * from the register there was issue 15's item 2: a scope that began after
+ * the stamp and before the signal recorded the old open rights as its
+ * base, the signal closed the key inside the scope, and the scope's end
+ * opened it again for good.  A thread that never looked at the key cannot
+ * tell whether its register predates the revocation (a thread born during
+ * the broadcast): its base is the stricter of the two (count_grant).
+ */
+static inline int adopt(struct grants *g, int k, uint32_t identity)
 {
     uint32_t stamp = LOAD(pk_revoked_at[k]);
-    if (g->identity[k] != identity || g->epoch[k] != stamp) {
-        memset(g->count[k], 0, sizeof g->count[k]);
-        g->identity[k] = identity;
-        g->epoch[k] = stamp;
-    }
+    int same_key = g->identity[k] == identity;
+    if (same_key && g->epoch[k] == stamp)
+        return ADOPT_SAME;
+    memset(g->count[k], 0, sizeof g->count[k]);
+    g->identity[k] = identity;
+    g->epoch[k] = stamp;
+    if (!stamp)
+        return ADOPT_FRESH;
+    /* Read after the stamp: a later revocation's rights, if one came in
+     * between, are what this thread is about to get anyway. */
+    g->base[k] = (uint8_t)(LOAD(pk_revoked_bits[k]) & 3u);
+    return same_key ? ADOPT_REVOKED : ADOPT_FIRST;
 }
 
 uint32_t pk_thread_serial(void)
@@ -145,43 +170,30 @@ static inline int64_t make_token(uint32_t epoch)
     return ((int64_t)pk_thread_serial() << 32) | epoch;
 }
 
+/*
+ * The epoch a hardware grant's token carries: the latest of the stamps its
+ * keys were counted under (adopt() recorded them).  Not the global epoch
+ * read after counting: a revocation could bump that between the counting
+ * and the read, and the token would then claim a grant voided by that
+ * very revocation; once a nested scope had re-adopted the key under the
+ * new stamp, the old scope's exit withdrew the new scope's grant (found by
+ * tests/model/grants_model.c).  Any later stamp is a larger epoch than
+ * every stamp before it, so the exit sees it as revoked since.
+ */
+static uint32_t counted_under(const struct grants *g, uint32_t keys)
+{
+    uint32_t latest = 0;
+    int k;
+    for (k = 1; k < PK_NKEYS; k++)
+        if ((keys & (1u << k)) && (int32_t)(g->epoch[k] - latest) > 0)
+            latest = g->epoch[k];
+    return latest;
+}
+
 static inline int revoked_since(int k, uint32_t epoch)
 {
     return (int32_t)(LOAD(pk_revoked_at[k]) - epoch) > 0;
 }
-
-/* ---- usage cells of protected buffers ---------------------------------- */
-
-#define USAGE_CLOSED 0x80000000u
-
-static int usage_acquire(uint32_t *usage)
-{
-    uint32_t seen = __atomic_load_n(usage, __ATOMIC_ACQUIRE);
-    do {
-        if (seen & USAGE_CLOSED)
-            return PK_E_CLOSED;
-    } while (!__atomic_compare_exchange_n(usage, &seen, seen + 1, 1, __ATOMIC_ACQ_REL,
-                                          __ATOMIC_ACQUIRE));
-    return PK_OK;
-}
-
-static void usage_release(uint32_t *usage)
-{
-    if (usage)
-        __atomic_sub_fetch(usage, 1, __ATOMIC_RELEASE);
-}
-
-/* Close only an idle buffer: the one transition from 0 users to closed. */
-int pk_usage_close(uint32_t *usage)
-{
-    uint32_t idle = 0;
-    if (__atomic_compare_exchange_n(usage, &idle, USAGE_CLOSED, 0, __ATOMIC_ACQ_REL,
-                                    __ATOMIC_ACQUIRE))
-        return PK_OK;
-    return (idle & USAGE_CLOSED) ? PK_E_CLOSED : PK_E_BUSY;
-}
-
-void pk_usage_reopen(uint32_t *usage) { __atomic_store_n(usage, 0, __ATOMIC_RELEASE); }
 
 /* ---- the register ------------------------------------------------------ */
 
@@ -201,10 +213,13 @@ static inline void hw_write(uint32_t old, uint32_t value)
 static inline void hw_write_settled(uint32_t old, uint32_t value, uint32_t mark)
 {
     hw_write(old, value);
+    PK_STEP();
     if (pk_revocations_moved(mark)) {
         uint32_t now = pk_rdpkru_unchecked();
+        PK_STEP();
         hw_write(now, pk_revocations_catch_up(now));
     }
+    PK_STEP();
 }
 
 /* The emulated register that the software backend's state implies. */
@@ -496,8 +511,12 @@ int pk_key_set(int pkey, int access_rights, uint64_t pins)
     if (pk_mode == PK_MODE_HARDWARE) {
         struct grants *g = &thread_grants;
         uint32_t mark = pk_revocations_mark();
-        uint32_t old = pk_rdpkru_unchecked();
+        uint32_t old;
+        PK_STEP();
+        old = pk_rdpkru_unchecked();
+        PK_STEP();
         adopt(g, pkey, LOAD(key_identity[pkey]));
+        PK_STEP();
         if (active(g, pkey))
             g->base[pkey] = (uint8_t)access_rights;
         else
@@ -556,7 +575,10 @@ int pk_pkru_write(uint32_t value, uint64_t pins)
     if (pk_mode == PK_MODE_HARDWARE) {
         struct grants *g = &thread_grants;
         uint32_t mark = pk_revocations_mark();
-        uint32_t old = pk_rdpkru_unchecked(), next = value;
+        uint32_t old, next = value;
+        PK_STEP();
+        old = pk_rdpkru_unchecked();
+        PK_STEP();
         for (k = 1; k < PK_NKEYS; k++) {
             if (!LOAD(key_identity[k]))
                 continue;
@@ -566,6 +588,7 @@ int pk_pkru_write(uint32_t value, uint64_t pins)
                 next = with_bits(next, k, composed(g, k));
             }
         }
+        PK_STEP();
         hw_write_settled(old, next, mark);
         return PK_OK;
     }
@@ -608,13 +631,15 @@ static int check_identities(uint32_t keys, const uint32_t *identities)
 static void count_grant(struct grants *g, uint32_t keys, int kind, const uint32_t *identities,
                         int delta, uint32_t pkru)
 {
-    int k;
+    int k, found;
     for (k = 1; k < PK_NKEYS; k++) {
         if (!(keys & (1u << k)))
             continue;
-        adopt(g, k, identities[k]);
+        found = adopt(g, k, identities[k]);
         if (delta > 0) {
-            if (!active(g, k))
+            if (found == ADOPT_FIRST) /* both bits are restrictions: OR is the stricter */
+                g->base[k] = (uint8_t)(g->base[k] | bits_of(pkru, k));
+            else if (found != ADOPT_REVOKED && !active(g, k))
                 g->base[k] = (uint8_t)bits_of(pkru, k);
             g->count[k][kind]++;
         } else if (g->count[k][kind]) {
@@ -634,7 +659,7 @@ static uint32_t hw_compose(const struct grants *g, uint32_t keys, uint32_t pkru)
 
 int64_t pk_scope_enter(const struct pk_scope *scope, uint64_t pins)
 {
-    uint32_t keys = scope->keys, *usage = scope->usage;
+    uint32_t keys = scope->keys;
     const uint32_t *identities = scope->identities;
     int kind = scope->kind;
     uint32_t epoch = 0;
@@ -643,21 +668,18 @@ int64_t pk_scope_enter(const struct pk_scope *scope, uint64_t pins)
         return PK_E_UNSUPPORTED;
     if (kind < 0 || kind > 2)
         return PK_E_RIGHTS;
-    /* The buffer first: a closed buffer says so, whatever became of its key. */
-    if (usage && (status = usage_acquire(usage)) != PK_OK)
+    if ((status = check_identities(keys, identities)) != PK_OK)
         return status;
-    if ((status = check_identities(keys, identities)) != PK_OK) {
-        usage_release(usage);
-        return status;
-    }
 
     if (pk_mode == PK_MODE_HARDWARE) {
-        uint32_t mark = pk_revocations_mark(), old = pk_rdpkru_unchecked();
+        uint32_t mark = pk_revocations_mark(), old;
         int64_t token;
+        PK_STEP();
+        old = pk_rdpkru_unchecked();
+        PK_STEP();
         count_grant(&thread_grants, keys, kind, identities, +1, old);
-        /* After the counting: the token must not predate the revocation
-         * stamp the grant was counted under, or its exit would skip it. */
-        token = make_token(LOAD(pk_revocation_epoch));
+        token = make_token(counted_under(&thread_grants, keys));
+        PK_STEP();
         hw_write_settled(old, hw_compose(&thread_grants, keys, old), mark);
         /* A pkey_free in another thread may have raced with this grant:
          * once the register is written, check again and take it back. */
@@ -665,7 +687,6 @@ int64_t pk_scope_enter(const struct pk_scope *scope, uint64_t pins)
             count_grant(&thread_grants, keys, kind, identities, -1, 0);
             old = pk_rdpkru_unchecked();
             hw_write(old, hw_compose(&thread_grants, keys, old));
-            usage_release(usage);
             return PK_E_KEY_CLOSED;
         }
         return token;
@@ -684,10 +705,8 @@ int64_t pk_scope_enter(const struct pk_scope *scope, uint64_t pins)
             count_grant(&process_grants, keys, kind, identities, -1, 0);
     }
     pk_state_unlock();
-    if (status != PK_OK) {
-        usage_release(usage);
+    if (status != PK_OK)
         return status;
-    }
     return make_token(epoch);
 }
 
@@ -737,7 +756,7 @@ static int balanced(const struct grants *g, uint32_t keys, int kind, const uint3
 
 int pk_scope_exit(const struct pk_scope *scope, int64_t token, uint64_t pins)
 {
-    uint32_t keys = scope->keys, *usage = scope->usage;
+    uint32_t keys = scope->keys;
     const uint32_t *identities = scope->identities;
     int kind = scope->kind;
     uint32_t epoch = (uint32_t)token;
@@ -754,15 +773,18 @@ int pk_scope_exit(const struct pk_scope *scope, int64_t token, uint64_t pins)
          * and leave the grant for its own thread to end. */
         if (!own_thread)
             return PK_E_WRONG_THREAD;
+        PK_STEP();
         live = live_keys(&thread_grants, keys, identities, epoch);
         if (!balanced(&thread_grants, live, kind, identities))
             return PK_E_UNBALANCED;
+        PK_STEP();
         old = pk_rdpkru_unchecked();
+        PK_STEP();
         count_grant(&thread_grants, live, kind, identities, -1, 0);
         next = hw_compose(&thread_grants, live, old);
         next = close_freed(&thread_grants, keys & ~live, kind, identities, next);
+        PK_STEP();
         hw_write_settled(old, next, mark);
-        usage_release(usage);
         return PK_OK;
     }
 
@@ -792,6 +814,49 @@ int pk_scope_exit(const struct pk_scope *scope, int64_t token, uint64_t pins)
     pk_state_unlock();
     if (status != PK_OK)
         return status;
-    usage_release(usage);
     return own_thread ? PK_OK : PK_E_WRONG_THREAD;
+}
+
+/* ---- threads born inside a block ---------------------------------------- */
+
+/* The keys this thread holds grants on, with their base rights: what a
+ * thread it starts now must have instead of the register it copies. */
+int pk_birth_snapshot(struct pk_birth *out)
+{
+    const struct grants *g = &thread_grants;
+    int k;
+    memset(out, 0, sizeof *out);
+    /* First: a revocation stamped after this read is skipped by settle,
+     * since it reaches the new thread by itself. */
+    out->epoch = LOAD(pk_revocation_epoch);
+    if (pk_mode != PK_MODE_HARDWARE)
+        return 0;
+    for (k = 1; k < PK_NKEYS; k++) {
+        uint32_t identity = LOAD(key_identity[k]);
+        if (!identity || g->identity[k] != identity || g->epoch[k] != LOAD(pk_revoked_at[k]) ||
+            !active(g, k))
+            continue;
+        out->keys |= 1u << k;
+        out->bits = with_bits(out->bits, k, g->base[k]);
+        out->identities[k] = identity;
+    }
+    return out->keys != 0;
+}
+
+/* In the new thread, before it runs anything else. */
+int pk_birth_settle(const struct pk_birth *birth)
+{
+    uint32_t mark, old, next;
+    int k;
+    if (pk_mode != PK_MODE_HARDWARE || !birth->keys)
+        return PK_OK;
+    mark = pk_revocations_mark();
+    old = pk_rdpkru_unchecked();
+    next = old;
+    for (k = 1; k < PK_NKEYS; k++)
+        if ((birth->keys & (1u << k)) && LOAD(key_identity[k]) == birth->identities[k] &&
+            !revoked_since(k, birth->epoch))
+            next = with_bits(next, k, bits_of(birth->bits, k));
+    hw_write_settled(old, next, mark);
+    return PK_OK;
 }

@@ -45,7 +45,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#define USAGE_CLOSED 0x80000000u /* the same bit as state.c's usage cells */
+#define USAGE_CLOSED 0x80000000u
 #define USAGE_EVICTING 0x40000000u
 #define USAGE_COUNT 0x3fffffffu
 #define TAKE_SLOW 1 /* acquire(): the cell is being evicted; retry under the mutex */
@@ -279,8 +279,7 @@ static void single_key(struct pk_scope *scope, int pkey, uint32_t identity, int 
 {
     memset(scope, 0, sizeof *scope);
     scope->keys = 1u << pkey;
-    scope->kind = kind;
-    scope->usage = NULL; /* the buffer's cell is held by take() instead */
+    scope->kind = kind; /* the buffer's usage cell is held by take() */
     scope->identities[pkey] = identity;
 }
 
@@ -294,6 +293,7 @@ static int64_t open_for(struct pk_vbuf *b, int kind, int allow_closed, uint64_t 
     int status = take(b, allow_closed, &pkey, &identity);
     if (status != PK_OK)
         return status;
+    PK_STEP();
     single_key(&scope, pkey, identity, kind);
     token = pk_scope_enter(&scope, pins);
     if (token < 0)
@@ -312,9 +312,11 @@ static int close_for(struct pk_vbuf *b, int kind, int64_t token, uint64_t pins)
     if (!key_of(b, &pkey, &identity))
         return PK_E_UNBALANCED;
     single_key(&scope, pkey, identity, kind);
+    PK_STEP();
     status = pk_scope_exit(&scope, token, pins);
     if (status == PK_OK || (status == PK_E_WRONG_THREAD && pk_mode == PK_MODE_SOFTWARE))
         release(b);
+    PK_STEP();
     return status;
 }
 
@@ -505,7 +507,7 @@ int pk_vbuf_read(struct pk_vbuf *b, int fd, uintptr_t dst, size_t len, int stop_
     return finish(b, PK_GRANT_READ_WRITE, op, pins);
 }
 
-/* The one step from idle to closed (as pk_usage_close), taken under the
+/* The one step from idle to closed, taken under the
  * pool mutex so that an eviction under way is not mistaken for a use. */
 int pk_vbuf_close(struct pk_vbuf *b)
 {
@@ -593,4 +595,35 @@ void pk_vkeys_stats(struct pk_vkeys_stats *out)
     out->assignments = assignments;
     out->evictions = evictions;
     pool_unlock();
+}
+
+/* ---- ending access in every thread ------------------------------------- */
+
+int pk_vbuf_revoke(struct pk_vbuf *b, double timeout, struct pk_broadcast *result,
+                   uint64_t pins)
+{
+    int pkey = 0, status = PK_OK;
+    uint32_t identity = 0;
+    if (result)
+        memset(result, 0, sizeof *result);
+    /* Under the pool mutex the buffer's key cannot be evicted and reused
+     * for another buffer meanwhile. */
+    pool_lock();
+    if (key_of(b, &pkey, &identity))
+        status = pk_key_set_all(pkey, identity, (int)PK_AD, timeout, result, pins);
+    pool_unlock();
+    return status;
+}
+
+int pk_vbuf_end_elsewhere(struct pk_vbuf *b, double timeout, struct pk_broadcast *result)
+{
+    int status;
+    if (pk_mode != PK_MODE_HARDWARE)
+        return PK_E_UNSUPPORTED; /* the software backend ends such grants in pk_scope_exit */
+    if (!pk_vbuf_users(b))
+        return PK_E_UNBALANCED;
+    status = pk_vbuf_revoke(b, timeout, result, 0);
+    if (status == PK_OK)
+        release(b);
+    return status;
 }

@@ -45,6 +45,7 @@ from ._api import (
     wrpkru,
 )
 from ._key import Key, Scope, allow
+from . import _births
 from ._prompt import prompt
 from ._rights import (
     PKEY_DISABLE_ACCESS,
@@ -120,3 +121,9 @@ def backend() -> BackendName:
 def backend_reason() -> str:
     """Why that backend was chosen, in one sentence."""
     return _key.chosen_reason
+
+
+# Hardware grants belong to threads, and threads copy their creator's
+# register: every threading.Thread starts outside its creator's grants.
+if _key.chosen_backend.NAME == "hardware":
+    _births.install()

@@ -85,6 +85,7 @@ from typing import TYPE_CHECKING, Any, Unpack
 
 from . import _api, _guard, _secretmem, _state
 from ._binding import ffi, lib
+from ._revocation import revocation_error
 from ._errors import (
     ArgumentError,
     BufferCorruptedError,
@@ -110,6 +111,7 @@ MADV_DONTFORK = getattr(mmap, "MADV_DONTFORK", 10)
 MADV_DONTDUMP = getattr(mmap, "MADV_DONTDUMP", 16)
 MADV_WIPEONFORK = getattr(mmap, "MADV_WIPEONFORK", 18)
 _NEED_PINS = _state.NEED_PINS
+_WRONG_THREAD = lib.PK_E_WRONG_THREAD
 _READ_ONLY = lib.PK_GRANT_READ_ONLY
 _READ_WRITE = lib.PK_GRANT_READ_WRITE
 _UINTPTR = ffi.typeof("uintptr_t")
@@ -669,6 +671,23 @@ class ProtectedBuffer:
         nested blocks or other tasks; each entry yields its own view."""
         return Unlocked(self._open(), write)
 
+    def revoke(self, timeout: float = _api.REVOCATION_TIMEOUT) -> None:
+        """End access to this buffer in every thread, now: every grant on
+        the key it holds ends, including those of blocks that are still
+        open (here or in other threads, in suspended generators or tasks)
+        and the access that a thread started inside a block copied from its
+        creator.  Those blocks re-grant nothing when they end; a new block
+        opens it again.  A buffer made with ``key=`` shares that key, so
+        every buffer the key guards is revoked with it.  RevocationError
+        names the threads that did not answer within ``timeout`` seconds."""
+        mapping = self._open()
+        result = ffi.new(_api._BROADCAST_RESULT)
+        status = _state.call(lib.pk_vbuf_revoke, mapping.vbuf, timeout, result)
+        if status == lib.PK_E_BROADCAST:
+            raise revocation_error(lib.pk_vbuf_pkey(mapping.vbuf), "", result)
+        if status:
+            _raise(status)
+
     def readinto(self, dest: BufferLike, offset: int = 0) -> int:
         """Copy ``len(dest)`` bytes from ``offset`` into the writable buffer
         ``dest``; returns the count.  Access is open only for the copy."""
@@ -859,8 +878,26 @@ class Unlocked:
         if status:
             if status == _NEED_PINS:
                 status = _state.call_pinned(_exit, self._mapping.vbuf, self._kind, token)
+            if status == _WRONG_THREAD:
+                # Software: state.c ended the process-wide grant already.
+                status = self._end_elsewhere() if chosen_backend.MODE == lib.PK_MODE_HARDWARE else 0
             if status:
                 _raise(status)
+
+    def _end_elsewhere(self) -> int:
+        """A block ended in a thread other than the one that entered it (a
+        generator or coroutine suspended inside it, closed by another
+        thread or by the garbage collector there).  The grant lives in the
+        other thread's register, which only a revocation reaches: the key
+        the buffer holds is revoked in every thread, then the use ends, so
+        the buffer can be closed."""
+        vbuf = self._mapping.vbuf
+        result = ffi.new(_api._BROADCAST_RESULT)
+        status = lib.pk_vbuf_end_elsewhere(vbuf, _api.REVOCATION_TIMEOUT, result)
+        if status == lib.PK_E_BROADCAST:
+            raise revocation_error(lib.pk_vbuf_pkey(vbuf), "the block's use of the buffer stays",
+                                   result)
+        return int(status)
 
 
 _enter = lib.pk_vbuf_enter

@@ -34,15 +34,14 @@ DENY = lib.PK_GRANT_DENY
 __all__ = ["Key", "Scope", "allow", "scope_handle"]
 
 
-def scope_handle(identities: dict[int, int], kind: int, usage: Any = _NULL) -> Any:
+def scope_handle(identities: dict[int, int], kind: int) -> Any:
     """The C description of a scope: which keys (by number and identity),
-    which kind of grant, and the usage cell of a protected buffer."""
+    and which kind of grant."""
     handle = ffi.new("struct pk_scope *")
     for number, identity in identities.items():
         handle.keys |= 1 << number
         handle.identities[number] = identity
     handle.kind = kind
-    handle.usage = usage
     return handle
 
 

@@ -801,3 +801,87 @@ def test_signal_pause_returns_after_a_revocation_as_documented(key, alarm):
     finally:
         returned.set()
         thread.join(60)
+
+
+@pytest.mark.pku
+def test_a_scope_begun_before_the_signal_arrives_reopens_nothing_when_it_ends(key, page):
+    """Issue 15, item 2, forced with a blocked signal instead of luck: the
+    revocation is stamped while this thread is inside scope X; X ends (its
+    grant is void, the register keeps the key open until the signal comes),
+    scope Y begins with that open register, then the signal arrives and
+    closes the key inside Y.  Y's end must not open it again: Y's base is
+    the revocation's rights, not the register it began with."""
+    signo = lib.pk_revocation_signal()
+    key.protect(page)
+    revoked, errors, after = threading.Event(), [], []
+
+    def revoker() -> None:
+        try:
+            key.revoke(timeout=30)
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            errors.append(exc)
+        revoked.set()
+
+    def victim() -> None:
+        first = key.allow()
+        first.__enter__()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signo})
+        try:
+            racer = threading.Thread(target=revoker)
+            racer.start()
+            deadline = time.monotonic() + 30
+            while signo not in signal.sigpending():  # stamped, and signalled
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+            first.__exit__(None, None, None)
+            with key.allow():
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signo})  # the handler runs here
+                assert revoked.wait(30)
+            after.append(pkeys.pkey_get(key))
+            after.append(pkeys.probe(page))
+            racer.join(30)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signo})
+
+    thread = threading.Thread(target=victim)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive() and not errors
+    assert after[0] == pkeys.PKEY_DISABLE_ACCESS, "the scope's end reopened a revoked key"
+    assert after[1] is not None and after[1].kind == DENIED_KIND
+
+
+@pytest.mark.pku
+def test_scopes_racing_with_revocations_leave_no_key_open_outside_them(key):
+    """Issue 15, item 2, as reported: two threads loop over scopes while
+    revocations come.  Outside its scopes, at a moment when no revocation is
+    in flight, no thread may find the key open (pkey_get alone)."""
+    stop, started, completed = threading.Event(), [0], [0]
+    violations: list[tuple[int, int]] = []
+    scopes = [0, 0]
+
+    def loop(index: int) -> None:
+        while not stop.is_set():
+            with key.allow():
+                pass
+            scopes[index] += 1
+            before, done = started[0], completed[0]
+            rights = pkeys.pkey_get(key)
+            if rights == 0 and before == done == started[0]:
+                violations.append((index, done))
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(40 if pkeys._select.emulated() else 200):
+            time.sleep(0.02)
+            started[0] += 1
+            key.revoke(timeout=30)
+            completed[0] += 1
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    assert min(scopes) > 0
+    assert not violations, f"key open outside every scope after revocations: {violations[:5]}"
