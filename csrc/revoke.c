@@ -210,7 +210,10 @@ uint32_t *pk_frame_pkru(void *ucontext)
 static uint32_t *editable_pkru(void *ucontext)
 {
     uint32_t *slot = pk_frame_pkru(ucontext);
-#if PK_X86 && defined(__x86_64__)
+#if PK_X86 && defined(__x86_64__) && !PK_SIMULATED_PKU
+    /* Not in the simulated build: its slot is a variable, and the real frame
+     * may have no PKRU component (setting its xstate_bv bit there would make
+     * sigreturn's XRSTOR fault). */
     if (slot) {
         unsigned char *fpstate = (unsigned char *)((ucontext_t *)ucontext)->uc_mcontext.fpregs;
         uint64_t xstate_bv;

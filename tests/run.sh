@@ -23,7 +23,7 @@ extras=test,bench,docs
 # The kernels of the pku tier; the workflow's cache key hashes this file.
 kernels=(6.1 6.12)
 # What `pkeys vm setup` needs from the host (the workflow installs the same).
-host_packages=(qemu-system-x86 busybox-static zstd debian-archive-keyring)
+host_packages=(qemu-system-x86 busybox-static zstd strace debian-archive-keyring)
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 # shellcheck disable=SC1091
 . .venv/bin/activate
