@@ -89,7 +89,7 @@ from ._errors import (
 )
 from ._key import Key, chosen_backend
 from ._rights import PAGE_SIZE, PROT_NONE, PROT_READ, PROT_WRITE
-from ._validate import raise_status, require_int
+from ._validate import check_fd, raise_status, require_int
 
 __all__ = ["ProtectedBuffer", "Unlocked", "virtual_key_limit", "virtual_key_stats"]
 
@@ -510,7 +510,7 @@ class ProtectedBuffer:
             if not 0 < size < MAX_SIZE:
                 raise ArgumentError(f"size must be in 1..2**40-1 bytes, not {size}")
         own = not isinstance(path_or_fd, int)
-        fd: int = (path_or_fd if isinstance(path_or_fd, int)
+        fd: int = (check_fd(path_or_fd) if isinstance(path_or_fd, int)
                    else os.open(path_or_fd, os.O_RDONLY | os.O_CLOEXEC))
         try:
             if size is None:
@@ -542,7 +542,7 @@ class ProtectedBuffer:
         until it is full or the file ends; returns the bytes read.  Write
         access is open (to this thread, on hardware) only for the call."""
         mapping = self._open()
-        fd = require_int(fd, "fd")
+        fd = check_fd(fd)
         offset = self._check_span(offset, 0)
         return mapping.read(fd, mapping.data + offset, mapping.size - offset, False)
 

@@ -3,6 +3,7 @@ pty), and probe() of a buffer."""
 
 from __future__ import annotations
 
+import errno
 import os
 import pty
 import signal
@@ -98,6 +99,24 @@ def test_read_from_fills_an_existing_buffer(tmp_path):
         with pytest.raises(OSError):
             buffer.read_from(-1)
         assert pkeys.probe(buffer) is not None
+
+
+@pytest.mark.parametrize("fd", [2**31, 2**63, -1, -2**31 - 1])
+def test_a_descriptor_beyond_a_c_int_is_ebadf_before_any_buffer_is_made(fd, monkeypatch):
+    """It was a bare OverflowError (os.fstat, or cffi after the buffer was made)."""
+    with pkeys.ProtectedBuffer(8) as buffer:
+        def no_buffer(*args, **kwargs):
+            raise AssertionError("a buffer was made for a refused descriptor")
+
+        monkeypatch.setattr(pkeys._buffer, "_Mapping", no_buffer)
+        for call in (lambda: pkeys.ProtectedBuffer.from_file(fd),
+                     lambda: pkeys.ProtectedBuffer.from_file(fd, size=8),
+                     lambda: buffer.read_from(fd)):
+            with pytest.raises(OSError) as raised:
+                call()
+            assert raised.value.errno == errno.EBADF
+            assert pkeys.probe(buffer) is not None
+    assert pkeys.virtual_key_stats()["keys"] == 0
 
 
 def test_probe_takes_a_buffer():
