@@ -247,6 +247,7 @@ struct pk_vkeys_stats {
 };
 int pk_vkeys_limit(int limit);
 int pk_vkeys_release_idle(void);
+int pk_vkeys_free_unheld(void);
 void pk_vkeys_stats(struct pk_vkeys_stats *out);
 
 /* ---- sigframe.c: the signal frame under a restrictive PKRU ------------- */

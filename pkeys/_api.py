@@ -17,7 +17,7 @@ from ._binding import ffi, lib
 from ._memory import check_prot, resolve
 from ._rights import NUM_KEYS, RIGHTS_BY_VALUE, PkeyRights
 from ._types import KeyLike
-from ._errors import ArgumentError, KeyInUseError, RevocationError
+from ._errors import ArgumentError, InvalidKeyError, KeyInUseError, RevocationError
 from ._validate import (
     check_alloc_args,
     check_key_range,
@@ -37,6 +37,7 @@ __all__ = [
     "allocated_keys",
     "shadow_pkru",
     "regions",
+    "caller_key",
     "alloc_key",
     "free_key",
     "tag",
@@ -68,6 +69,34 @@ def key_number(pkey: object) -> int:
             raise_status(_E_KEY_CLOSED)
         return number
     return check_key_range(pkey)
+
+
+def caller_key(pkey: object) -> tuple[int, int]:
+    """``(number, identity)`` of a key the caller may tag memory with or
+    free: a Key, key 0, or an allocated number that is not one of the
+    virtual-key pool's.  Those belong to protected buffers, which free them
+    when they close; memory the caller tagged with one would keep it."""
+    if type(pkey) is key_type:
+        return key_number(pkey), pkey._identity  # type: ignore[attr-defined]
+    number = check_key_range(pkey)
+    if number == 0:
+        return 0, 0
+    identity = lib.pk_key_identity(number)
+    if not identity:
+        raise_status(lib.PK_E_NOT_ALLOCATED, number)
+    # Read after the identity: the pool allocates and records a key under
+    # its own mutex, which pk_vkeys_stats takes, so a pool key with this
+    # identity shows here.  A key the pool allocates later has another
+    # identity, and the C call that gets this one refuses it.
+    stats = ffi.new("struct pk_vkeys_stats *")
+    lib.pk_vkeys_stats(stats)
+    if stats.mask & (1 << number):
+        raise InvalidKeyError(
+            f"pkey {number} belongs to the virtual keys that ProtectedBuffers share, not to "
+            "the caller: tagging memory with it or freeing it is refused. Use a key of your "
+            "own (pkeys.Key(), or pkey_alloc())"
+        )
+    return number, identity
 
 
 def alloc_key(flags: object = 0, access_rights: object = 0) -> tuple[int, int]:
@@ -152,10 +181,10 @@ def pkey_free(pkey: KeyLike) -> None:
     frees and keys still guarding tracked memory are refused (ValueError
     subclasses).  The key is first revoked in every thread, so a later key
     that gets the number inherits no thread's rights."""
-    pkey = key_number(pkey)
-    if pkey == 0:
+    number, identity = caller_key(pkey)
+    if number == 0:
         raise_status(lib.PK_E_KEY_ZERO)
-    free_key(pkey, 0)
+    free_key(number, identity)
 
 
 def pkey_get(pkey: KeyLike) -> PkeyRights:
@@ -233,7 +262,7 @@ def pkey_mprotect(target: object, length: int | None, prot: int, pkey: KeyLike) 
     (an ``mmap.mmap``, or a view or numpy array over one); ``length=None``
     means the whole buffer.  The region is tracked by the object that owns
     the memory, not by the view."""
-    tag(target, length, prot, key_number(pkey), 0)
+    tag(target, length, prot, *caller_key(pkey))
 
 
 def rdpkru() -> int:

@@ -174,6 +174,9 @@ def _free_orphans() -> None:
         status = lib.pk_key_free(pkey, identity, REVOCATION_TIMEOUT, ffi.NULL, 0)
         if status not in (lib.PK_E_IN_USE, lib.PK_E_BROADCAST):
             _orphans.pop(pkey, None)
+    # The virtual-key pool's orphans: keys whose buffer closed while their
+    # free was refused.
+    lib.pk_vkeys_free_unheld()
 
 
 def call(function: Callable[..., int], *args: object) -> int:
