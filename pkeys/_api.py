@@ -244,6 +244,13 @@ def tag(target: object, length: object, prot: object, pkey: int, identity: int,
     prot = check_prot(prot)
     addr, size, exporter, pin = resolve(target, length)
     try:
+        if owner is None and _state.package_memory(addr, addr + size):
+            # Re-tagging it would open a secret (key 0) or strand the
+            # buffer's key: its pages are the buffer's to tag.
+            raise ArgumentError(
+                f"{addr:#x}-{addr + size:#x} is memory of a ProtectedBuffer: only the "
+                "buffer tags it (use its unlocked() block to read or write it)"
+            )
         if owner is None:
             owner = (lib.PK_OWNER_CALLER if exporter is None
                      else _state.register_owner(exporter))

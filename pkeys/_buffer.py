@@ -175,6 +175,7 @@ class _Mapping:
         self.map_length = len(self.map)
         try:
             self.base = _address(self.map)
+            _state.add_package_span(self.base, self.base + self.map_length)
             self.inner = self.base + PAGE_SIZE
             self._place(size)
             self._back(secretmem)                 # 2
@@ -421,9 +422,11 @@ class _Mapping:
         if self.map is not None:
             self.map.close()
             self.map = None
+            _state.remove_package_span(self.base)
         self._free_key()
 
     def _unmapped(self) -> None:
+        _state.remove_package_span(self.base)
         if self.tagged:
             lib.pk_region_forget(self.inner, self.inner_length)
         self._free_record()

@@ -40,6 +40,9 @@ __all__ = [
     "register_owner",
     "prune_owners",
     "adopt_orphan",
+    "add_package_span",
+    "remove_package_span",
+    "package_memory",
     "exporter_of",
 ]
 
@@ -78,6 +81,8 @@ class _Owner:
 MOVED = object()
 _owners: dict[int, _Owner] = {}
 _tokens = itertools.count(2)  # 0 and 1 are PK_OWNER_CALLER and PK_OWNER_PACKAGE
+# start -> end of every protected buffer's mapping (see add_package_span).
+_package_spans: dict[int, int] = {}
 # Keys whose Key object was collected while they still guarded memory.
 _orphans: dict[int, int] = {}
 
@@ -163,6 +168,22 @@ def prune_owners() -> None:
         if token in _owners and not lib.pk_owner_regions(token):
             _owners.pop(token, None)
     _free_orphans()
+
+
+def add_package_span(start: int, end: int) -> None:
+    """Memory of a protected buffer (its guard pages included), from its
+    mapping until its unmapping: the caller's tags never reach it."""
+    _package_spans[start] = end
+
+
+def remove_package_span(start: int) -> None:
+    _package_spans.pop(start, None)
+
+
+def package_memory(start: int, end: int) -> bool:
+    """Whether ``[start, end)`` overlaps a protected buffer's memory."""
+    return any(span_start < end and start < span_end
+               for span_start, span_end in list(_package_spans.items()))
 
 
 def adopt_orphan(pkey: int, identity: int) -> None:
