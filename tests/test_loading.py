@@ -197,3 +197,20 @@ def test_prompt_refuses_a_long_line_and_end_of_input():
     error, _, _ = _prompt_on_a_pty(b"\n")
     assert isinstance(error, pkeys.ArgumentError) and "empty" in str(error)
     assert pkeys.virtual_key_stats()["keys"] == 0
+
+
+@pytest.mark.parametrize("tty", ["file", os.devnull, 2**31, -1])
+def test_prompt_on_something_that_is_not_a_terminal_is_an_oserror(tty, tmp_path):
+    """Not a terminal was a bare termios.error (no OSError); a descriptor
+    beyond a C int an OverflowError."""
+    path = tmp_path / "not-a-tty"
+    path.write_bytes(b"typed\n")
+    fd = os.open(path, os.O_RDONLY) if tty == "file" else None
+    try:
+        with pytest.raises(OSError) as raised:
+            pkeys.prompt(tty=fd if fd is not None else tty)
+        assert raised.value.errno in (errno.ENOTTY, errno.EBADF)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    assert pkeys.virtual_key_stats()["keys"] == 0
