@@ -1,6 +1,7 @@
 """A fuzz of the whole public API: hypothesis draws sequences of calls to
 every public function and method (``pkeys.__all__``, Key, Scope,
-ProtectedBuffer and its blocks, the validated ``pkey_*`` functions) with
+ProtectedBuffer and its blocks, the validated ``pkey_*`` functions; Scope,
+Unlocked and Fault through the calls that make them) with
 hostile arguments -- huge and negative numbers, wrong types, closed keys
 and buffers, released views, read-only, PROT_NONE and tagged mappings,
 other keys' and the virtual-key pool's numbers -- and checks, after every
