@@ -254,4 +254,5 @@ struct pk_vkeys_stats {
 };
 int pk_vkeys_limit(int limit);
 int pk_vkeys_release_idle(void);
+int pk_vkeys_free_unheld(void);
 void pk_vkeys_stats(struct pk_vkeys_stats *out);

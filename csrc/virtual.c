@@ -555,18 +555,11 @@ int pk_vkeys_limit(int limit)
     return previous;
 }
 
-/* Evict every buffer that nobody is using and free the pool keys that no
- * buffer holds then, for code that needs raw keys.  Returns keys freed. */
-int pk_vkeys_release_idle(void)
+/* Free the pool keys that no buffer holds.  Pool mutex held. */
+static int free_unheld(void)
 {
     int s, freed = 0;
-    pool_lock();
     for (s = 0; s < PK_NKEYS; s++) {
-        struct pk_vbuf *h = pool[s].holder;
-        uint32_t idle = 0;
-        if (h && __atomic_compare_exchange_n(&h->usage, &idle, USAGE_EVICTING, 0,
-                                             __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
-            evict(s);
         if (pool[s].pkey > 0 && !pool[s].holder &&
             pk_key_free(pool[s].pkey, pool[s].identity, pk_revocation_timeout, NULL, 0) == PK_OK) {
             pool[s].pkey = 0;
@@ -574,6 +567,37 @@ int pk_vkeys_release_idle(void)
             freed++;
         }
     }
+    return freed;
+}
+
+/* Evict every buffer that nobody is using and free the pool keys that no
+ * buffer holds then, for code that needs raw keys.  Returns keys freed. */
+int pk_vkeys_release_idle(void)
+{
+    int s, freed;
+    pool_lock();
+    for (s = 0; s < PK_NKEYS; s++) {
+        struct pk_vbuf *h = pool[s].holder;
+        uint32_t idle = 0;
+        if (h && __atomic_compare_exchange_n(&h->usage, &idle, USAGE_EVICTING, 0,
+                                             __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+            evict(s);
+    }
+    freed = free_unheld();
+    pool_unlock();
+    return freed;
+}
+
+/* Free the pool keys that no buffer holds, and only those: a key whose
+ * free pk_vbuf_detach saw refused (it still guarded some other tracked
+ * memory, or a thread did not answer the revocation in time) goes as soon
+ * as that is over, not when a later buffer happens to reuse it.  Returns
+ * keys freed. */
+int pk_vkeys_free_unheld(void)
+{
+    int freed;
+    pool_lock();
+    freed = free_unheld();
     pool_unlock();
     return freed;
 }

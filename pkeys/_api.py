@@ -17,7 +17,7 @@ from ._collect import collect_garbage
 from ._memory import check_prot, resolve
 from ._rights import NUM_KEYS, RIGHTS_BY_VALUE, PkeyRights
 from ._types import KeyLike, MemoryTarget
-from ._errors import ArgumentError, KeyInUseError
+from ._errors import ArgumentError, InvalidKeyError, KeyInUseError
 from ._revocation import revocation_error
 from ._validate import (
     check_alloc_args,
@@ -38,6 +38,7 @@ __all__ = [
     "allocated_keys",
     "shadow_pkru",
     "regions",
+    "caller_key",
     "alloc_key",
     "free_key",
     "tag",
@@ -71,6 +72,34 @@ def key_number(pkey: object) -> int:
             raise_status(_E_KEY_CLOSED)
         return number
     return check_key_range(pkey)
+
+
+def caller_key(pkey: object) -> tuple[int, int]:
+    """``(number, identity)`` of a key the caller may tag memory with or
+    free: a Key, key 0, or an allocated number that is not one of the
+    virtual-key pool's.  Those belong to protected buffers, which free them
+    when they close; memory the caller tagged with one would keep it."""
+    if type(pkey) is key_type:
+        return key_number(pkey), pkey._identity  # type: ignore[attr-defined]
+    number = check_key_range(pkey)
+    if number == 0:
+        return 0, 0
+    identity = lib.pk_key_identity(number)
+    if not identity:
+        raise_status(lib.PK_E_NOT_ALLOCATED, number)
+    # Read after the identity: the pool allocates and records a key under
+    # its own mutex, which pk_vkeys_stats takes, so a pool key with this
+    # identity shows here.  A key the pool allocates later has another
+    # identity, and the C call that gets this one refuses it.
+    stats = ffi.new("struct pk_vkeys_stats *")
+    lib.pk_vkeys_stats(stats)
+    if stats.mask & (1 << number):
+        raise InvalidKeyError(
+            f"pkey {number} belongs to the virtual keys that ProtectedBuffers share, not to "
+            "the caller: tagging memory with it or freeing it is refused. Use a key of your "
+            "own (pkeys.Key(), or pkey_alloc())"
+        )
+    return number, identity
 
 
 def alloc_key(flags: object = 0, access_rights: object = 0) -> tuple[int, int]:
@@ -137,10 +166,10 @@ def pkey_free(pkey: KeyLike) -> None:
     frees and keys still guarding tracked memory are refused (ValueError
     subclasses).  The key is first revoked in every thread, so a later key
     that gets the number inherits no thread's rights."""
-    pkey = key_number(pkey)
-    if pkey == 0:
+    number, identity = caller_key(pkey)
+    if number == 0:
         raise_status(lib.PK_E_KEY_ZERO)
-    free_key(pkey, 0)
+    free_key(number, identity)
 
 
 def pkey_get(pkey: KeyLike) -> PkeyRights:
@@ -200,6 +229,13 @@ def tag(target: object, length: object, prot: object, pkey: int, identity: int,
     prot = check_prot(prot)
     addr, size, exporter, pin = resolve(target, length)
     try:
+        if owner is None and _state.package_memory(addr, addr + size):
+            # Re-tagging it would open a secret (key 0) or strand the
+            # buffer's key: its pages are the buffer's to tag.
+            raise ArgumentError(
+                f"{addr:#x}-{addr + size:#x} is memory of a ProtectedBuffer: only the "
+                "buffer tags it (use its unlocked() block to read or write it)"
+            )
         if owner is None:
             owner = (lib.PK_OWNER_CALLER if exporter is None
                      else _state.register_owner(exporter))
@@ -218,7 +254,7 @@ def pkey_mprotect(target: MemoryTarget, length: int | None, prot: int, pkey: Key
     (an ``mmap.mmap``, or a view or numpy array over one); ``length=None``
     means the whole buffer.  The region is tracked by the object that owns
     the memory, not by the view."""
-    tag(target, length, prot, key_number(pkey), 0)
+    tag(target, length, prot, *caller_key(pkey))
 
 
 def rdpkru() -> int:

@@ -96,7 +96,7 @@ from ._errors import (
 from ._key import Key, chosen_backend
 from ._rights import PAGE_SIZE, PROT_NONE, PROT_READ, PROT_WRITE
 from ._types import BufferOptions, VirtualKeyStats
-from ._validate import raise_status, require_int
+from ._validate import check_fd, raise_status, require_int
 
 if TYPE_CHECKING:
     from ._types import BufferLike
@@ -195,6 +195,7 @@ class _Mapping:
         self.map_length = len(self.map)
         try:
             self.base = _address(self.map)
+            _state.add_package_span(self.base, self.base + self.map_length)
             self.inner = self.base + PAGE_SIZE
             self._place(size)
             self._back(secretmem)                 # 2
@@ -465,9 +466,11 @@ class _Mapping:
         if self.map is not None:
             self.map.close()
             self.map = None
+            _state.remove_package_span(self.base)
         self._free_key()
 
     def _unmapped(self) -> None:
+        _state.remove_package_span(self.base)
         if self.tagged:
             lib.pk_region_forget(self.inner, self.inner_length)
         self._free_record()
@@ -559,7 +562,7 @@ class ProtectedBuffer:
             if not 0 < size < MAX_SIZE:
                 raise ArgumentError(f"size must be in 1..2**40-1 bytes, not {size}")
         own = not isinstance(path_or_fd, int)
-        fd: int = (path_or_fd if isinstance(path_or_fd, int)
+        fd: int = (check_fd(path_or_fd) if isinstance(path_or_fd, int)
                    else os.open(path_or_fd, os.O_RDONLY | os.O_CLOEXEC))
         try:
             info = os.fstat(fd)
@@ -598,7 +601,7 @@ class ProtectedBuffer:
         until it is full or the file ends; returns the bytes read.  Write
         access is open (to this thread, on hardware) only for the call."""
         mapping = self._open()
-        fd = require_int(fd, "fd")
+        fd = check_fd(fd)
         offset = self._check_span(offset, 0)
         return mapping.read(fd, mapping.data + offset, mapping.size - offset, False)
 

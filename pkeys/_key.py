@@ -206,7 +206,10 @@ class Key:
         (RevocationError, and the key stays allocated, if a thread did not
         answer)."""
         if self._pkey >= 0:
-            _api.free_key(self._pkey, self._identity)
+            # Freed through its number already (pkey_free(int(key)) or
+            # pkey_free(key)): nothing of this Key is left to free.
+            if lib.pk_key_identity(self._pkey) == self._identity:
+                _api.free_key(self._pkey, self._identity)
             self._pkey = -1
 
     def __enter__(self) -> Key:

@@ -15,7 +15,7 @@ from typing import Any
 
 from ._buffer import ProtectedBuffer
 from ._errors import ArgumentError
-from ._validate import require_int
+from ._validate import check_fd, require_int
 
 __all__ = ["prompt"]
 
@@ -41,7 +41,7 @@ def prompt(prompt: str = "Secret: ", size: int = 1024, *, tty: int | str | None 
     if isinstance(tty, bool) or not isinstance(tty, (int, str, type(None))):
         raise TypeError(f"tty must be a path or a file descriptor, not {type(tty).__name__}")
     own = not isinstance(tty, int)
-    fd: int = (tty if isinstance(tty, int)
+    fd: int = (check_fd(tty) if isinstance(tty, int)
                else os.open(tty or "/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC))
     try:
         try:

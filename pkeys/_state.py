@@ -40,6 +40,9 @@ __all__ = [
     "register_owner",
     "prune_owners",
     "adopt_orphan",
+    "add_package_span",
+    "remove_package_span",
+    "package_memory",
     "exporter_of",
 ]
 
@@ -91,6 +94,8 @@ class _Owner:
 MOVED = object()
 _owners: dict[int, _Owner] = {}
 _tokens = itertools.count(2)  # 0 and 1 are PK_OWNER_CALLER and PK_OWNER_PACKAGE
+# start -> end of every protected buffer's mapping (see add_package_span).
+_package_spans: dict[int, int] = {}
 # Keys whose Key object was collected while they still guarded memory.
 _orphans: dict[int, int] = {}
 
@@ -178,6 +183,22 @@ def prune_owners() -> None:
     _free_orphans()
 
 
+def add_package_span(start: int, end: int) -> None:
+    """Memory of a protected buffer (its guard pages included), from its
+    mapping until its unmapping: the caller's tags never reach it."""
+    _package_spans[start] = end
+
+
+def remove_package_span(start: int) -> None:
+    _package_spans.pop(start, None)
+
+
+def package_memory(start: int, end: int) -> bool:
+    """Whether ``[start, end)`` overlaps a protected buffer's memory."""
+    return any(span_start < end and start < span_end
+               for span_start, span_end in list(_package_spans.items()))
+
+
 def adopt_orphan(pkey: int, identity: int) -> None:
     _orphans[pkey] = identity
 
@@ -187,6 +208,9 @@ def _free_orphans() -> None:
         status = lib.pk_key_free(pkey, identity, REVOCATION_TIMEOUT, ffi.NULL, 0)
         if status not in KEEP_ALLOCATED:
             _orphans.pop(pkey, None)
+    # The virtual-key pool's orphans: keys whose buffer closed while their
+    # free was refused.
+    lib.pk_vkeys_free_unheld()
 
 
 def call(function: Callable[..., int], *args: object) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import operator
+import os
 from typing import NoReturn
 
 from ._binding import ffi, lib
@@ -23,8 +24,11 @@ from ._errors import (
 from ._revocation import no_revocation_error, revocation_error, signal_taken_error
 from ._rights import NUM_KEYS, PKRU_MAX
 
+FD_MAX = 2**31 - 1  # a C int
+
 __all__ = [
     "require_int",
+    "check_fd",
     "check_pkru",
     "check_key_range",
     "check_rights",
@@ -42,6 +46,17 @@ def require_int(value: object, name: str) -> int:
         return operator.index(value)  # type: ignore[arg-type]
     except TypeError:
         raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
+
+
+def check_fd(fd: object) -> int:
+    """A file descriptor: an int in the kernel's range (a C int, not
+    negative), else OSError(EBADF) as the kernel gives for a closed one.
+    Checked first: a number beyond a C int would otherwise reach os.fstat
+    or cffi as an OverflowError, after a buffer was made."""
+    fd = require_int(fd, "fd")
+    if not 0 <= fd <= FD_MAX:
+        raise OSError(errno.EBADF, f"{os.strerror(errno.EBADF)}: fd {fd} is outside 0..2**31-1")
+    return fd
 
 
 def check_pkru(value: object) -> int:

@@ -270,6 +270,35 @@ def test_bad_arguments_are_type_errors():
         pkeys.ProtectedBuffer(16, label=b"x")
 
 
+@pytest.mark.parametrize("keyed", [False, True])
+def test_the_callers_tags_never_reach_a_buffers_memory(keyed):
+    """pkey_mprotect(page, ..., 0) of a buffer's own page made the secret
+    readable outside every block, and left the buffer's key stranded."""
+    page_size = pkeys._rights.PAGE_SIZE
+    with pkeys.Key() as own, pkeys.Key() as shared:
+        buffer = pkeys.ProtectedBuffer(page_size, key=shared if keyed else None)
+        buffer.write(b"s" * page_size)
+        data_page = buffer.address  # a page-sized buffer starts on a page
+        keys, stats = pkeys.allocated_keys(), pkeys.virtual_key_stats()["pkeys"]
+        for pkey in (0, own):
+            for call in (lambda: pkeys.pkey_mprotect(data_page, page_size, pkeys.PROT_READ, pkey),
+                         lambda: pkeys.pkey_mprotect(data_page - page_size, 3 * page_size,
+                                                     pkeys.PROT_READ, pkey)):
+                with pytest.raises(pkeys.ArgumentError, match="ProtectedBuffer"):
+                    call()
+        with pytest.raises(pkeys.ArgumentError, match="ProtectedBuffer"):
+            own.protect(data_page, page_size)
+        with buffer.unlocked(write=True) as view:
+            with pytest.raises(pkeys.ArgumentError, match="ProtectedBuffer"):
+                pkeys.pkey_mprotect(view, None, pkeys.PROT_READ | pkeys.PROT_WRITE, 0)
+        assert pkeys.probe(buffer) is not None  # still closed outside a block
+        assert (pkeys.allocated_keys(), pkeys.virtual_key_stats()["pkeys"]) == (keys, stats)
+        assert pkeys._api.regions(own.pkey) == []
+        buffer.close()
+        # Unmapped: whatever is mapped there later is the caller's again.
+        assert not pkeys._state.package_memory(data_page, data_page + page_size)
+
+
 def test_a_closed_buffer_refuses_use():
     buffer = pkeys.ProtectedBuffer(4)
     buffer.close()

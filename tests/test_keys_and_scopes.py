@@ -112,6 +112,21 @@ def test_freeing_inside_a_scope_does_not_reopen_the_number():
     assert rights_bits(number) == pkeys.PKEY_DISABLE_ACCESS
 
 
+@pytest.mark.parametrize("by_number", [False, True])
+def test_a_key_freed_through_its_number_closes_quietly(by_number):
+    """Key.close() after pkey_free(key) raised InvalidKeyError ("not
+    allocated"), from close() and from the with block (found by the fuzz)."""
+    with pkeys.Key() as k:
+        number, identity = k.pkey, k.identity
+        pkeys.pkey_free(number if by_number else k)
+        assert number not in pkeys.allocated_keys()
+        other = pkeys.Key()  # may get the number again: it is not k's to free
+    assert k.closed
+    k.close()
+    assert other.pkey in pkeys.allocated_keys() and other.identity != identity
+    other.close()
+
+
 def test_freeing_a_key_that_guards_memory_is_refused(page):
     k = pkeys.Key()
     k.protect(page)

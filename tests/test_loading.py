@@ -104,6 +104,24 @@ def test_read_from_fills_an_existing_buffer(tmp_path):
         assert pkeys.probe(buffer) is not None
 
 
+@pytest.mark.parametrize("fd", [2**31, 2**63, -1, -2**31 - 1])
+def test_a_descriptor_beyond_a_c_int_is_ebadf_before_any_buffer_is_made(fd, monkeypatch):
+    """It was a bare OverflowError (os.fstat, or cffi after the buffer was made)."""
+    with pkeys.ProtectedBuffer(8) as buffer:
+        def no_buffer(*args, **kwargs):
+            raise AssertionError("a buffer was made for a refused descriptor")
+
+        monkeypatch.setattr(pkeys._buffer, "_Mapping", no_buffer)
+        for call in (lambda: pkeys.ProtectedBuffer.from_file(fd),
+                     lambda: pkeys.ProtectedBuffer.from_file(fd, size=8),
+                     lambda: buffer.read_from(fd)):
+            with pytest.raises(OSError) as raised:
+                call()
+            assert raised.value.errno == errno.EBADF
+            assert pkeys.probe(buffer) is not None
+    assert pkeys.virtual_key_stats()["keys"] == 0
+
+
 def test_probe_takes_a_buffer():
     with pkeys.ProtectedBuffer(16) as buffer:
         fault = pkeys.probe(buffer)
@@ -284,3 +302,20 @@ def test_an_o_direct_read_into_secret_memory_goes_through_a_wiped_bounce_page(tm
     finally:
         os.close(fd)
     assert len(open("/proc/self/maps").readlines()) == maps_before  # the bounce page is gone
+
+
+@pytest.mark.parametrize("tty", ["file", os.devnull, 2**31, -1])
+def test_prompt_on_something_that_is_not_a_terminal_is_an_oserror(tty, tmp_path):
+    """Not a terminal was a bare termios.error (no OSError); a descriptor
+    beyond a C int an OverflowError."""
+    path = tmp_path / "not-a-tty"
+    path.write_bytes(b"typed\n")
+    fd = os.open(path, os.O_RDONLY) if tty == "file" else None
+    try:
+        with pytest.raises(OSError) as raised:
+            pkeys.prompt(tty=fd if fd is not None else tty)
+        assert raised.value.errno in (errno.ENOTTY, errno.EBADF)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    assert pkeys.virtual_key_stats()["keys"] == 0

@@ -4,6 +4,7 @@ only inside its own use, on both backends and under threads."""
 from __future__ import annotations
 
 import errno
+import mmap
 import random
 import signal
 import threading
@@ -265,6 +266,46 @@ def test_idle_pool_keys_can_be_given_back(limit):
         limit(0)
     with pytest.raises(pkeys.ArgumentError):
         limit(16)
+
+
+def test_a_pool_key_is_not_the_callers_to_tag_or_free(page):
+    """A pool key tagged onto the caller's memory outlived its buffer: the
+    buffer's close could not free it while that memory was tracked."""
+    buffer = pkeys.ProtectedBuffer(40, secretmem=False)
+    buffer.write(b"x" * 40)
+    pool_key = buffer.pkey
+    assert pool_key is not None and pool_key in pkeys.virtual_key_stats()["pkeys"]
+    keys = pkeys.allocated_keys()
+    for call in (lambda: pkeys.pkey_mprotect(page, None, pkeys.PROT_READ, pool_key),
+                 lambda: pkeys.pkey_free(pool_key)):
+        with pytest.raises(pkeys.InvalidKeyError, match="virtual keys"):
+            call()
+        assert pkeys.allocated_keys() == keys
+        assert pkeys.probe(page, write=True) is None  # untouched: still read-write, key 0
+    buffer.close()
+    assert pool_key not in pkeys.allocated_keys()
+    assert pkeys.virtual_key_stats()["keys"] == 0
+
+
+def test_a_pool_key_whose_free_was_refused_goes_with_the_memory_that_held_it():
+    """What the refusal above prevents, made through the internal layer: the
+    pool key stays while the region holds it, and is freed as soon as
+    neither the buffer nor the region exists (not when a later buffer
+    happens to reuse it)."""
+    from pkeys import _api
+    from pkeys._binding import lib
+
+    other = mmap.mmap(-1, mmap.PAGESIZE)
+    buffer = pkeys.ProtectedBuffer(40, secretmem=False)
+    buffer.write(b"x" * 40)
+    pool_key = buffer.pkey
+    _api.tag(other, None, pkeys.PROT_READ, pool_key, lib.pk_key_identity(pool_key))
+    buffer.close()
+    assert pool_key in pkeys.allocated_keys()  # the region still holds it
+    other.close()
+    del other  # the last reference: the region goes with it
+    assert pool_key not in pkeys.allocated_keys()
+    assert pkeys.virtual_key_stats()["keys"] == 0
 
 
 def test_a_cold_open_costs_more_than_a_hot_one_but_stays_bounded():
