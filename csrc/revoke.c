@@ -233,9 +233,11 @@ static uint32_t *editable_pkru(void *ucontext)
  * edit of this frame would last only until then.  Returns that signal, or 0.
  *
  * Unsafe assumptions, written down:
- *  - An outer handler installed with SA_NODEFER and an empty sa_mask
- *    (faulthandler.register(..., chain=True) is one) blocks nothing, and is
- *    not seen: the edit is lost when it returns.
+ *  - An outer handler that leaves no signal with a handler blocked is not
+ *    seen, and the edit is lost when it returns: SA_NODEFER with an sa_mask
+ *    of SIG_DFL/SIG_IGN signals only (faulthandler.register(..., chain=True)
+ *    has an empty one), SA_RESETHAND (its signal is SIG_DFL again while it
+ *    runs), or a handler whose signal is reset while it runs.
  *  - A thread that blocks a handled signal on purpose (SIGINT, which Python
  *    handles, in a worker thread) is taken for one inside a handler: its
  *    revocation fails with RevocationError rather than succeeding.  That

@@ -21,18 +21,17 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #if defined(__x86_64__) && !defined(PK_ASSUME_NON_X86)
 #define NR_MEMFD_SECRET 447L /* Linux 5.14, CONFIG_SECRETMEM */
 #define NR_MSEAL 462L        /* Linux 6.10, 64-bit only */
+#define NR_CLOCK_GETTIME 228L
 #else
 #define NR_MEMFD_SECRET -1L
 #define NR_MSEAL -1L
-#endif
-
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23 /* Linux 5.14, like memfd_secret */
+#define NR_CLOCK_GETTIME -1L
 #endif
 #ifndef MLOCK_ONFAULT
 #define MLOCK_ONFAULT 1
@@ -75,6 +74,27 @@ int pk_secretmem_probe(void)
 }
 
 /*
+ * Fault in every page of a fresh secret mapping, or fail with -errno.
+ * MADV_POPULATE_WRITE goes through get_user_pages, which refuses secret
+ * memory: EINVAL on 6.1, 6.12 and 6.18, for every mapping.
+ * A system call that writes to the page faults it in through the ordinary
+ * fault path instead, and a page the lock limit refuses makes it fail with
+ * EFAULT (the kernel-mode fault is fixed up; no SIGBUS is sent).
+ * clock_gettime needs no descriptor and changes nothing; the 16 bytes it
+ * wrote are zeroed again, as the kernel handed the page out.
+ */
+static int populate_by_kernel_write(uintptr_t addr, size_t len)
+{
+    size_t offset;
+    for (offset = 0; offset < len; offset += page_size()) {
+        if (raw_syscall3(NR_CLOCK_GETTIME, CLOCK_MONOTONIC, (long)(addr + offset), 0) != 0)
+            return -errno;
+        memset((void *)(addr + offset), 0, sizeof(struct timespec));
+    }
+    return 0;
+}
+
+/*
  * Replace [addr, addr + len) of a reservation the caller owns with the pages
  * of a fresh memfd_secret file.  The reservation (with its guard pages)
  * comes first so that the secret pages are placed exactly, between guards;
@@ -82,8 +102,9 @@ int pk_secretmem_probe(void)
  * keeps the file alive, and no descriptor is left for a child to inherit.
  *
  * With `populate` (the caller is under RLIMIT_MEMLOCK), every page is
- * populated before this returns, so a buffer that got secret memory can
- * never SIGBUS later; without a limit nothing is committed up front.
+ * populated before this returns (populate_by_kernel_write), so a buffer
+ * that got secret memory can never SIGBUS later; without a limit nothing is
+ * committed up front.
  *
  * On failure (-errno) the range is anonymous read/write memory again, as it
  * was: an mmap that fails after removing the old pages (EAGAIN when the
@@ -113,11 +134,10 @@ int pk_secretmem_map(uintptr_t addr, size_t len, int populate)
          * says, and refuse a page only at its first touch, with SIGBUS; a
          * check of the limit beforehand races with other threads and
          * processes.  Populating every page now turns that refusal into an
-         * error (EFAULT where the touch would SIGBUS, ENOMEM): the caller
-         * then falls back or raises, and no later touch can fault. */
-        if (!populate || madvise((void *)addr, len, MADV_POPULATE_WRITE) == 0)
+         * error (EFAULT where the touch would SIGBUS): the caller then falls
+         * back or raises, and no later touch can fault. */
+        if (!populate || (err = -populate_by_kernel_write(addr, len)) == 0)
             return 0;
-        err = errno;
     }
     mmap((void *)addr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1,
          0);

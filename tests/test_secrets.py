@@ -247,6 +247,40 @@ def test_threads_at_the_memlock_limit_fall_back_instead_of_dying_of_sigbus():
     assert result.exitcode == 0, result.describe() + "\n" + result.stderr
 
 
+@needs_secretmem
+def test_an_unprivileged_process_under_a_finite_memlock_limit_gets_secret_memory():
+    """Every ordinary user has a finite RLIMIT_MEMLOCK (8 MiB by default) and
+    no CAP_IPC_LOCK, so secret pages are populated when they are mapped.
+    MADV_POPULATE_WRITE refuses secret memory (EINVAL on 6.1, 6.12, 6.18):
+    with it no such process ever got secret memory, however much room the
+    limit had (every buffer fell back, and secretmem=True always raised)."""
+    limit_pages = 8
+
+    def child() -> None:
+        signal.alarm(60)
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (limit_pages * PAGE, limit_pages * PAGE))
+        if os.geteuid() == 0:  # root may lock regardless of the limit: become nobody
+            os.setgid(65534)
+            os.setuid(65534)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pkeys.MemoryLockWarning)
+            buffers = [pkeys.ProtectedBuffer(16, lock_memory=False),
+                       pkeys.ProtectedBuffer(16, secretmem=True, lock_memory=False)]
+        for index, buffer in enumerate(buffers):
+            assert buffer.backing == "secretmem"
+            out = bytearray(16)
+            buffer.readinto(out)
+            assert out == bytes(16)  # populated, and zero as the kernel gave it
+            payload = f"buffer {index}".encode().ljust(16, b".")
+            buffer.write(payload)
+            buffer.readinto(out)
+            assert out == payload
+            buffer.close()
+
+    result = run_in_child(child)
+    assert result.exitcode == 0, result.describe() + "\n" + result.stderr
+
+
 def test_secretmem_true_without_secret_memory_says_why(monkeypatch):
     monkeypatch.setattr(_secretmem, "availability", lambda: (False, "a reason from the kernel"))
     keys = pkeys.allocated_keys()
