@@ -745,6 +745,26 @@ static uint32_t close_freed(struct grants *g, uint32_t keys, int kind, const uin
     return pkru;
 }
 
+/* Keys whose grant from this scope a revocation voided while it was open
+ * (still allocated: close_freed handles freed ones).  The revocation's
+ * signal may not have reached this thread yet, or may have reached only
+ * the frame of a signal handler it was running: so the scope's end applies
+ * the revocation's rights itself, unless a grant this thread counted since
+ * is active, and never leaves the key open outside every scope until the
+ * signal comes. */
+static uint32_t close_revoked(struct grants *g, uint32_t keys, const uint32_t *identities,
+                              uint32_t pkru)
+{
+    int k;
+    for (k = 1; k < PK_NKEYS; k++) {
+        if (!(keys & (1u << k)) || LOAD(key_identity[k]) != identities[k])
+            continue;
+        adopt(g, k, identities[k]);
+        pkru = with_bits(pkru, k, active(g, k) ? composed(g, k) : LOAD(pk_revoked_bits[k]) & 3u);
+    }
+    return pkru;
+}
+
 static int balanced(const struct grants *g, uint32_t keys, int kind, const uint32_t *identities)
 {
     int k;
@@ -783,6 +803,7 @@ int pk_scope_exit(const struct pk_scope *scope, int64_t token, uint64_t pins)
         count_grant(&thread_grants, live, kind, identities, -1, 0);
         next = hw_compose(&thread_grants, live, old);
         next = close_freed(&thread_grants, keys & ~live, kind, identities, next);
+        next = close_revoked(&thread_grants, keys & ~live, identities, next);
         PK_STEP();
         hw_write_settled(old, next, mark);
         return PK_OK;

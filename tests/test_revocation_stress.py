@@ -136,12 +136,16 @@ def test_revocations_hold_under_stress(key, page):
         run.revoker(SECONDS)
         elapsed = time.monotonic() - began
     finally:
+        # The pester first (see stop_pestering), then the spawner and the
+        # workers: every thread that checks has ended before the page is
+        # given back to key 0 below, or its check would read key 0's page.
         run.stop_pestering.set()
-        for thread in helpers:
+        for thread in helpers[1:]:
             thread.join(60)
         run.stop.set()
-        for thread in run.workers:
+        for thread in run.workers + helpers[:1]:
             thread.join(60)
+            assert not thread.is_alive(), "a stress thread did not stop"
         faulthandler.unregister(signal.SIGUSR1)
         devnull.close()
         signal.alarm(0)
