@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 __all__ = ["main"]
@@ -70,6 +71,17 @@ def _describe_by_help(commands: argparse._SubParsersAction[argparse.ArgumentPars
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`pkeys doctor | head`): stop quietly, as other
+        # Unix tools do, instead of a traceback; and keep Python's flush of
+        # stdout at exit from failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # killed by SIGPIPE, as the shell reports it
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `pkeys vm ... -- CMD`: what follows the first `--` is the guest's
     # command, kept away from our parser entirely.

@@ -189,3 +189,21 @@ def test_bench_help_points_to_the_docs_that_ship():
     assert "docs/benchmarks-method.md" in result.stdout and "bench/README.md" not in result.stdout
     docs = pathlib.Path(__file__).resolve().parent.parent / "docs"
     assert (docs / "benchmarks.md").is_file() and (docs / "benchmarks-method.md").is_file()
+
+
+def test_a_reader_that_goes_away_early_gets_no_traceback():
+    """`pkeys doctor | head -1`: the reader is gone when doctor writes (here
+    before it starts, so the write fails every time)."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "pkeys", "doctor"], stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, cwd="/")
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 128 + 13
