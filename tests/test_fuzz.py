@@ -64,7 +64,7 @@ PAGE = mmap.PAGESIZE
 HARDWARE = pkeys.backend() == "hardware"
 EMULATED = pkeys._select.emulated()
 LONG_RUN = int(os.environ.get("PKEYS_FUZZ_EXAMPLES", "0"))
-EXAMPLES = LONG_RUN or (12 if EMULATED else 150)
+EXAMPLES = LONG_RUN or (6 if EMULATED else 150)  # the emulated tier is CI's long pole
 # Calls per case at most; PKEYS_FUZZ_STEPS=N changes it for a long run.
 STEPS = int(os.environ.get("PKEYS_FUZZ_STEPS", "10"))
 # Seconds a worker may take for one call (a hang fails the case).
