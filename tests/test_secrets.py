@@ -160,8 +160,9 @@ def _maps_count() -> int:
         return len(maps.readlines())
 
 
-def _unprivileged_with_no_memlock() -> None:
-    resource.setrlimit(resource.RLIMIT_MEMLOCK, (0, 0))
+def _unprivileged_with_memlock(pages: int = 0) -> None:
+    """In a child: RLIMIT_MEMLOCK of ``pages`` pages, and no CAP_IPC_LOCK."""
+    resource.setrlimit(resource.RLIMIT_MEMLOCK, (pages * PAGE, pages * PAGE))
     if os.geteuid() == 0:  # root may lock regardless of the limit: become nobody
         os.setgid(65534)
         os.setuid(65534)
@@ -170,7 +171,7 @@ def _unprivileged_with_no_memlock() -> None:
 @needs_secretmem
 def test_memlock_refusal_falls_back_to_anonymous_or_raises_when_required():
     def child() -> None:
-        _unprivileged_with_no_memlock()
+        _unprivileged_with_memlock()
         maps_before = _maps_count()
         with pytest.raises(pkeys.UnsupportedError, match="RLIMIT_MEMLOCK"):
             pkeys.ProtectedBuffer(16, secretmem=True)
@@ -198,10 +199,7 @@ def test_threads_at_the_memlock_limit_fall_back_instead_of_dying_of_sigbus():
 
     def child() -> None:
         signal.alarm(60)
-        resource.setrlimit(resource.RLIMIT_MEMLOCK, (limit_pages * PAGE, limit_pages * PAGE))
-        if os.geteuid() == 0:  # root may lock regardless of the limit: become nobody
-            os.setgid(65534)
-            os.setuid(65534)
+        _unprivileged_with_memlock(limit_pages)
         barrier = threading.Barrier(threads)
         checked = _secretmem.memlock_budget
 
@@ -258,10 +256,7 @@ def test_an_unprivileged_process_under_a_finite_memlock_limit_gets_secret_memory
 
     def child() -> None:
         signal.alarm(60)
-        resource.setrlimit(resource.RLIMIT_MEMLOCK, (limit_pages * PAGE, limit_pages * PAGE))
-        if os.geteuid() == 0:  # root may lock regardless of the limit: become nobody
-            os.setgid(65534)
-            os.setuid(65534)
+        _unprivileged_with_memlock(limit_pages)
         with warnings.catch_warnings():
             warnings.simplefilter("error", pkeys.MemoryLockWarning)
             buffers = [pkeys.ProtectedBuffer(16, lock_memory=False),
