@@ -23,7 +23,7 @@
  *    The version moves whenever a foreign region is added or an owner goes,
  *    so a pin set taken before a new foreign region cannot vouch for it.
  */
-#include "pkeys_internal.h"
+#include "backend.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -220,7 +220,7 @@ int pk_region_tag(uintptr_t addr, size_t len, int prot, int pkey, uint32_t ident
     uintptr_t end;
     int status = PK_OK;
     (void)pins;
-    if (!pk_mode)
+    if (!pk_state_mode())
         return PK_E_UNSUPPORTED;
     if (pkey < 0 || pkey >= PK_NKEYS)
         return PK_E_KEY_RANGE;
@@ -229,30 +229,15 @@ int pk_region_tag(uintptr_t addr, size_t len, int prot, int pkey, uint32_t ident
     end = addr + ((len + page_size() - 1) & ~(page_size() - 1));
 
     pk_state_lock();
-    if (pkey && !pk_key_identity(pkey)) {
+    if (pkey && !pk_key_identity(pkey))
         status = PK_E_NOT_ALLOCATED;
-    } else if (pkey && identity && pk_key_identity(pkey) != identity) {
+    else if (pkey && identity && pk_key_identity(pkey) != identity)
         status = PK_E_KEY_CLOSED;
-    } else if (reserve(2) != 0) {
+    else if (reserve(2) != 0) {
         errno = ENOMEM;
         status = PK_E_ERRNO;
-    } else if (pk_mode == PK_MODE_HARDWARE) {
-        if (pk_sys_pkey_mprotect(addr, len, prot, pkey) != 0)
-            status = PK_E_ERRNO;
-    } else {
-        int rights = pkey ? pk_key_get(pkey) : 0;
-        int effective = pk_effective_prot(prot, (unsigned)rights);
-        /* Hardware refuses a protection the mapping cannot have (PROT_WRITE
-         * on a read-only file mapping: EACCES) at tagging time; so must the
-         * emulation, though it is about to apply less.  Memory that is
-         * already tracked was checked when it was first tagged, and opening
-         * it here, even briefly, could expose a denied key's data. */
-        if (effective != prot && !overlaps(addr, end) &&
-            mprotect((void *)addr, len, prot) != 0)
-            status = PK_E_ERRNO;
-        else if (mprotect((void *)addr, len, effective) != 0)
-            status = PK_E_ERRNO;
-    }
+    } else
+        status = pk_backend->tag(addr, len, prot, pkey, overlaps(addr, end));
     if (status == PK_OK) {
         cut(addr, end);
         if (pkey) {
