@@ -110,7 +110,6 @@ MAX_SIZE = 1 << 40
 MADV_DONTFORK = getattr(mmap, "MADV_DONTFORK", 10)
 MADV_DONTDUMP = getattr(mmap, "MADV_DONTDUMP", 16)
 MADV_WIPEONFORK = getattr(mmap, "MADV_WIPEONFORK", 18)
-_NEED_PINS = _state.NEED_PINS
 _WRONG_THREAD = lib.PK_E_WRONG_THREAD
 _READ_ONLY = lib.PK_GRANT_READ_ONLY
 _READ_WRITE = lib.PK_GRANT_READ_WRITE
@@ -810,8 +809,7 @@ class Unlocked:
         _guard.install_if_changed()  # stay first in line if a handler was installed since
         token = _enter(mapping.vbuf, self._kind, 0)
         if token < 0:
-            if token == _NEED_PINS:
-                token = _state.call_pinned(_enter, mapping.vbuf, self._kind)
+            token = _state.retry_pinned(token, _enter, mapping.vbuf, self._kind)
             if token < 0:
                 _raise(token)
         try:
@@ -879,8 +877,7 @@ class Unlocked:
     def _end(self, token: int) -> None:
         status = _exit(self._mapping.vbuf, self._kind, token, 0)
         if status:
-            if status == _NEED_PINS:
-                status = _state.call_pinned(_exit, self._mapping.vbuf, self._kind, token)
+            status = _state.retry_pinned(status, _exit, self._mapping.vbuf, self._kind, token)
             if status == _WRONG_THREAD:
                 # Software: state.c ended the process-wide grant already.
                 status = self._end_elsewhere() if chosen_backend.MODE == lib.PK_MODE_HARDWARE else 0

@@ -25,7 +25,6 @@ chosen_backend, chosen_reason = choose()
 _enter = lib.pk_scope_enter
 _exit = lib.pk_scope_exit
 _NULL = ffi.NULL
-_NEED_PINS = _state.NEED_PINS
 _WRONG_THREAD = lib.PK_E_WRONG_THREAD
 READ_WRITE = lib.PK_GRANT_READ_WRITE
 READ_ONLY = lib.PK_GRANT_READ_ONLY
@@ -74,8 +73,7 @@ class Scope:
         return self
 
     def _enter_slow(self, status: int) -> int:
-        if status == _NEED_PINS:
-            status = _state.call_pinned(_enter, self._handle)
+        status = _state.retry_pinned(status, _enter, self._handle)
         if status < 0:
             raise_status(status)
         return status
@@ -104,10 +102,9 @@ class Scope:
         return tokens.pop()  # another thread's: C refuses it below
 
     def _exit_failed(self, status: int, token: int) -> None:
-        if status == _NEED_PINS:
-            status = _state.call_pinned(_exit, self._handle, token)
-            if not status:
-                return
+        status = _state.retry_pinned(status, _exit, self._handle, token)
+        if not status:
+            return
         if status == _WRONG_THREAD and chosen_backend.MODE == lib.PK_MODE_HARDWARE:
             self._tokens.append(token)  # still active in the thread that entered it
         raise_status(status)
