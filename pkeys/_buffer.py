@@ -93,8 +93,9 @@ from ._errors import (
     PkeysError,
     UnsupportedError,
 )
-from ._key import Key, chosen_backend
+from ._key import Key
 from ._rights import PAGE_SIZE, PROT_NONE, PROT_READ, PROT_WRITE
+from ._select import chosen
 from ._types import BufferOptions, VirtualKeyStats
 from ._validate import check_fd, raise_status, require_int
 
@@ -780,7 +781,7 @@ class ProtectedBuffer:
 
 
 def _check_seal() -> None:
-    if chosen_backend.MODE != lib.PK_MODE_HARDWARE:
+    if chosen().backend.MODE != lib.PK_MODE_HARDWARE:
         raise UnsupportedError(
             "seal=True needs hardware protection keys: the software backend opens and closes "
             "a buffer with mprotect, which a sealed mapping refuses for good"
@@ -880,7 +881,7 @@ class Unlocked:
             status = _state.retry_pinned(status, _exit, self._mapping.vbuf, self._kind, token)
             if status == _WRONG_THREAD:
                 # Software: state.c ended the process-wide grant already.
-                status = self._end_elsewhere() if chosen_backend.MODE == lib.PK_MODE_HARDWARE else 0
+                status = self._end_elsewhere() if chosen().backend.MODE == lib.PK_MODE_HARDWARE else 0
             if status:
                 _raise(status)
 
