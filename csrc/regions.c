@@ -185,8 +185,9 @@ int pk_regions_need_pins(uint32_t keys, uint64_t pins)
     return 0;
 }
 
-int pk_pins_owners(uint32_t keys, uint64_t *out, int capacity_out)
+int pk_pins_owners(uint64_t *out, int capacity_out)
 {
+    uint32_t keys = pins_wanted;
     size_t i;
     int count = 0, j, seen;
     pk_state_lock();

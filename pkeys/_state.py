@@ -51,6 +51,8 @@ _NEED_PINS = lib.PK_E_NEED_PINS
 # constant, csrc/revoke.c's, which the virtual-key pool uses too).
 REVOCATION_TIMEOUT: float = lib.pk_revocation_timeout
 _UINTPTR = ffi.typeof("uintptr_t")
+_TOKENS = ffi.typeof("uint64_t[]")
+_PINS = ffi.typeof("struct pk_pin[]")
 # Why freeing a key may have to wait: it still guards memory, or it could
 # not be revoked in every thread (the number must not be handed out again).
 KEEP_ALLOCATED = (lib.PK_E_IN_USE, lib.PK_E_BROADCAST, lib.PK_E_NO_REVOCATION,
@@ -238,14 +240,16 @@ def retry_pinned(status: int, function: Callable[..., int], *args: object) -> in
     nothing), tell C each export's address and length, and call
     ``function(*args, nonce)`` until it stops asking.  Any other status is
     returned as it is."""
+    capacity = 8
     while status == _NEED_PINS:
-        wanted = lib.pk_pins_wanted()
-        count = lib.pk_pins_owners(wanted, ffi.NULL, 0)
-        tokens = ffi.new("uint64_t[]", count)
-        count = min(count, lib.pk_pins_owners(wanted, tokens, count))
-        described = ffi.new("struct pk_pin[]", max(count, 1))
+        tokens = ffi.new(_TOKENS, capacity)
+        count = lib.pk_pins_owners(tokens, capacity)
+        if count > capacity:
+            capacity = count
+            continue
         pins = []
         try:
+            described = []
             for token in tokens[0:count]:
                 owner = _owners.get(token)
                 if owner is None:  # not ours to vouch for: C must forget it
@@ -254,12 +258,10 @@ def retry_pinned(status: int, function: Callable[..., int], *args: object) -> in
                 export = _check_owner(token, owner)  # dead or moved: C's table changed
                 if export is None:
                     continue
-                pin = described[len(pins)]
-                pin.owner = token
-                pin.start = ffi.cast(_UINTPTR, export)
-                pin.length = len(export)
                 pins.append(export)
-            status = function(*args, lib.pk_pins_vouch(described, len(pins)))
+                described.append((token, ffi.cast(_UINTPTR, export), len(export)))
+            array = ffi.new(_PINS, described) if described else ffi.NULL
+            status = function(*args, lib.pk_pins_vouch(array, len(described)))
         finally:
             for export in pins:
                 ffi.release(export)
