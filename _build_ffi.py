@@ -17,7 +17,10 @@ SOURCES = [
     f"{CSRC}/cpu.c",
     f"{CSRC}/sys.c",
     f"{CSRC}/glibc.c",
+    f"{CSRC}/grants.c",
     f"{CSRC}/state.c",
+    f"{CSRC}/backend_hardware.c",
+    f"{CSRC}/backend_software.c",
     f"{CSRC}/regions.c",
     f"{CSRC}/revoke.c",
     f"{CSRC}/guard.c",
@@ -28,7 +31,8 @@ SOURCES = [
     f"{CSRC}/sigframe.c",
     f"{CSRC}/test_steps.c",
 ]
-HEADERS = [f"{CSRC}/pkeys_api.h", f"{CSRC}/pkeys_testing.h", f"{CSRC}/pkeys_internal.h"]
+HEADERS = [f"{CSRC}/pkeys_api.h", f"{CSRC}/pkeys_testing.h", f"{CSRC}/pkeys_internal.h",
+           f"{CSRC}/grants.h", f"{CSRC}/backend.h"]
 
 # PKEYS_BUILD_SIMULATED_PKU=1 builds the simulated-register variant
 # (csrc/pkeys_internal.h): RDPKRU/WRPKRU act on a thread-local variable and

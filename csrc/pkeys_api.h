@@ -159,7 +159,23 @@ int pk_owner_lost(uint64_t owner);
 int pk_owner_moved(uint64_t owner, uintptr_t old_base, size_t old_size, uintptr_t base,
                    size_t size);
 int pk_owner_regions(uint64_t owner);
-uint64_t pk_foreign_version(void);
+/* Pins (software backend): an entry point that answers PK_E_NEED_PINS has
+ * recorded, for this thread, the keys it was changing (pk_pins_wanted).
+ * The caller pins the foreign owners of those keys' regions
+ * (pk_pins_owners lists them, as many as fit in `out`, and returns how
+ * many there are), describes each export, and calls again
+ * with the nonce pk_pins_vouch returns as `pins`; the array must stay
+ * alive and unchanged until that call returns.  The call checks that
+ * every foreign region it would touch lies inside a pinned export of its
+ * owner, and asks again if not. */
+struct pk_pin {
+    uint64_t owner;
+    uintptr_t start;   /* the export's address and length */
+    size_t length;
+};
+uint32_t pk_pins_wanted(void);
+int pk_pins_owners(uint64_t *out, int capacity);
+uint64_t pk_pins_vouch(const struct pk_pin *pins, int count);
 int pk_regions_list(int pkey, struct pk_region *out, int capacity);
 uint64_t pk_reprotections(void);
 /* The prot that enforces `rights` on memory requested as `prot`. */

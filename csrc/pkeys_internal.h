@@ -109,11 +109,20 @@ void pk_test_step(void);
             pk_test_step();                                                          \
     } while (0)
 
-/* Between state.c and regions.c; every one is called with the state lock
- * held (see state.c), except pk_state_lock/unlock themselves. */
-extern int pk_mode;
+/* state.c's mutex (see there), and its one fork hook, which also holds
+ * the virtual-key pool's lock across fork() and tells secretmem.c about a
+ * child. */
 void pk_state_lock(void);
 void pk_state_unlock(void);
+void pk_fork_hooks_install(void);
+void pk_vkeys_pool_lock(void);
+void pk_vkeys_pool_unlock(void);
+void pk_secretmem_forked_child(void);
+/* Whether a grant belongs to the process (software) rather than to the
+ * thread that took it (hardware). */
+int pk_grants_per_process(void);
+
+/* regions.c, for the software backend; called with the state lock held. */
 /* Software backend: make the regions of the keys whose bits differ between
  * the two emulated registers match `new_pkru`.  On failure everything is
  * put back as `old_pkru` had it and -errno is returned. */

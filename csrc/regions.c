@@ -17,13 +17,23 @@
  *  - Any other value names a foreign Python buffer.  Its exporting object
  *    can be closed or collected at any moment, and that cannot be checked
  *    from C without Python.  So a software rights change that would touch
- *    such a region returns PK_E_NEED_PINS; the Python layer then pins every
- *    foreign owner (a buffer export, which stops close() and collection),
- *    drops the dead ones, and calls again with the version it pinned at.
- *    The version moves whenever a foreign region is added or an owner goes,
- *    so a pin set taken before a new foreign region cannot vouch for it.
+ *    such a region returns PK_E_NEED_PINS and records the keys it was
+ *    changing; the Python layer (pkeys/_state.py, retry_pinned) pins the
+ *    owners of those keys' regions only (a buffer export, which stops
+ *    close() and collection), drops the dead ones, and calls again with a
+ *    nonce naming the exports it pinned (pk_pins_vouch).  The call checks
+ *    that each foreign region it touches lies inside its owner's pinned
+ *    export, so neither a region added since nor a moved owner can slip
+ *    through, and tagged memory of other keys costs nothing.
+ *
+ * Locking: one rule.  Every function here that reads or writes the table
+ * either takes state.c's mutex itself (the pk_region_* and pk_owner_*
+ * entry points) or is called by a backend with it held (pk_regions_*).
+ * Nothing here calls back into state.c or a backend while holding it,
+ * except pk_region_tag -> pk_backend->tag, which runs under the same
+ * mutex and does not lock again.
  */
-#include "pkeys_internal.h"
+#include "backend.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -45,8 +55,14 @@ struct region {
 
 static struct region *table;
 static size_t used, capacity;
-/* Starts at 1 so that a pins argument of 0 never matches. */
-static uint64_t foreign_version = 1;
+
+/* This thread's pins: the keys its last PK_E_NEED_PINS was for, and the
+ * exports it vouched for since (nonce 0 never matches). */
+static __thread uint32_t pins_wanted;
+static __thread const struct pk_pin *vouched;
+static __thread int vouched_count;
+static __thread uint64_t vouched_nonce;
+static uint64_t last_nonce;
 
 static size_t page_size(void)
 {
@@ -86,12 +102,7 @@ static int reserve(size_t extra)
 
 static size_t round_up(size_t len) { return (len + page_size() - 1) & ~(page_size() - 1); }
 
-static void remove_at(size_t i)
-{
-    if (table[i].owner >= 2)
-        foreign_version++;
-    table[i] = table[--used];
-}
+static void remove_at(size_t i) { table[i] = table[--used]; }
 
 /* Cut [start, end) out of every region; reserve(2) must have succeeded. */
 static void cut(uintptr_t start, uintptr_t end)
@@ -136,15 +147,64 @@ static int wholly_unmapped(const struct region *r)
     return unmapped_page(r->start) && unmapped_page(r->end - page_size());
 }
 
+uint32_t pk_pins_wanted(void) { return pins_wanted; }
+
+uint64_t pk_pins_vouch(const struct pk_pin *pins, int count)
+{
+    vouched = pins;
+    vouched_count = count;
+    vouched_nonce = __atomic_add_fetch(&last_nonce, 1, __ATOMIC_RELAXED);
+    return vouched_nonce;
+}
+
+/* A pinned export of the region's owner covers it. */
+static int pinned(const struct region *r)
+{
+    int i;
+    for (i = 0; i < vouched_count; i++) {
+        const struct pk_pin *pin = &vouched[i];
+        uintptr_t start = pin->start & ~(uintptr_t)(page_size() - 1);
+        if (pin->owner == r->owner && r->start >= start &&
+            r->end <= round_up(pin->start + pin->length))
+            return 1;
+    }
+    return 0;
+}
+
 int pk_regions_need_pins(uint32_t keys, uint64_t pins)
 {
     size_t i;
-    if (pins == foreign_version)
-        return 0;
-    for (i = 0; i < used; i++)
-        if (table[i].owner >= 2 && !table[i].lost && (keys & (1u << table[i].pkey)))
+    int trusted = pins && pins == vouched_nonce;
+    for (i = 0; i < used; i++) {
+        const struct region *r = &table[i];
+        if (r->owner >= 2 && !r->lost && (keys & (1u << r->pkey)) && (!trusted || !pinned(r))) {
+            pins_wanted = keys;
             return 1;
+        }
+    }
     return 0;
+}
+
+int pk_pins_owners(uint64_t *out, int capacity_out)
+{
+    uint32_t keys = pins_wanted;
+    size_t i;
+    int count = 0, j, seen;
+    pk_state_lock();
+    for (i = 0; i < used; i++) {
+        const struct region *r = &table[i];
+        if (r->owner < 2 || r->lost || !(keys & (1u << r->pkey)))
+            continue;
+        for (seen = 0, j = 0; j < count && j < capacity_out; j++)
+            seen |= out[j] == r->owner;
+        if (seen)
+            continue;
+        if (count < capacity_out)
+            out[count] = r->owner;
+        count++;
+    }
+    pk_state_unlock();
+    return count;
 }
 
 int pk_regions_count(int pkey)
@@ -220,7 +280,7 @@ int pk_region_tag(uintptr_t addr, size_t len, int prot, int pkey, uint32_t ident
     uintptr_t end;
     int status = PK_OK;
     (void)pins;
-    if (!pk_mode)
+    if (!pk_state_mode())
         return PK_E_UNSUPPORTED;
     if (pkey < 0 || pkey >= PK_NKEYS)
         return PK_E_KEY_RANGE;
@@ -229,37 +289,19 @@ int pk_region_tag(uintptr_t addr, size_t len, int prot, int pkey, uint32_t ident
     end = addr + ((len + page_size() - 1) & ~(page_size() - 1));
 
     pk_state_lock();
-    if (pkey && !pk_key_identity(pkey)) {
+    if (pkey && !pk_key_identity(pkey))
         status = PK_E_NOT_ALLOCATED;
-    } else if (pkey && identity && pk_key_identity(pkey) != identity) {
+    else if (pkey && identity && pk_key_identity(pkey) != identity)
         status = PK_E_KEY_CLOSED;
-    } else if (reserve(2) != 0) {
+    else if (reserve(2) != 0) {
         errno = ENOMEM;
         status = PK_E_ERRNO;
-    } else if (pk_mode == PK_MODE_HARDWARE) {
-        if (pk_sys_pkey_mprotect(addr, len, prot, pkey) != 0)
-            status = PK_E_ERRNO;
-    } else {
-        int rights = pkey ? pk_key_get(pkey) : 0;
-        int effective = pk_effective_prot(prot, (unsigned)rights);
-        /* Hardware refuses a protection the mapping cannot have (PROT_WRITE
-         * on a read-only file mapping: EACCES) at tagging time; so must the
-         * emulation, though it is about to apply less.  Memory that is
-         * already tracked was checked when it was first tagged, and opening
-         * it here, even briefly, could expose a denied key's data. */
-        if (effective != prot && !overlaps(addr, end) &&
-            mprotect((void *)addr, len, prot) != 0)
-            status = PK_E_ERRNO;
-        else if (mprotect((void *)addr, len, effective) != 0)
-            status = PK_E_ERRNO;
-    }
+    } else
+        status = pk_backend->tag(addr, len, prot, pkey, overlaps(addr, end));
     if (status == PK_OK) {
         cut(addr, end);
-        if (pkey) {
+        if (pkey)
             table[used++] = (struct region){addr, end, prot, pkey, owner, 0};
-            if (owner >= 2)
-                foreign_version++;
-        }
     }
     pk_state_unlock();
     return status;
@@ -294,7 +336,6 @@ int pk_owner_gone(uint64_t owner)
             i++;
         }
     }
-    foreign_version++;
     pk_state_unlock();
     return dropped;
 }
@@ -310,7 +351,6 @@ int pk_owner_lost(uint64_t owner)
             marked++;
         }
     }
-    foreign_version++;
     pk_state_unlock();
     return marked;
 }
@@ -358,7 +398,6 @@ int pk_owner_moved(uint64_t owner, uintptr_t old_base, size_t old_size, uintptr_
         kept++;
         i++;
     }
-    foreign_version++;
     pk_state_unlock();
     return kept;
 }
@@ -372,15 +411,6 @@ int pk_owner_regions(uint64_t owner)
         count += table[i].owner == owner;
     pk_state_unlock();
     return count;
-}
-
-uint64_t pk_foreign_version(void)
-{
-    uint64_t version;
-    pk_state_lock();
-    version = foreign_version;
-    pk_state_unlock();
-    return version;
 }
 
 /* The regions of `pkey` (all with -1), as many as fit; returns how many

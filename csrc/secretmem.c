@@ -259,13 +259,12 @@ size_t pk_wipe_touched(uintptr_t addr, size_t len)
  * inherited there (MADV_DONTFORK), and WIPEONFORK zeroed anonymous ones,
  * canary included. */
 static uint32_t fork_generation;
-static pthread_once_t fork_hook_once = PTHREAD_ONCE_INIT;
 
-static void forked_child(void) { __atomic_add_fetch(&fork_generation, 1, __ATOMIC_SEQ_CST); }
-static void install_fork_hook(void) { pthread_atfork(NULL, NULL, forked_child); }
+/* From state.c's fork hook, in the child. */
+void pk_secretmem_forked_child(void) { __atomic_add_fetch(&fork_generation, 1, __ATOMIC_SEQ_CST); }
 
 uint32_t pk_fork_generation(void)
 {
-    pthread_once(&fork_hook_once, install_fork_hook);
+    pk_fork_hooks_install();
     return __atomic_load_n(&fork_generation, __ATOMIC_SEQ_CST);
 }

@@ -76,7 +76,6 @@ struct pool_slot {
 };
 
 static pthread_mutex_t pool_mutex = PTHREAD_MUTEX_INITIALIZER;
-static pthread_once_t pool_fork_once = PTHREAD_ONCE_INIT;
 static struct pool_slot pool[PK_NKEYS];
 static int pool_keys;                    /* slots with an allocated key */
 static int pool_limit = PK_VKEYS_DEFAULT_LIMIT;
@@ -86,10 +85,10 @@ static uint64_t assignments, evictions;  /* for tests and the bench */
 static void pool_lock(void) { pthread_mutex_lock(&pool_mutex); }
 static void pool_unlock(void) { pthread_mutex_unlock(&pool_mutex); }
 
-/* Held across fork() like state.c's mutex (registered later, so its
- * prepare handler runs first: pool, then state, the order used
- * everywhere). */
-static void install_pool_fork_hooks(void) { pthread_atfork(pool_lock, pool_unlock, pool_unlock); }
+/* Held across fork() with state.c's mutex, pool first (state.c's fork
+ * hook). */
+void pk_vkeys_pool_lock(void) { pool_lock(); }
+void pk_vkeys_pool_unlock(void) { pool_unlock(); }
 
 /* ---- the usage cell ---------------------------------------------------- */
 
@@ -314,7 +313,7 @@ static int close_for(struct pk_vbuf *b, int kind, int64_t token, uint64_t pins)
     single_key(&scope, pkey, identity, kind);
     PK_STEP();
     status = pk_scope_exit(&scope, token, pins);
-    if (status == PK_OK || (status == PK_E_WRONG_THREAD && pk_mode == PK_MODE_SOFTWARE))
+    if (status == PK_OK || (status == PK_E_WRONG_THREAD && pk_grants_per_process()))
         release(b);
     PK_STEP();
     return status;
@@ -328,7 +327,7 @@ struct pk_vbuf *pk_vbuf_new(uintptr_t inner, size_t inner_length, int pkey, uint
     struct pk_vbuf *b;
     if (pkey < 0 || pkey >= PK_NKEYS || !inner_length)
         return NULL;
-    pthread_once(&pool_fork_once, install_pool_fork_hooks);
+    pk_fork_hooks_install();
     b = calloc(1, sizeof *b);
     if (!b)
         return NULL;
@@ -642,7 +641,7 @@ int pk_vbuf_revoke(struct pk_vbuf *b, double timeout, struct pk_broadcast *resul
 int pk_vbuf_end_elsewhere(struct pk_vbuf *b, double timeout, struct pk_broadcast *result)
 {
     int status;
-    if (pk_mode != PK_MODE_HARDWARE)
+    if (pk_grants_per_process())
         return PK_E_UNSUPPORTED; /* the software backend ends such grants in pk_scope_exit */
     if (!pk_vbuf_users(b))
         return PK_E_UNBALANCED;

@@ -33,7 +33,6 @@ from ._errors import (
     UnsupportedError,
 )
 from ._fault import Fault, FaultKind, probe
-from . import _key
 from ._api import (
     allocated_keys,
     pkey_alloc,
@@ -45,7 +44,6 @@ from ._api import (
     wrpkru,
 )
 from ._key import Key, Scope, allow
-from . import _births
 from ._prompt import prompt
 from ._rights import (
     PKEY_DISABLE_ACCESS,
@@ -57,6 +55,7 @@ from ._rights import (
     PROT_WRITE,
     PkeyRights,
 )
+from . import _select
 from ._select import hardware_supported
 from ._types import BackendName, BufferOptions, ExpectFault, KeyLike, VirtualKeyStats
 
@@ -115,15 +114,14 @@ __all__ = [
 def backend() -> BackendName:
     """``"hardware"`` or ``"software"``: the backend chosen at import
     (``"simulated"`` in the simulated-register build, which protects nothing)."""
-    return _key.chosen_backend.NAME
+    return _select.chosen().backend.NAME
 
 
 def backend_reason() -> str:
     """Why that backend was chosen, in one sentence."""
-    return _key.chosen_reason
+    return _select.chosen().reason
 
 
-# Hardware grants belong to threads, and threads copy their creator's
-# register: every threading.Thread starts outside its creator's grants.
-if _key.chosen_backend.NAME == "hardware":
-    _births.install()
+# The one place the backend is chosen and C is given its mode (importing
+# the modules above chooses nothing).
+_select.select()

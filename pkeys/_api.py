@@ -48,8 +48,7 @@ __all__ = [
 
 _get = lib.pk_key_get
 _set = lib.pk_key_set
-_call_pinned = _state.call_pinned
-_NEED_PINS = _state.NEED_PINS
+_retry_pinned = _state.retry_pinned
 _E_KEY_CLOSED = lib.PK_E_KEY_CLOSED
 _E_IN_USE = lib.PK_E_IN_USE
 _E_NOSPC = lib.PK_E_NOSPC
@@ -205,8 +204,7 @@ def pkey_set(pkey: KeyLike, access_rights: int, *, threads: str = "current") -> 
     except OverflowError:
         status = _set(check_key_range(pkey), check_rights(access_rights), 0)
     if status:
-        if status == _NEED_PINS:
-            status = _call_pinned(_set, pkey, access_rights)
+        status = _retry_pinned(status, _set, pkey, access_rights)
         if status:
             raise_status(status, pkey, access_rights)
     return None
@@ -228,6 +226,7 @@ def tag(target: object, length: object, prot: object, pkey: int, identity: int,
     ``owner`` overrides how the region's memory is kept mapped."""
     prot = check_prot(prot)
     addr, size, exporter, pin = resolve(target, length)
+    registered: int | None = None
     try:
         if owner is None and _state.package_memory(addr, addr + size):
             # Re-tagging it would open a secret (key 0) or strand the
@@ -237,12 +236,14 @@ def tag(target: object, length: object, prot: object, pkey: int, identity: int,
                 "buffer tags it (use its unlocked() block to read or write it)"
             )
         if owner is None:
-            owner = (lib.PK_OWNER_CALLER if exporter is None
-                     else _state.register_owner(exporter))
+            owner = registered = (lib.PK_OWNER_CALLER if exporter is None
+                                  else _state.register_owner(exporter))
         status = lib.pk_region_tag(addr, size, prot, pkey, identity, owner, 0)
         if status:
             raise_status(status, pkey)
     finally:
+        if registered:
+            _state.owner_tagged(registered)
         if pin is not None:
             ffi.release(pin)
         _state.prune_owners()

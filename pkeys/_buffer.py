@@ -93,8 +93,9 @@ from ._errors import (
     PkeysError,
     UnsupportedError,
 )
-from ._key import Key, chosen_backend
+from ._key import Key
 from ._rights import PAGE_SIZE, PROT_NONE, PROT_READ, PROT_WRITE
+from ._select import chosen
 from ._types import BufferOptions, VirtualKeyStats
 from ._validate import check_fd, raise_status, require_int
 
@@ -110,7 +111,6 @@ MAX_SIZE = 1 << 40
 MADV_DONTFORK = getattr(mmap, "MADV_DONTFORK", 10)
 MADV_DONTDUMP = getattr(mmap, "MADV_DONTDUMP", 16)
 MADV_WIPEONFORK = getattr(mmap, "MADV_WIPEONFORK", 18)
-_NEED_PINS = _state.NEED_PINS
 _WRONG_THREAD = lib.PK_E_WRONG_THREAD
 _READ_ONLY = lib.PK_GRANT_READ_ONLY
 _READ_WRITE = lib.PK_GRANT_READ_WRITE
@@ -781,7 +781,7 @@ class ProtectedBuffer:
 
 
 def _check_seal() -> None:
-    if chosen_backend.MODE != lib.PK_MODE_HARDWARE:
+    if chosen().backend.MODE != lib.PK_MODE_HARDWARE:
         raise UnsupportedError(
             "seal=True needs hardware protection keys: the software backend opens and closes "
             "a buffer with mprotect, which a sealed mapping refuses for good"
@@ -810,8 +810,7 @@ class Unlocked:
         _guard.install_if_changed()  # stay first in line if a handler was installed since
         token = _enter(mapping.vbuf, self._kind, 0)
         if token < 0:
-            if token == _NEED_PINS:
-                token = _state.call_pinned(_enter, mapping.vbuf, self._kind)
+            token = _state.retry_pinned(token, _enter, mapping.vbuf, self._kind)
             if token < 0:
                 _raise(token)
         try:
@@ -879,11 +878,10 @@ class Unlocked:
     def _end(self, token: int) -> None:
         status = _exit(self._mapping.vbuf, self._kind, token, 0)
         if status:
-            if status == _NEED_PINS:
-                status = _state.call_pinned(_exit, self._mapping.vbuf, self._kind, token)
+            status = _state.retry_pinned(status, _exit, self._mapping.vbuf, self._kind, token)
             if status == _WRONG_THREAD:
                 # Software: state.c ended the process-wide grant already.
-                status = self._end_elsewhere() if chosen_backend.MODE == lib.PK_MODE_HARDWARE else 0
+                status = self._end_elsewhere() if chosen().backend.MODE == lib.PK_MODE_HARDWARE else 0
             if status:
                 _raise(status)
 

@@ -16,16 +16,13 @@ from . import _api, _state
 from ._binding import ffi, lib
 from ._errors import InvalidKeyError
 from ._rights import PKEY_DISABLE_ACCESS, PROT_READ, PROT_WRITE, PkeyRights
-from ._select import choose
+from ._select import chosen
 from ._types import KeyLike, MemoryTarget
 from ._validate import check_key_range, raise_status
-
-chosen_backend, chosen_reason = choose()
 
 _enter = lib.pk_scope_enter
 _exit = lib.pk_scope_exit
 _NULL = ffi.NULL
-_NEED_PINS = _state.NEED_PINS
 _WRONG_THREAD = lib.PK_E_WRONG_THREAD
 READ_WRITE = lib.PK_GRANT_READ_WRITE
 READ_ONLY = lib.PK_GRANT_READ_ONLY
@@ -74,8 +71,7 @@ class Scope:
         return self
 
     def _enter_slow(self, status: int) -> int:
-        if status == _NEED_PINS:
-            status = _state.call_pinned(_enter, self._handle)
+        status = _state.retry_pinned(status, _enter, self._handle)
         if status < 0:
             raise_status(status)
         return status
@@ -104,11 +100,10 @@ class Scope:
         return tokens.pop()  # another thread's: C refuses it below
 
     def _exit_failed(self, status: int, token: int) -> None:
-        if status == _NEED_PINS:
-            status = _state.call_pinned(_exit, self._handle, token)
-            if not status:
-                return
-        if status == _WRONG_THREAD and chosen_backend.MODE == lib.PK_MODE_HARDWARE:
+        status = _state.retry_pinned(status, _exit, self._handle, token)
+        if not status:
+            return
+        if status == _WRONG_THREAD and chosen().backend.MODE == lib.PK_MODE_HARDWARE:
             self._tokens.append(token)  # still active in the thread that entered it
         raise_status(status)
 
@@ -236,7 +231,7 @@ class Key:
             rights = _api.pkey_get(self._pkey).name or "UNRESTRICTED"
         except Exception:
             rights = "?"
-        return f"<pkeys.Key {self._pkey} rights={rights} backend={chosen_backend.NAME}>"
+        return f"<pkeys.Key {self._pkey} rights={rights} backend={chosen().backend.NAME}>"
 
     def __reduce_ex__(self, protocol: object) -> NoReturn:
         raise TypeError("a pkeys.Key cannot be pickled or copied: it is its key's only owner")

@@ -1,4 +1,5 @@
-"""Choosing the backend, once, at import.
+"""Choosing the backend: once, here, when ``pkeys`` is imported
+(:func:`select`).
 
 ``PKEYS_BACKEND`` may be ``auto`` (the default), ``hardware`` or
 ``software``.  ``auto`` takes the hardware where the OS has enabled PKU and
@@ -13,11 +14,13 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 
 from ._binding import lib
 from ._types import Backend
 
-__all__ = ["hardware_supported", "hardware_absence_reason", "choose", "cpu_model", "emulated"]
+__all__ = ["hardware_supported", "hardware_absence_reason", "Choice", "choose", "select",
+           "chosen", "cpu_model", "emulated"]
 
 CHOICES = ("auto", "hardware", "software")
 
@@ -66,37 +69,67 @@ def hardware_absence_reason() -> str:
     return ""
 
 
-def choose(environ: os._Environ[str] | dict[str, str] = os.environ) -> tuple[Backend, str]:
-    """The backend module and a sentence saying why it was chosen.  The
-    choice is made in C too, once: every operation runs in that mode."""
-    from . import _hardware, _simulated, _software, _unavailable, _validate
-    from ._errors import SimulatedRegisterWarning
+@dataclass(frozen=True)
+class Choice:
+    """A backend and the sentence saying why it was chosen.  For the
+    unavailable stand-in (MODE 0) the sentence is also why every operation
+    raises UnsupportedError."""
+
+    backend: Backend
+    reason: str
+
+    @property
+    def unsupported_reason(self) -> str:
+        return "" if self.backend.MODE else self.reason
+
+
+def choose(environ: os._Environ[str] | dict[str, str] = os.environ) -> Choice:
+    """The backend that ``environ`` asks for on this machine.  Changes
+    nothing: :func:`select` acts on the choice."""
+    from . import _hardware, _simulated, _software, _unavailable
 
     requested = environ.get("PKEYS_BACKEND", "").strip().lower() or "auto"
-    chosen: Backend
     if requested not in CHOICES:
-        _unavailable.reason = (
-            f"PKEYS_BACKEND={requested!r} is not one of {', '.join(CHOICES)}"
-        )
-        chosen, why = _unavailable, _unavailable.reason
-    elif requested == "software":
-        chosen, why = _software, "PKEYS_BACKEND=software asked for the mprotect emulation"
-    elif lib.pk_build_simulated():
-        chosen, why = _simulated, SIMULATED_REASON
-        warnings.warn(SIMULATED_REASON, SimulatedRegisterWarning, stacklevel=2)
-    elif hardware_supported():
+        return Choice(_unavailable,
+                      f"PKEYS_BACKEND={requested!r} is not one of {', '.join(CHOICES)}")
+    if requested == "software":
+        return Choice(_software, "PKEYS_BACKEND=software asked for the mprotect emulation")
+    if lib.pk_build_simulated():
+        return Choice(_simulated, SIMULATED_REASON)
+    if hardware_supported():
         how = "asked for by PKEYS_BACKEND" if requested == "hardware" else "detected"
-        chosen, why = _hardware, f"PKU and OSPKE present ({how})"
-    elif requested == "hardware":
-        _unavailable.reason = (
-            f"PKEYS_BACKEND=hardware, but {hardware_absence_reason()}; "
-            "unset it to use the software backend"
-        )
-        chosen, why = _unavailable, _unavailable.reason
-    else:
-        chosen, why = _software, f"{hardware_absence_reason()}, so the mprotect emulation is used"
-    if chosen is _unavailable:
-        _validate.unsupported_reason = _unavailable.reason
-    elif lib.pk_state_mode() != chosen.MODE:
-        lib.pk_state_init(chosen.MODE)
-    return chosen, why
+        return Choice(_hardware, f"PKU and OSPKE present ({how})")
+    if requested == "hardware":
+        return Choice(_unavailable, f"PKEYS_BACKEND=hardware, but {hardware_absence_reason()}; "
+                                    "unset it to use the software backend")
+    return Choice(_software, f"{hardware_absence_reason()}, so the mprotect emulation is used")
+
+
+_chosen: Choice | None = None
+
+
+def select() -> Choice:
+    """Make the choice, once per process: C runs every operation in its
+    mode from then on, and on hardware every ``threading.Thread`` starts
+    outside its creator's grants (``_births``: hardware grants belong to
+    threads, and threads copy their creator's register).  ``pkeys``
+    calls it as it is imported; later calls return the same choice."""
+    global _chosen
+    if _chosen is None:
+        from . import _births
+        from ._errors import SimulatedRegisterWarning
+
+        choice = choose()
+        if choice.backend.NAME == "simulated":
+            warnings.warn(SIMULATED_REASON, SimulatedRegisterWarning, stacklevel=2)
+        if choice.backend.MODE and lib.pk_state_mode() != choice.backend.MODE:
+            lib.pk_state_init(choice.backend.MODE)
+        if choice.backend.NAME == "hardware":
+            _births.install()
+        _chosen = choice
+    return _chosen
+
+
+def chosen() -> Choice:
+    """The choice :func:`select` made."""
+    return _chosen if _chosen is not None else select()

@@ -10,7 +10,7 @@ code ever runs under.  What stays here is what only Python can do:
   keeps a weak reference to that exporter; when it is collected the region
   is forgotten.  Whether it is still open and still at the same address can
   only be asked in Python, so a software rights change that would touch
-  such memory gets ``PK_E_NEED_PINS`` from C; :func:`call_pinned` then pins
+  such memory gets ``PK_E_NEED_PINS`` from C; :func:`retry_pinned` then pins
   every live foreign owner (a buffer export: ``close()`` and collection
   must wait for it) and calls again.  Pins are taken and released outside
   the C mutex.
@@ -33,11 +33,11 @@ from typing import Any
 from ._binding import ffi, lib
 
 __all__ = [
-    "NEED_PINS",
     "call",
-    "call_pinned",
+    "retry_pinned",
     "REVOCATION_TIMEOUT",
     "register_owner",
+    "owner_tagged",
     "prune_owners",
     "adopt_orphan",
     "add_package_span",
@@ -46,11 +46,13 @@ __all__ = [
     "exporter_of",
 ]
 
-NEED_PINS = lib.PK_E_NEED_PINS
+_NEED_PINS = lib.PK_E_NEED_PINS
 # How long a change for every thread waits for them all to answer (the one
 # constant, csrc/revoke.c's, which the virtual-key pool uses too).
 REVOCATION_TIMEOUT: float = lib.pk_revocation_timeout
 _UINTPTR = ffi.typeof("uintptr_t")
+_TOKENS = ffi.typeof("uint64_t[]")
+_PINS = ffi.typeof("struct pk_pin[]")
 # Why freeing a key may have to wait: it still guards memory, or it could
 # not be revoked in every thread (the number must not be handed out again).
 KEEP_ALLOCATED = (lib.PK_E_IN_USE, lib.PK_E_BROADCAST, lib.PK_E_NO_REVOCATION,
@@ -94,6 +96,9 @@ class _Owner:
 MOVED = object()
 _owners: dict[int, _Owner] = {}
 _tokens = itertools.count(2)  # 0 and 1 are PK_OWNER_CALLER and PK_OWNER_PACKAGE
+# Owners registered for a tag that has not returned yet: they own no region
+# so far, and another thread's prune_owners must not drop them for that.
+_tagging: set[int] = set()
 # start -> end of every protected buffer's mapping (see add_package_span).
 _package_spans: dict[int, int] = {}
 # Keys whose Key object was collected while they still guarded memory.
@@ -147,8 +152,15 @@ def register_owner(exporter: object) -> int:
         ref = weakref.ref(exporter, lambda _: _owner_died(token))
     else:
         ref = (lambda held: lambda: held)(exporter)
+    _tagging.add(token)
     _owners[token] = _Owner(token, ref, base, size)
     return token
+
+
+def owner_tagged(token: int) -> None:
+    """The tag that registered ``token`` returned (its region is in C's
+    table, or it failed and the owner owns nothing)."""
+    _tagging.discard(token)
 
 
 def _owner_died(token: int) -> None:
@@ -178,7 +190,7 @@ def prune_owners() -> None:
         export = _check_owner(token, owner)
         if export is not None:
             ffi.release(export)
-        if token in _owners and not lib.pk_owner_regions(token):
+        if token in _owners and token not in _tagging and not lib.pk_owner_regions(token):
             _owners.pop(token, None)
     _free_orphans()
 
@@ -216,32 +228,44 @@ def _free_orphans() -> None:
 def call(function: Callable[..., int], *args: object) -> int:
     """``function(*args, pins)``: first without pins, which is all the
     hardware backend and memory without foreign owners ever need, then
-    through :func:`call_pinned` if the software backend asks for them."""
-    status = function(*args, 0)
-    if status == NEED_PINS:
-        status = call_pinned(function, *args)
-    return status
+    through :func:`retry_pinned`."""
+    return retry_pinned(function(*args, 0), function, *args)
 
 
-def call_pinned(function: Callable[..., int], *args: object) -> int:
-    """``function(*args, pins)`` for a C entry point that may answer
-    ``PK_E_NEED_PINS``: pin every live foreign owner and call again."""
-    while True:
-        version = lib.pk_foreign_version()
+def retry_pinned(status: int, function: Callable[..., int], *args: object) -> int:
+    """The one place that answers ``PK_E_NEED_PINS`` (only the software
+    backend asks): ``status`` is what ``function(*args, 0)`` returned.  If
+    it asked for pins, pin the live foreign owners of the regions of the
+    keys it was changing (no others: tagged memory of other keys costs
+    nothing), tell C each export's address and length, and call
+    ``function(*args, nonce)`` until it stops asking.  Any other status is
+    returned as it is."""
+    capacity = 8
+    while status == _NEED_PINS:
+        tokens = ffi.new(_TOKENS, capacity)
+        count = lib.pk_pins_owners(tokens, capacity)
+        if count > capacity:
+            capacity = count
+            continue
         pins = []
         try:
-            for token, owner in list(_owners.items()):
-                if owner.lost:
-                    continue  # its regions are never touched again
-                export = _check_owner(token, owner)  # a change moves the version:
-                if export is not None:               # the call below then refuses
-                    pins.append(export)
-            status = function(*args, version)
-            if status != NEED_PINS:
-                return status
+            described = []
+            for token in tokens[0:count]:
+                owner = _owners.get(token)
+                if owner is None:  # not ours to vouch for: C must forget it
+                    lib.pk_owner_gone(token)
+                    continue
+                export = _check_owner(token, owner)  # dead or moved: C's table changed
+                if export is None:
+                    continue
+                pins.append(export)
+                described.append((token, ffi.cast(_UINTPTR, export), len(export)))
+            array = ffi.new(_PINS, described) if described else ffi.NULL
+            status = function(*args, lib.pk_pins_vouch(array, len(described)))
         finally:
             for export in pins:
                 ffi.release(export)
+    return status
 
 
 def _after_fork_in_child() -> None:

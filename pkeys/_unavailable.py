@@ -1,7 +1,8 @@
 """Stand-in backend for ``PKEYS_BACKEND=hardware`` (or a misspelt value)
 where it cannot be honoured.  Importing pkeys still works, and so does
 ``pkeys doctor``; C was never given a mode, so every operation answers
-``PK_E_UNSUPPORTED`` and raises UnsupportedError with the reason."""
+``PK_E_UNSUPPORTED`` and raises UnsupportedError with the reason that
+the choice carries (``_select.Choice``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,5 @@ from ._api import __all__ as _operations
 
 NAME: Final = "hardware"
 MODE = 0
-reason = "hardware protection keys are not available"
 
-__all__ = ["NAME", "MODE", "reason", *_operations]
+__all__ = ["NAME", "MODE", *_operations]

@@ -11,6 +11,7 @@ import operator
 import os
 from typing import NoReturn
 
+from . import _select
 from ._binding import ffi, lib
 from ._errors import (
     ArgumentError,
@@ -122,7 +123,7 @@ def raise_status(status: int, pkey: object = None, rights: object = None) -> NoR
     if status == lib.PK_E_NOSPC:
         raise exhausted_error()
     if status == lib.PK_E_UNSUPPORTED:
-        raise UnsupportedError(unsupported_reason or UNSUPPORTED_MESSAGE)
+        raise UnsupportedError(_select.chosen().unsupported_reason or UNSUPPORTED_MESSAGE)
     if status == lib.PK_E_KEY_ZERO:
         raise InvalidKeyError(_KEY_ZERO_MESSAGE)
     if status == lib.PK_E_RIGHTS:
@@ -143,10 +144,6 @@ def raise_status(status: int, pkey: object = None, rights: object = None) -> NoR
         cls, message = _STATUS_MESSAGES[status]
         raise cls(message)
     raise InvalidKeyError(f"pkey {pkey!r} refused (status {status})")
-
-
-# Set by the backend choice when hardware was asked for and is missing.
-unsupported_reason = ""
 
 
 def exhausted_error() -> OSError:

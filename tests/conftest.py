@@ -90,9 +90,9 @@ class ShadowPKRU:
     def check(self) -> None:
         actual = pkeys.rdpkru()
         assert actual == self.value, f"PKRU {actual:#010x}, expected {self.value:#010x}"
-        from pkeys import _key
+        from pkeys import _select
 
-        recorded = _key.chosen_backend.shadow_pkru()
+        recorded = _select.chosen().backend.shadow_pkru()
         if recorded is not None:
             assert recorded == actual, f"package record {recorded:#010x} != PKRU {actual:#010x}"
 

@@ -1,7 +1,7 @@
 """The grants core checked exhaustively (issue 15, point 4).
 
-``tests/model/grants_model.c`` (test only) includes ``csrc/state.c`` and
-explores every interleaving of threads running scopes on one key with a
+``tests/model/grants_model.c`` (test only) includes ``csrc/grants.c``, the
+core with no lock, register or mprotect, and explores every interleaving of threads running scopes on one key with a
 revoker revoking it, and of each revocation's handler with their steps,
 driving the real grant functions.  No reachable state may leave a thread
 with the key open outside its scopes once a revocation has returned.  A

@@ -110,6 +110,17 @@ def test_a_misspelt_backend_is_a_clear_error_at_first_use():
     assert "PKEYS_BACKEND='hardwre' is not one of auto, hardware, software" in out
 
 
+def test_a_fork_without_a_backend_has_nothing_to_drop():
+    # No backend chosen: the child's after-fork step finds no grant and says nothing.
+    code = ("import os, pkeys\npid = os.fork()\nif pid == 0:\n    os._exit(0)\n"
+            "print(os.waitpid(pid, 0)[1])")
+    env = dict(os.environ, PKEYS_BACKEND="hardwre")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          check=True, timeout=60)
+    assert done.stdout.strip() == "0"
+    assert "could not drop" not in done.stderr, done.stderr
+
+
 def test_vm_setup_without_root_names_the_packages(monkeypatch):
     from pkeys import vm
 

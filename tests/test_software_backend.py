@@ -144,6 +144,63 @@ def test_close_is_blocked_while_the_package_reprotects(key, page):
     ffi.release(export)
 
 
+def owner_token(memory):
+    [token] = [token for token, owner in _state._owners.items() if owner.ref() is memory]
+    return token
+
+
+def test_a_change_pins_only_the_owners_of_the_keys_it_changes(key, pages, monkeypatch):
+    # Issue 16, item 4: tagged memory of other keys costs the change nothing.
+    other = pkeys.Key()
+    unrelated = [pages() for _ in range(10)]
+    for memory in unrelated:
+        other.protect(memory)
+    mine = pages()
+    key.protect(mine)
+    pinned = []
+    pin = _state._Owner.pin
+    monkeypatch.setattr(_state._Owner, "pin", lambda owner: pinned.append(owner.token)
+                        or pin(owner))
+    pkeys.pkey_set(key, 0)
+    mine[0] = 1  # applied
+    assert len(set(pinned)) == 1 and pinned[0] == owner_token(mine)
+    assert lib.pk_pins_wanted() == 1 << key.pkey
+    pkeys.pkey_set(key, pkeys.PKEY_DISABLE_ACCESS)
+    for memory in unrelated:
+        pkeys.pkey_mprotect(memory, None, pkeys.PROT_READ | pkeys.PROT_WRITE, 0)
+    other.close()
+
+
+def test_the_c_call_checks_each_pinned_exports_address_and_length(key, pages):
+    mine = pages(2)
+    key.protect(mine)
+    token = owner_token(mine)
+    assert lib.pk_key_set(key.pkey, 0, 0) == lib.PK_E_NEED_PINS  # nothing vouched
+    assert lib.pk_pins_wanted() == 1 << key.pkey
+    owners = ffi.new("uint64_t[]", 4)
+    assert lib.pk_pins_owners(owners, 4) == 1 and owners[0] == token
+    export = ffi.from_buffer(mine)
+    start = int(ffi.cast("uintptr_t", export))
+    try:
+        wrong = [(token + 1, start, 2 * PAGE),   # another owner's export
+                 (token, start + PAGE, PAGE),    # the right owner, not covering the region
+                 (token, start, PAGE)]           # too short
+        for pin in wrong:
+            described = ffi.new("struct pk_pin[]", [pin])
+            status = lib.pk_key_set(key.pkey, 0, lib.pk_pins_vouch(described, 1))
+            assert status == lib.PK_E_NEED_PINS, pin
+            assert pkeys.probe(mine) is not None  # nothing applied
+        described = ffi.new("struct pk_pin[]", [(token, start, 2 * PAGE)])
+        stale = lib.pk_pins_vouch(described, 1)
+        lib.pk_pins_vouch(described, 1)  # a later vouch replaces it
+        assert lib.pk_key_set(key.pkey, 0, stale) == lib.PK_E_NEED_PINS
+        assert lib.pk_key_set(key.pkey, 0, lib.pk_pins_vouch(described, 1)) == 0
+        assert pkeys.probe(mine, write=True) is None
+    finally:
+        ffi.release(export)
+    pkeys.pkey_set(key, pkeys.PKEY_DISABLE_ACCESS)
+
+
 def test_raw_address_regions_stay_until_retagged(key, page):
     address = address_of(page)
     key.protect(address, PAGE)

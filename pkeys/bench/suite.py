@@ -448,14 +448,7 @@ def _safe_mprotect(loops: int) -> float:
 
 def _software_set(loops: int) -> float:
     # Each rights change re-protects the one region with one mprotect.
-
-    def make() -> pkeys.Key:
-        memory, _ = _page("software-page")
-        key = pkeys.Key()
-        key.protect(memory)
-        return key
-
-    key = once("software-key", make)
+    key = once("software-key", _software_key)
     return _two_key_toggle(pkeys.pkey_set, key.pkey)(loops)  # type: ignore[attr-defined]
 
 
@@ -472,11 +465,39 @@ def _software_set_buffer(loops: int) -> float:
     return _two_key_toggle(pkeys.pkey_set, key.pkey)(loops)  # type: ignore[attr-defined]
 
 
+def _software_set_among(tagged: int) -> TimeFunction:
+    # The same change, with `tagged - 1` more mmaps alive that another key
+    # guards: only the owner of the changed key's region is pinned, so the
+    # cost must not grow with them (issue 16, item 4).
+    def make() -> pkeys.Key:
+        other = pkeys.Key()
+        for index in range(tagged - 1):
+            memory, _ = _page(f"software-unrelated-{index}")
+            other.protect(memory)
+        return other
+
+    def time_it(loops: int) -> float:
+        once("software-unrelated-key", make)
+        key = once("software-key", _software_key)
+        return _two_key_toggle(pkeys.pkey_set, key.pkey)(loops)  # type: ignore[attr-defined]
+
+    return time_it
+
+
+def _software_key() -> pkeys.Key:
+    memory, _ = _page("software-page")
+    key = pkeys.Key()
+    key.protect(memory)
+    return key
+
+
 # The backend is chosen in C once per process: on a PKU machine, run the
 # bench with PKEYS_BACKEND=software to measure the emulation.
 if pkeys.backend() == "software":
     case("software/pkey_set/1region")(_software_set)
     case("software/pkey_set/1region-buffer")(_software_set_buffer)
+    for _tagged in (11, 101):
+        case(f"software/pkey_set/{_tagged}mmaps")(_software_set_among(_tagged))
 
 
 @case("software/mprotect/raw")

@@ -1,14 +1,15 @@
 /*
  * TEST ONLY.  An explicit-state exhaustive exploration of the grants core
- * (csrc/state.c) under revocations: 2 or 3 threads run scopes on one key
+ * (csrc/grants.c) under revocations: 2 or 3 threads run scopes on one key
  * while a revoker revokes it, and every interleaving of their steps, and
  * of each revocation signal's handler with them, is explored.
  *
- * The grant algebra is the real one: this file includes state.c and calls
- * its adopt(), count_grant(), hw_compose(), live_keys(), balanced() and
- * close_freed() on each model thread's own `struct grants`.  What is
+ * The grant algebra is the real one: this file includes grants.c, which
+ * has no lock, register or mprotect, and calls its pk_grants_count(),
+ * pk_grants_compose(), pk_grants_live(), pk_grants_balanced() and
+ * pk_grants_close_freed() on each model thread's own `struct grants`.  What is
  * modelled here is what surrounds them on the hardware backend, step by
- * step as pk_scope_enter/pk_scope_exit and revoke_locked do it (each step
+ * step as backend_hardware.c's scope_enter/scope_exit and revoke do it (each step
  * is one read or write of shared state: the register, the handler's count,
  * the stamps): the register of each thread, the handler (revoke.c: apply
  * what is waiting, merge into handled_since_mark, count), and the
@@ -30,29 +31,10 @@
  *   register as the code before issue 15 did, to show the check finds it.
  * Prints "states N transitions M violations V" and the first violation.
  */
-#include "../../csrc/state.c"
+#include "../../csrc/grants.c"
 
 #include <stdio.h>
 #include <stdlib.h>
-
-/* ---- what state.c needs from the other files, none used here ---------- */
-int pk_ospke_enabled;
-int pk_test_steps_armed;
-void pk_test_step(void) {}
-int pk_sys_pkey_alloc(unsigned int flags, unsigned int rights) { (void)flags, (void)rights; return -1; }
-int pk_sys_pkey_free(int pkey) { (void)pkey; return -1; }
-int pk_regions_apply(uint32_t old_pkru, uint32_t new_pkru) { (void)old_pkru, (void)new_pkru; return 0; }
-int pk_regions_need_pins(uint32_t keys, uint64_t pins) { (void)keys, (void)pins; return 0; }
-int pk_regions_count(int pkey) { (void)pkey; return 0; }
-void pk_sw_mirror_pkru(uint32_t value) { (void)value; }
-int pk_broadcast(uint32_t keys, uint32_t bits, double timeout, struct pk_broadcast *result)
-{
-    (void)keys, (void)bits, (void)timeout, (void)result;
-    return PK_E_UNSUPPORTED;
-}
-uint32_t pk_revocations_mark(void) { return 0; }
-int pk_revocations_moved(uint32_t mark) { (void)mark; return 0; }
-uint32_t pk_revocations_catch_up(uint32_t pkru) { return pkru; }
 
 /* ---- the model ---------------------------------------------------------- */
 #define KEY 1
@@ -97,7 +79,7 @@ static void load(const struct state *s)
     pk_revocation_epoch = s->epoch;
     pk_revoked_at[KEY] = s->revoked_at;
     pk_revoked_bits[KEY] = s->revoked_bits;
-    key_identity[KEY] = identity;
+    pk_key_identities[KEY] = identity;
 }
 
 static uint32_t ids[PK_NKEYS] = {[KEY] = identity};
@@ -207,25 +189,25 @@ static int thread_step(struct state *s, int i)
         t->step = ENTER_COUNT;
         break;
     case ENTER_COUNT: {
-        int first = !active(&t->g, KEY) || t->g.epoch[KEY] != pk_revoked_at[KEY];
-        count_grant(&t->g, 1u << KEY, PK_GRANT_READ_WRITE, ids, +1, t->old);
+        int first = !pk_grants_active(&t->g, KEY) || t->g.epoch[KEY] != pk_revoked_at[KEY];
+        pk_grants_count(&t->g, 1u << KEY, PK_GRANT_READ_WRITE, ids, +1, t->old);
         if (mutant && first)
-            t->g.base[KEY] = (uint8_t)bits_of(t->old, KEY);
+            t->g.base[KEY] = (uint8_t)pk_bits_of(t->old, KEY);
         t->step = ENTER_TOKEN;
         break;
     }
     case ENTER_TOKEN:
-        t->token = ((int64_t)(i + 1) << 32) | counted_under(&t->g, 1u << KEY);
+        t->token = ((int64_t)(i + 1) << 32) | pk_grants_counted_under(&t->g, 1u << KEY);
         t->step = ENTER_WRITE;
         break;
     case ENTER_WRITE:
-        t->reg = hw_compose(&t->g, 1u << KEY, t->old);
+        t->reg = pk_grants_compose(&t->g, 1u << KEY, t->old);
         t->step = SETTLE_MOVED;
         break;
     case EXIT_LIVE:
         t->token = t->tokens[t->depth - 1];
-        t->live = live_keys(&t->g, 1u << KEY, ids, (uint32_t)t->token);
-        if (!balanced(&t->g, t->live, PK_GRANT_READ_WRITE, ids)) {
+        t->live = pk_grants_live(&t->g, 1u << KEY, ids, (uint32_t)t->token);
+        if (!pk_grants_balanced(&t->g, t->live, PK_GRANT_READ_WRITE, ids)) {
             t->refused = 1;
             t->tokens[--t->depth] = 0;
             t->step = OP_DONE;
@@ -238,9 +220,10 @@ static int thread_step(struct state *s, int i)
         t->step = EXIT_COUNT;
         break;
     case EXIT_COUNT:
-        count_grant(&t->g, t->live, PK_GRANT_READ_WRITE, ids, -1, 0);
-        t->next = hw_compose(&t->g, t->live, t->old);
-        t->next = close_freed(&t->g, (1u << KEY) & ~t->live, PK_GRANT_READ_WRITE, ids, t->next);
+        pk_grants_count(&t->g, t->live, PK_GRANT_READ_WRITE, ids, -1, 0);
+        t->next = pk_grants_compose(&t->g, t->live, t->old);
+        t->next = pk_grants_close_freed(&t->g, (1u << KEY) & ~t->live, PK_GRANT_READ_WRITE, ids,
+                                        t->next);
         t->step = EXIT_WRITE;
         break;
     case EXIT_WRITE:
@@ -269,7 +252,7 @@ static int thread_step(struct state *s, int i)
         t->mark = t->old = t->live = t->next = t->now = 0;
         t->token = 0;
     }
-    s->epoch = pk_revocation_epoch; /* count_grant writes nothing global; kept for clarity */
+    s->epoch = pk_revocation_epoch; /* pk_grants_count writes nothing global; kept for clarity */
     return 1;
 }
 
