@@ -58,7 +58,8 @@ from ._rights import (
     PkeyRights,
 )
 from ._select import hardware_supported
-from ._types import BackendName, BufferOptions, ExpectFault, KeyLike, VirtualKeyStats
+from ._share import ShareHandle
+from ._types import BackendName, BufferOptions, ExpectFault, KeyLike, OnFork, VirtualKeyStats
 
 __version__ = "0.2.0"
 
@@ -87,10 +88,12 @@ __all__ = [
     "BackendName",
     "BufferOptions",
     "VirtualKeyStats",
+    "OnFork",
     "ExpectFault",
     "Scope",
     "ProtectedBuffer",
     "Unlocked",
+    "ShareHandle",
     "prompt",
     "virtual_key_limit",
     "virtual_key_stats",
