@@ -42,8 +42,11 @@ several processes write needs the callers' own synchronisation.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
-from multiprocessing import reduction
+import signal
+import threading
+from multiprocessing import context, reduction
 from typing import TYPE_CHECKING, Any
 
 from . import _secretmem
@@ -231,7 +234,103 @@ def from_shared(cls: type[ProtectedBuffer], handle: ShareHandle, key: Key | None
     return buffer
 
 
-# -- multiprocessing: the descriptor crosses (DupFd), never the bytes --------
+# -- multiprocessing: the descriptor crosses, never the bytes ------------------
+#
+# While a process starts (Process args, Pool and ProcessPoolExecutor
+# initargs under spawn and forkserver), multiprocessing.reduction.DupFd hands
+# the descriptor to the starting process itself.  Anywhere else (a task's
+# argument, a Queue) DupFd would use multiprocessing's resource sharer, whose
+# thread blocks every signal, the revocation signal included: on PKU hardware
+# every later revocation in the process would then time out on that thread
+# (RevocationError), and keys would stay allocated.  _Sharer does the same
+# job with a thread that leaves the revocation signal open.
+
+class _FromSharer:
+    """What crosses for a descriptor sent outside a process start: the
+    sending process's listener address and a one-time number."""
+
+    def __init__(self, address: Any, number: int) -> None:
+        self.address = address
+        self.number = number
+
+    def detach(self) -> int:
+        from multiprocessing import process
+        from multiprocessing.connection import Client
+
+        with Client(self.address, authkey=process.current_process().authkey) as connection:
+            connection.send((self.number, os.getpid()))
+            return int(reduction.recv_handle(connection))
+
+
+class _Sharer:
+    """Duplicates of descriptors waiting for their receiver, one each, and
+    the thread that hands them over (multiprocessing.resource_sharer's
+    protocol, with its authentication key)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: dict[int, int] = {}
+        self._numbers = itertools.count(1)
+        self._listener: Any = None
+        os.register_at_fork(after_in_child=self._forget)
+
+    def offer(self, fd: int) -> _FromSharer:
+        from multiprocessing import process
+        from multiprocessing.connection import Listener
+
+        with self._lock:
+            if self._listener is None:
+                self._listener = Listener(authkey=process.current_process().authkey,
+                                          backlog=128)
+                threading.Thread(target=self._serve, args=(self._listener,), daemon=True,
+                                 name="pkeys-descriptor-sharer").start()
+            number = next(self._numbers)
+            self._waiting[number] = os.dup(fd)
+            return _FromSharer(self._listener.address, number)
+
+    def _serve(self, listener: Any) -> None:
+        # Signals for the main thread, as resource_sharer wants; but the
+        # revocation signal must reach this thread like every other.
+        signal.pthread_sigmask(signal.SIG_BLOCK,
+                               signal.valid_signals() - {lib.pk_revocation_signal()})
+        while True:
+            try:
+                connection = listener.accept()
+            except OSError:
+                return  # the listener was closed
+            try:
+                number, pid = connection.recv()
+                with self._lock:
+                    fd = self._waiting.pop(number)
+                try:
+                    reduction.send_handle(connection, fd, pid)
+                finally:
+                    os.close(fd)
+            except Exception:  # noqa: BLE001 - one bad request must not end the service
+                pass
+            finally:
+                connection.close()
+
+    def _forget(self) -> None:
+        """In a forked child: the parent's waiting duplicates and listener
+        are not this process's to serve."""
+        for fd in self._waiting.values():
+            os.close(fd)
+        self._waiting.clear()
+        if self._listener is not None:
+            self._listener.close()  # in a child: its socket file is not unlinked
+            self._listener = None
+
+
+_sharer = _Sharer()
+
+
+def _crossing(fd: int) -> Any:
+    """What carries ``fd`` to the process that unpickles it."""
+    if context.get_spawning_popen() is not None:
+        return reduction.DupFd(fd)
+    return _sharer.offer(fd)
+
 
 def _rebuild_handle(dup: Any, size: int, label: str) -> ShareHandle:
     return ShareHandle(dup.detach(), size, label)
@@ -245,13 +344,13 @@ def _rebuild_buffer(dup: Any, size: int, label: str) -> ProtectedBuffer:
 
 
 def _reduce_handle(handle: ShareHandle) -> tuple[Any, tuple[Any, int, str]]:
-    return _rebuild_handle, (reduction.DupFd(handle.fd), handle.size, handle.label)
+    return _rebuild_handle, (_crossing(handle.fd), handle.size, handle.label)
 
 
 def _reduce_buffer(buffer: ProtectedBuffer) -> tuple[Any, tuple[Any, int, str]]:
     # The buffer's own descriptor: while a Process starts, spawn and
     # forkserver keep the number (not a duplicate) until the child has it.
-    return _rebuild_buffer, (reduction.DupFd(_shared_fd(buffer)), buffer.size, buffer.label)
+    return _rebuild_buffer, (_crossing(_shared_fd(buffer)), buffer.size, buffer.label)
 
 
 def register_reducers(buffer_type: type[ProtectedBuffer]) -> None:

@@ -11,6 +11,7 @@ import mmap
 import multiprocessing
 import os
 import pickle
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import reduction
@@ -163,3 +164,31 @@ def test_the_recorder_finds_the_secret_when_its_bytes_do_cross(secret, monkeypat
         assert pool.apply(len, (copied,)) == len(secret)
     assert recorder.holds(secret)
     copied[:] = bytes(len(copied))
+
+
+def _blocked_signals(native_id: int) -> int:
+    with open(f"/proc/self/task/{native_id}/status") as status:
+        for line in status:
+            if line.startswith("SigBlk:"):
+                return int(line.split()[1], 16)
+    raise AssertionError("no SigBlk line")
+
+
+def test_a_task_argument_leaves_revocation_working_in_this_process(secret, alarm):
+    # A buffer sent outside a process start goes through pkeys' descriptor
+    # sharer, not multiprocessing's resource sharer, whose thread blocks
+    # every signal and so would stop every later revocation here.
+    from multiprocessing import resource_sharer
+
+    from pkeys._binding import lib
+
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply(_sharing.use_and_close, (secret,))["fingerprint"] == fingerprint(secret)
+    assert resource_sharer._resource_sharer._listener is None
+    sharers = [t for t in threading.enumerate() if t.name == "pkeys-descriptor-sharer"]
+    assert len(sharers) == 1
+    assert not _blocked_signals(sharers[0].native_id) >> (lib.pk_revocation_signal() - 1) & 1
+    with pkeys.Key() as key:
+        key.revoke()          # reaches every thread, the sharer's included
+        with pkeys.allow(key):
+            pass
