@@ -33,8 +33,8 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # tests.test_cookbook
 
-import pkeys  # noqa: E402
-from tests.test_cookbook import CHUNK, SIZE, Secret  # noqa: E402
+import pkeys
+from tests.test_cookbook import CHUNK, SIZE, Secret
 
 # -- 1. copies ----------------------------------------------------------------
 

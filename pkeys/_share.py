@@ -47,7 +47,7 @@ import os
 import signal
 import threading
 from multiprocessing import context, reduction
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from . import _secretmem
 from ._binding import lib
@@ -141,7 +141,7 @@ class ShareHandle:
     it), or pass the handle itself through ``multiprocessing``.  Close it
     (or use ``with``) once sent: a buffer mapped from it does not need it."""
 
-    __slots__ = ("_fd", "size", "label")
+    __slots__ = ("_fd", "label", "size")
 
     def __init__(self, fd: int, size: int, label: str = "secret") -> None:
         self._fd = -1  # the descriptor becomes the handle's only once all is valid
@@ -178,7 +178,7 @@ class ShareHandle:
             fd, self._fd = self._fd, -1
             os.close(fd)
 
-    def __enter__(self) -> ShareHandle:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -306,7 +306,7 @@ class _Sharer:
                     reduction.send_handle(connection, fd, pid)
                 finally:
                     os.close(fd)
-            except Exception:  # noqa: BLE001 - one bad request must not end the service
+            except Exception:  # noqa: BLE001, S110 - one bad request must not end the service
                 pass
             finally:
                 connection.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import hmac
+import mmap
 import os
 from typing import Any
 
@@ -50,6 +51,20 @@ def fingerprint(buffer: pkeys.ProtectedBuffer) -> bytes:
     """An HMAC made with the secret: equal fingerprints, equal secrets."""
     with buffer.unlocked() as key:
         return hmac.digest(key, b"fingerprint", "sha256")
+
+
+def holds_secret(buffer: pkeys.ProtectedBuffer, recorded: bytes) -> bool:
+    """Whether ``recorded`` holds the secret, searched with a needle built
+    in a scratch mmap (never a Python bytes object) and wiped after."""
+    scratch = mmap.mmap(-1, mmap.PAGESIZE)
+    needle = memoryview(scratch)[:len(buffer)]
+    try:
+        buffer.readinto(needle)
+        return recorded.find(needle) >= 0
+    finally:
+        needle[:] = bytes(len(needle))
+        needle.release()
+        scratch.close()
 
 
 # -- run in workers --------------------------------------------------------------

@@ -28,7 +28,14 @@ from pkeys import _secretmem
 from pkeys._binding import ffi
 from pkeys._child import run_in_child
 
-from ._sharing import fingerprint, holdings, proc_self_mem, secret_fds, secret_mappings
+from ._sharing import (
+    fingerprint,
+    holdings,
+    holds_secret,
+    proc_self_mem,
+    secret_fds,
+    secret_mappings,
+)
 from .test_revocation import alarm  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.anybackend
@@ -43,26 +50,6 @@ def random_secret(**options: object) -> pkeys.ProtectedBuffer:
     with open("/dev/urandom", "rb", buffering=0) as source:
         assert buffer.read_from(source.fileno()) == SIZE
     return buffer
-
-
-def fingerprint(buffer: pkeys.ProtectedBuffer) -> bytes:
-    """An HMAC made with the secret: equal fingerprints, equal secrets."""
-    with buffer.unlocked() as key:
-        return hmac.digest(key, b"fingerprint", "sha256")
-
-
-def contains_secret(buffer: pkeys.ProtectedBuffer, recorded: bytes) -> bool:
-    """Whether ``recorded`` holds the secret, searched with a needle built
-    in a scratch mmap (never a Python bytes object) and wiped after."""
-    scratch = mmap.mmap(-1, mmap.PAGESIZE)
-    needle = memoryview(scratch)[:len(buffer)]
-    try:
-        buffer.readinto(needle)
-        return recorded.find(needle) >= 0
-    finally:
-        needle[:] = bytes(len(needle))
-        needle.release()
-        scratch.close()
 
 
 class Events:
@@ -99,7 +86,7 @@ def fork_child(function: Callable[[], object]) -> int:
         try:
             function()
             status = 0
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - reported on stderr, and the exit status
             import traceback
 
             os.write(2, traceback.format_exc().encode())
@@ -177,7 +164,8 @@ def test_on_fork_zeroed_gives_the_child_zeros():
 
 
 @needs_secretmem
-def test_on_fork_shared_the_child_sees_the_same_pages_and_writes_are_seen_by_both(events, alarm):
+@pytest.mark.usefixtures("alarm")
+def test_on_fork_shared_the_child_sees_the_same_pages_and_writes_are_seen_by_both(events):
     before = holdings()
     buffer = random_secret(on_fork="shared")
     assert buffer.on_fork == "shared" and buffer.backing == "secretmem"
@@ -213,7 +201,8 @@ def test_on_fork_shared_the_child_sees_the_same_pages_and_writes_are_seen_by_bot
 
 @needs_secretmem
 @pytest.mark.parametrize("order", ["parent first", "child first", "child dies"])
-def test_closing_in_any_order_leaves_nothing_behind(order, events, alarm):
+@pytest.mark.usefixtures("alarm")
+def test_closing_in_any_order_leaves_nothing_behind(order, events):
     before = holdings()
     buffer = random_secret(on_fork="shared")
     expected = fingerprint(buffer)
@@ -249,7 +238,8 @@ def test_closing_in_any_order_leaves_nothing_behind(order, events, alarm):
 
 
 @needs_secretmem
-def test_revoking_in_one_process_does_not_reach_another(events, alarm):
+@pytest.mark.usefixtures("alarm")
+def test_revoking_in_one_process_does_not_reach_another(events):
     with random_secret(on_fork="shared") as buffer:
         expected = fingerprint(buffer)
 
@@ -318,8 +308,9 @@ def _receive_and_use(sock: RecordingSocket) -> None:
 
 @needs_secretmem
 @pytest.mark.parametrize("loaded", ["written", "from_file"])
+@pytest.mark.usefixtures("alarm")
 def test_a_handle_over_a_unix_socket_carries_the_pages_and_no_byte_of_the_secret(
-        loaded, tmp_path, alarm):
+        loaded, tmp_path):
     parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     receiver = RecordingSocket(child_end)
     pid = fork_child(lambda: _receive_and_use(receiver))   # before the secret exists
@@ -340,7 +331,7 @@ def test_a_handle_over_a_unix_socket_carries_the_pages_and_no_byte_of_the_secret
         answer = sender.recv(32)
         assert exit_status(pid) == 0
         assert answer == fingerprint(buffer)
-        assert not contains_secret(buffer, bytes(sender.crossed))
+        assert not holds_secret(buffer, bytes(sender.crossed))
         buffer.close()
         assert holdings() == before
     finally:
@@ -364,13 +355,13 @@ def test_from_shared_in_the_same_process_maps_the_same_pages_under_another_key()
 
 
 def test_anonymous_or_unshared_buffers_refuse_to_share():
-    with pkeys.ProtectedBuffer(16, secretmem=False) as anonymous:
-        with pytest.raises(pkeys.ArgumentError, match="use secret memory"):
-            anonymous.share()
+    with (pkeys.ProtectedBuffer(16, secretmem=False) as anonymous,
+          pytest.raises(pkeys.ArgumentError, match="use secret memory")):
+        anonymous.share()
     if SECRETMEM:
-        with pkeys.ProtectedBuffer(16) as private:
-            with pytest.raises(pkeys.ArgumentError, match="on_fork='shared'"):
-                private.share()
+        with (pkeys.ProtectedBuffer(16) as private,
+              pytest.raises(pkeys.ArgumentError, match="on_fork='shared'")):
+            private.share()
     closed = pkeys.ProtectedBuffer(16, secretmem=False)
     closed.close()
     with pytest.raises(pkeys.ClosedError):
@@ -392,9 +383,9 @@ def test_from_shared_refuses_what_is_not_a_secret_file():
         pkeys.ProtectedBuffer.from_shared(3)  # type: ignore[arg-type]
     plain = os.memfd_create("not-secret")
     os.ftruncate(plain, mmap.PAGESIZE)
-    with pkeys.ShareHandle(plain, 16) as handle:
-        with pytest.raises(pkeys.ArgumentError, match="not a memfd_secret file"):
-            pkeys.ProtectedBuffer.from_shared(handle)
+    with (pkeys.ShareHandle(plain, 16) as handle,
+          pytest.raises(pkeys.ArgumentError, match="not a memfd_secret file")):
+        pkeys.ProtectedBuffer.from_shared(handle)
     assert holdings() == before
 
 
@@ -402,9 +393,9 @@ def test_from_shared_refuses_what_is_not_a_secret_file():
 def test_from_shared_refuses_a_size_the_file_cannot_hold():
     with random_secret(on_fork="shared") as buffer, buffer.share() as handle:
         before = holdings()
-        with pkeys.ShareHandle(os.dup(handle.fd), 1 << 20) as wrong:
-            with pytest.raises(pkeys.ArgumentError, match="cannot hold"):
-                pkeys.ProtectedBuffer.from_shared(wrong)
+        with (pkeys.ShareHandle(os.dup(handle.fd), 1 << 20) as wrong,
+              pytest.raises(pkeys.ArgumentError, match="cannot hold")):
+            pkeys.ProtectedBuffer.from_shared(wrong)
         assert holdings() == before
 
 

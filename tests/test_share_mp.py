@@ -7,7 +7,6 @@ and on the emulated PKU CPU, 6.1 and 6.12."""
 
 from __future__ import annotations
 
-import mmap
 import multiprocessing
 import os
 import pickle
@@ -64,17 +63,7 @@ class Recorder:
         monkeypatch.setattr(reduction.ForkingPickler, "loads", recording_loads)
 
     def holds(self, buffer: pkeys.ProtectedBuffer) -> bool:
-        """Whether the recorded bytes hold the secret (a needle built in a
-        scratch mmap, never a bytes object, wiped after)."""
-        scratch = mmap.mmap(-1, mmap.PAGESIZE)
-        needle = memoryview(scratch)[:len(buffer)]
-        try:
-            buffer.readinto(needle)
-            return bytes(self.crossed).find(needle) >= 0
-        finally:
-            needle[:] = bytes(len(needle))
-            needle.release()
-            scratch.close()
+        return _sharing.holds_secret(buffer, bytes(self.crossed))
 
 
 def _secret_fds_settled(expected: int) -> int:
@@ -96,8 +85,8 @@ def secret():
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_a_pool_initializer_and_task_get_the_pages_and_no_byte(method, secret, monkeypatch,
-                                                              alarm):
+@pytest.mark.usefixtures("alarm")
+def test_a_pool_initializer_and_task_get_the_pages_and_no_byte(method, secret, monkeypatch):
     before = holdings()
     recorder = Recorder(monkeypatch)
     expected = fingerprint(secret)
@@ -123,8 +112,9 @@ def test_a_pool_initializer_and_task_get_the_pages_and_no_byte(method, secret, m
 
 
 @pytest.mark.parametrize("method", METHODS)
+@pytest.mark.usefixtures("alarm")
 def test_a_process_pool_executor_initializer_gets_the_pages_and_no_byte(method, secret,
-                                                                      monkeypatch, alarm):
+                                                                      monkeypatch):
     before = holdings()
     recorder = Recorder(monkeypatch)
     expected = fingerprint(secret)
@@ -139,7 +129,8 @@ def test_a_process_pool_executor_initializer_gets_the_pages_and_no_byte(method, 
     assert holdings() == before
 
 
-def test_an_anonymous_buffer_never_crosses_multiprocessing(alarm):
+@pytest.mark.usefixtures("alarm")
+def test_an_anonymous_buffer_never_crosses_multiprocessing():
     with pkeys.ProtectedBuffer(16, secretmem=False) as anonymous:
         with pytest.raises(pkeys.ArgumentError, match="use secret memory"):
             reduction.ForkingPickler.dumps(anonymous)
@@ -148,15 +139,16 @@ def test_an_anonymous_buffer_never_crosses_multiprocessing(alarm):
         with pytest.raises(pkeys.ArgumentError, match="use secret memory"):
             process.start()
         context = multiprocessing.get_context("fork")
-        with context.Pool(1) as pool:
-            with pytest.raises(pkeys.ArgumentError, match="use secret memory"):
-                pool.apply(_sharing.use_and_close, (anonymous,))
+        with (context.Pool(1) as pool,
+              pytest.raises(pkeys.ArgumentError, match="use secret memory")):
+            pool.apply(_sharing.use_and_close, (anonymous,))
         # Plain pickle refuses every buffer, shared or not.
         with pytest.raises(TypeError, match="cannot be pickled"):
             pickle.dumps(anonymous)
 
 
-def test_the_recorder_finds_the_secret_when_its_bytes_do_cross(secret, monkeypatch, alarm):
+@pytest.mark.usefixtures("alarm")
+def test_the_recorder_finds_the_secret_when_its_bytes_do_cross(secret, monkeypatch):
     recorder = Recorder(monkeypatch)
     copied = bytearray(len(secret))   # the anti-pattern, to show the recorder sees it
     secret.readinto(copied)
@@ -174,7 +166,8 @@ def _blocked_signals(native_id: int) -> int:
     raise AssertionError("no SigBlk line")
 
 
-def test_a_task_argument_leaves_revocation_working_in_this_process(secret, alarm):
+@pytest.mark.usefixtures("alarm")
+def test_a_task_argument_leaves_revocation_working_in_this_process(secret):
     # A buffer sent outside a process start goes through pkeys' descriptor
     # sharer, not multiprocessing's resource sharer, whose thread blocks
     # every signal and so would stop every later revocation here.

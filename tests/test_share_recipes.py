@@ -43,7 +43,7 @@ def tag(key_file: pathlib.Path, message: bytes) -> bytes:
 
 def run_recipe(*args: str, stdin: str = "") -> list[str]:
     result = subprocess.run([sys.executable, *args], cwd=RECIPES, input=stdin, text=True,
-                            capture_output=True, timeout=120)
+                            capture_output=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     return result.stdout.split()
 
@@ -54,7 +54,8 @@ def test_executor_signing_as_written(key_file):
 
 
 @pytest.mark.parametrize("method", ["spawn", "forkserver", "fork"])
-def test_executor_signing_with_each_start_method(key_file, method, monkeypatch, alarm):
+@pytest.mark.usefixtures("alarm")
+def test_executor_signing_with_each_start_method(key_file, method, monkeypatch):
     monkeypatch.syspath_prepend(str(RECIPES))  # where a spawned worker imports it from
     import executor_signing
 
@@ -70,7 +71,8 @@ def test_pool_initializer_as_written(key_file):
         "ok", "forged"]
 
 
-def test_the_unix_socket_hand_over(monkeypatch, alarm):
+@pytest.mark.usefixtures("alarm")
+def test_the_unix_socket_hand_over(monkeypatch):
     monkeypatch.syspath_prepend(str(RECIPES))
     import unix_socket
 
@@ -108,7 +110,8 @@ def _read_until(stream, pattern: str, count: int, deadline: float) -> list[re.Ma
     return found
 
 
-def test_gunicorn_preload_workers_share_the_key(key_file, alarm):
+@pytest.mark.usefixtures("alarm")
+def test_gunicorn_preload_workers_share_the_key(key_file):
     pytest.importorskip("gunicorn", reason="in the test extra: pip install -e '.[test]'")
     environment = dict(os.environ, SIGNING_KEY_FILE=str(key_file))
     server = subprocess.Popen(
