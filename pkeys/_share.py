@@ -44,7 +44,6 @@ from __future__ import annotations
 import errno
 import itertools
 import os
-import signal
 import threading
 from multiprocessing import context, reduction
 from typing import TYPE_CHECKING, Any, Self
@@ -241,9 +240,9 @@ def from_shared(cls: type[ProtectedBuffer], handle: ShareHandle, key: Key | None
 # the descriptor to the starting process itself.  Anywhere else (a task's
 # argument, a Queue) DupFd would use multiprocessing's resource sharer, whose
 # thread blocks every signal, the revocation signal included: on PKU hardware
-# every later revocation in the process would then time out on that thread
+# every later revocation in the process would then fail on that thread
 # (RevocationError), and keys would stay allocated.  _Sharer does the same
-# job with a thread that leaves the revocation signal open.
+# job with a thread whose signal mask is every Python thread's.
 
 class _FromSharer:
     """What crosses for a descriptor sent outside a process start: the
@@ -289,10 +288,9 @@ class _Sharer:
             return _FromSharer(self._listener.address, number)
 
     def _serve(self, listener: Any) -> None:
-        # Signals for the main thread, as resource_sharer wants; but the
-        # revocation signal must reach this thread like every other.
-        signal.pthread_sigmask(signal.SIG_BLOCK,
-                               signal.valid_signals() - {lib.pk_revocation_signal()})
+        # Its signal mask stays as every Python thread's: a revocation must
+        # reach it, and pkeys' revocation takes a thread that blocks a
+        # handled signal (SIGINT) for one inside a handler, and fails.
         while True:
             try:
                 connection = listener.accept()
