@@ -6,12 +6,39 @@ forkserver worker imports it by name."""
 from __future__ import annotations
 
 import errno
+import functools
 import hmac
 import mmap
 import os
-from typing import Any
+import signal
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import pkeys
+
+Test = TypeVar("Test", bound=Callable[..., None])
+
+
+def deadline(test: Test) -> Test:
+    """A test that could hang fails after two minutes instead (SIGALRM).
+    Around the test's body only, unlike test_revocation's ``alarm``
+    fixture: with ``--pkeys-vm`` an ``anybackend`` test's report waits for
+    the emulated run before its fixtures end, and would meet the alarm."""
+
+    @functools.wraps(test)
+    def bounded(*args: Any, **kwargs: Any) -> None:
+        def expired(signo: int, frame: object) -> None:
+            raise AssertionError("timed out (SIGALRM)")
+
+        previous = signal.signal(signal.SIGALRM, expired)
+        signal.alarm(120)
+        try:
+            test(*args, **kwargs)
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+
+    return bounded  # type: ignore[return-value]
 
 
 def secret_mappings() -> int:

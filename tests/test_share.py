@@ -29,6 +29,7 @@ from pkeys._binding import ffi
 from pkeys._child import run_in_child
 
 from ._sharing import (
+    deadline,
     fingerprint,
     holdings,
     holds_secret,
@@ -36,7 +37,6 @@ from ._sharing import (
     secret_fds,
     secret_mappings,
 )
-from .test_revocation import alarm  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.anybackend
 SECRETMEM, SECRETMEM_REASON = _secretmem.availability()
@@ -164,7 +164,7 @@ def test_on_fork_zeroed_gives_the_child_zeros():
 
 
 @needs_secretmem
-@pytest.mark.usefixtures("alarm")
+@deadline
 def test_on_fork_shared_the_child_sees_the_same_pages_and_writes_are_seen_by_both(events):
     before = holdings()
     buffer = random_secret(on_fork="shared")
@@ -201,7 +201,7 @@ def test_on_fork_shared_the_child_sees_the_same_pages_and_writes_are_seen_by_bot
 
 @needs_secretmem
 @pytest.mark.parametrize("order", ["parent first", "child first", "child dies"])
-@pytest.mark.usefixtures("alarm")
+@deadline
 def test_closing_in_any_order_leaves_nothing_behind(order, events):
     before = holdings()
     buffer = random_secret(on_fork="shared")
@@ -238,7 +238,7 @@ def test_closing_in_any_order_leaves_nothing_behind(order, events):
 
 
 @needs_secretmem
-@pytest.mark.usefixtures("alarm")
+@deadline
 def test_revoking_in_one_process_does_not_reach_another(events):
     with random_secret(on_fork="shared") as buffer:
         expected = fingerprint(buffer)
@@ -308,7 +308,7 @@ def _receive_and_use(sock: RecordingSocket) -> None:
 
 @needs_secretmem
 @pytest.mark.parametrize("loaded", ["written", "from_file"])
-@pytest.mark.usefixtures("alarm")
+@deadline
 def test_a_handle_over_a_unix_socket_carries_the_pages_and_no_byte_of_the_secret(
         loaded, tmp_path):
     parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -22,8 +22,7 @@ import pkeys
 from pkeys import _secretmem
 
 from . import _sharing
-from ._sharing import fingerprint, holdings
-from .test_revocation import alarm  # noqa: F401 - a fixture
+from ._sharing import deadline, fingerprint, holdings
 
 pytestmark = [
     pytest.mark.anybackend,
@@ -69,8 +68,8 @@ class Recorder:
 def _secret_fds_settled(expected: int) -> int:
     """multiprocessing's resource sharer (a thread of this process) closes
     its duplicate just after the worker took it: wait for that, bounded."""
-    deadline = time.monotonic() + 10
-    while _sharing.secret_fds() > expected and time.monotonic() < deadline:
+    until = time.monotonic() + 10
+    while _sharing.secret_fds() > expected and time.monotonic() < until:
         time.sleep(0.01)
     return _sharing.secret_fds()
 
@@ -85,7 +84,7 @@ def secret():
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.usefixtures("alarm")
+@deadline
 def test_a_pool_initializer_and_task_get_the_pages_and_no_byte(method, secret, monkeypatch):
     before = holdings()
     recorder = Recorder(monkeypatch)
@@ -112,7 +111,7 @@ def test_a_pool_initializer_and_task_get_the_pages_and_no_byte(method, secret, m
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.usefixtures("alarm")
+@deadline
 def test_a_process_pool_executor_initializer_gets_the_pages_and_no_byte(method, secret,
                                                                       monkeypatch):
     before = holdings()
@@ -129,7 +128,7 @@ def test_a_process_pool_executor_initializer_gets_the_pages_and_no_byte(method, 
     assert holdings() == before
 
 
-@pytest.mark.usefixtures("alarm")
+@deadline
 def test_an_anonymous_buffer_never_crosses_multiprocessing():
     with pkeys.ProtectedBuffer(16, secretmem=False) as anonymous:
         with pytest.raises(pkeys.ArgumentError, match="use secret memory"):
@@ -147,7 +146,7 @@ def test_an_anonymous_buffer_never_crosses_multiprocessing():
             pickle.dumps(anonymous)
 
 
-@pytest.mark.usefixtures("alarm")
+@deadline
 def test_the_recorder_finds_the_secret_when_its_bytes_do_cross(secret, monkeypatch):
     recorder = Recorder(monkeypatch)
     copied = bytearray(len(secret))   # the anti-pattern, to show the recorder sees it
@@ -166,7 +165,7 @@ def _blocked_signals(native_id: int) -> int:
     raise AssertionError("no SigBlk line")
 
 
-@pytest.mark.usefixtures("alarm")
+@deadline
 def test_a_task_argument_leaves_revocation_working_in_this_process(secret):
     # A buffer sent outside a process start goes through pkeys' descriptor
     # sharer, not multiprocessing's resource sharer, whose thread blocks

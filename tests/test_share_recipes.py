@@ -22,8 +22,7 @@ import pytest
 import pkeys
 from pkeys import _secretmem
 
-from ._sharing import fingerprint, holdings
-from .test_revocation import alarm  # noqa: F401 - a fixture
+from ._sharing import deadline, fingerprint, holdings
 
 RECIPES = pathlib.Path(__file__).resolve().parent.parent / "docs" / "recipes"
 pytestmark = pytest.mark.skipif(not _secretmem.availability()[0],
@@ -54,7 +53,7 @@ def test_executor_signing_as_written(key_file):
 
 
 @pytest.mark.parametrize("method", ["spawn", "forkserver", "fork"])
-@pytest.mark.usefixtures("alarm")
+@deadline
 def test_executor_signing_with_each_start_method(key_file, method, monkeypatch):
     monkeypatch.syspath_prepend(str(RECIPES))  # where a spawned worker imports it from
     import executor_signing
@@ -71,7 +70,7 @@ def test_pool_initializer_as_written(key_file):
         "ok", "forged"]
 
 
-@pytest.mark.usefixtures("alarm")
+@deadline
 def test_the_unix_socket_hand_over(monkeypatch):
     monkeypatch.syspath_prepend(str(RECIPES))
     import unix_socket
@@ -110,7 +109,7 @@ def _read_until(stream, pattern: str, count: int, deadline: float) -> list[re.Ma
     return found
 
 
-@pytest.mark.usefixtures("alarm")
+@deadline
 def test_gunicorn_preload_workers_share_the_key(key_file):
     pytest.importorskip("gunicorn", reason="in the test extra: pip install -e '.[test]'")
     environment = dict(os.environ, SIGNING_KEY_FILE=str(key_file))
