@@ -211,11 +211,15 @@ void pk_wipe(uintptr_t addr, size_t len);
 #define PK_INHERIT_ZEROS 0     /* anonymous with MADV_WIPEONFORK: zeros, canary too */
 #define PK_INHERIT_NONE 1      /* secretmem with MADV_DONTFORK: nothing mapped */
 #define PK_INHERIT_COPY 2      /* anonymous without WIPEONFORK (kernel < 4.14) */
+#define PK_INHERIT_SHARED 3    /* secretmem, on_fork="shared": the same pages, no wipe on close */
 
 #define PK_VKEYS_DEFAULT_LIMIT 8 /* hardware keys the pool may take; the rest stay free */
 
 int pk_secretmem_probe(void);
 int pk_secretmem_map(uintptr_t addr, size_t len, int populate);
+int pk_secretmem_create(size_t len);
+int pk_secretmem_map_fd(uintptr_t addr, size_t len, int fd, int populate);
+int64_t pk_secretmem_file_size(int fd);
 int pk_mseal_available(void);
 int pk_mseal(uintptr_t addr, size_t len);
 int pk_mlock_onfault(uintptr_t addr, size_t len);

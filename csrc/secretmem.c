@@ -20,6 +20,8 @@
 #include <pthread.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -33,6 +35,7 @@
 #define NR_MSEAL -1L
 #define NR_CLOCK_GETTIME -1L
 #endif
+#define SECRETMEM_MAGIC 0x5345434dUL /* include/uapi/linux/magic.h */
 #ifndef MLOCK_ONFAULT
 #define MLOCK_ONFAULT 1
 #endif
@@ -95,28 +98,14 @@ static int populate_by_kernel_write(uintptr_t addr, size_t len)
 }
 
 /*
- * Replace [addr, addr + len) of a reservation the caller owns with the pages
- * of a fresh memfd_secret file.  The reservation (with its guard pages)
- * comes first so that the secret pages are placed exactly, between guards;
- * MAP_FIXED then swaps the middle.  The fd is closed at once: the mapping
- * keeps the file alive, and no descriptor is left for a child to inherit.
- *
- * With `populate` (the caller is under RLIMIT_MEMLOCK), every page is
- * populated before this returns (populate_by_kernel_write), so a buffer
- * that got secret memory can never SIGBUS later; without a limit nothing is
- * committed up front.
- *
- * On failure (-errno) the range is anonymous read/write memory again, as it
- * was: an mmap that fails after removing the old pages (EAGAIN when the
- * lock limit refuses, on older kernels) would otherwise leave a hole inside
- * a Python mmap object.
+ * A fresh memfd_secret file of `len` bytes: its descriptor (O_CLOEXEC), or
+ * -errno.  Nothing is mapped yet.
  */
-int pk_secretmem_map(uintptr_t addr, size_t len, int populate)
+int pk_secretmem_create(size_t len)
 {
     long fd;
-    void *got;
     int err;
-    if (!len || addr % page_size() || len % page_size())
+    if (!len || len % page_size())
         return -EINVAL;
     fd = raw_syscall3(NR_MEMFD_SECRET, O_CLOEXEC, 0, 0);
     if (fd < 0)
@@ -126,9 +115,34 @@ int pk_secretmem_map(uintptr_t addr, size_t len, int populate)
         close((int)fd);
         return -err;
     }
-    got = mmap((void *)addr, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, (int)fd, 0);
+    return (int)fd;
+}
+
+/*
+ * Replace [addr, addr + len) of a reservation the caller owns with the pages
+ * of the secret file `fd` (from offset 0).  The reservation (with its guard
+ * pages) comes first so that the secret pages are placed exactly, between
+ * guards; MAP_FIXED then swaps the middle.  The caller keeps `fd`: the
+ * mapping holds the file alive by itself.
+ *
+ * With `populate` (only for a fresh file: it writes to every page), every
+ * page is populated before this returns (populate_by_kernel_write), so a
+ * buffer that got secret memory can never SIGBUS later; without it nothing
+ * is committed up front.
+ *
+ * On failure (-errno) the range is anonymous read/write memory again, as it
+ * was: an mmap that fails after removing the old pages (EAGAIN when the
+ * lock limit refuses, on older kernels) would otherwise leave a hole inside
+ * a Python mmap object.
+ */
+int pk_secretmem_map_fd(uintptr_t addr, size_t len, int fd, int populate)
+{
+    void *got;
+    int err;
+    if (!len || addr % page_size() || len % page_size() || fd < 0)
+        return -EINVAL;
+    got = mmap((void *)addr, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0);
     err = errno;
-    close((int)fd);
     if (got != MAP_FAILED) {
         /* Some kernels (6.1, 6.12) map secret memory whatever RLIMIT_MEMLOCK
          * says, and refuse a page only at its first touch, with SIGBUS; a
@@ -142,6 +156,40 @@ int pk_secretmem_map(uintptr_t addr, size_t len, int populate)
     mmap((void *)addr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1,
          0);
     return -err;
+}
+
+/*
+ * A fresh secret file mapped over [addr, addr + len) (pk_secretmem_map_fd),
+ * its descriptor closed at once: the mapping keeps the file alive, and no
+ * descriptor is left for a child to inherit.
+ */
+int pk_secretmem_map(uintptr_t addr, size_t len, int populate)
+{
+    int fd, status;
+    if (!len || addr % page_size() || len % page_size())
+        return -EINVAL;
+    fd = pk_secretmem_create(len);
+    if (fd < 0)
+        return fd;
+    status = pk_secretmem_map_fd(addr, len, fd, populate);
+    close(fd);
+    return status;
+}
+
+/*
+ * The size of `fd` if it is a memfd_secret file, -EBADF if it is no open
+ * descriptor, -EINVAL if it is any other file (whose pages the kernel's
+ * remote reads could reach: never mapped as a secret).
+ */
+int64_t pk_secretmem_file_size(int fd)
+{
+    struct statfs fs;
+    struct stat st;
+    if (fstatfs(fd, &fs) != 0 || fstat(fd, &st) != 0)
+        return -errno;
+    if ((unsigned long)fs.f_type != SECRETMEM_MAGIC || !S_ISREG(st.st_mode))
+        return -EINVAL;
+    return (int64_t)st.st_size;
 }
 
 /* ---- reading into secret memory ----------------------------------------- */

@@ -57,7 +57,8 @@ from ._rights import (
 )
 from . import _select
 from ._select import hardware_supported
-from ._types import BackendName, BufferOptions, ExpectFault, KeyLike, VirtualKeyStats
+from ._share import ShareHandle
+from ._types import BackendName, BufferOptions, ExpectFault, KeyLike, OnFork, VirtualKeyStats
 
 __version__ = "0.2.0"
 
@@ -86,10 +87,12 @@ __all__ = [
     "BackendName",
     "BufferOptions",
     "VirtualKeyStats",
+    "OnFork",
     "ExpectFault",
     "Scope",
     "ProtectedBuffer",
     "Unlocked",
+    "ShareHandle",
     "prompt",
     "virtual_key_limit",
     "virtual_key_stats",

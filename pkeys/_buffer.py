@@ -26,10 +26,13 @@ Creation
      which locks each page when it is first touched and so never commits
      untouched ones.  Best effort: when RLIMIT_MEMLOCK refuses, ``memory_locked``
      is False and a warning says so.
-  6. ``MADV_DONTDUMP`` keeps them out of core dumps.  Anonymous pages get
-     ``MADV_WIPEONFORK`` (a forked child sees zeros); secretmem pages, which
-     refuse it, get ``MADV_DONTFORK`` (a forked child has none: using the
-     buffer there raises PkeysError).
+  6. ``MADV_DONTDUMP`` keeps them out of core dumps.  ``on_fork`` says what
+     a forked child has (``pkeys/_share.py``): by default anonymous pages
+     get ``MADV_WIPEONFORK`` (``"zeroed"``: a forked child sees zeros), and
+     secretmem pages, which refuse it, ``MADV_DONTFORK`` (``"absent"``: a
+     forked child has none; using the buffer there raises PkeysError).
+     ``"shared"`` secretmem pages get neither: a child maps the same pages,
+     and the buffer keeps its file's descriptor for :meth:`share`.
   7. Give the buffer its key.  With ``key=`` (or ``seal=True``) the inner
      pages are tagged with that key, whose access is disabled.  Otherwise
      the buffer has a *virtual key* (``csrc/virtual.c``): its pages are
@@ -60,7 +63,9 @@ Close (also run by the finalizer)
      were never inherited.
   3. Wipe every page that was ever touched (``pk_wipe_touched``), with a
      write the compiler cannot drop.  Untouched pages hold nothing, and
-     writing them would commit them (1 GiB for a 1 GiB buffer).
+     writing them would commit them (1 GiB for a 1 GiB buffer).  Shared
+     pages are not wiped: other processes may still use them, and the
+     kernel zeroes secret pages when the last mapping and descriptor go.
   4. ``munlock``, unregister the label, give back the virtual key (pages
      ``PROT_NONE``, key freed) or forget the region, unmap.
   5. Free the key if the buffer owns it.
@@ -83,7 +88,7 @@ import weakref
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Unpack
 
-from . import _api, _guard, _secretmem, _state
+from . import _api, _guard, _secretmem, _share, _state
 from ._binding import ffi, lib
 from ._revocation import revocation_error
 from ._errors import (
@@ -96,7 +101,7 @@ from ._errors import (
 from ._key import Key
 from ._rights import PAGE_SIZE, PROT_NONE, PROT_READ, PROT_WRITE
 from ._select import chosen
-from ._types import BufferOptions, VirtualKeyStats
+from ._types import BufferOptions, OnFork, VirtualKeyStats
 from ._validate import check_fd, raise_status, require_int
 
 if TYPE_CHECKING:
@@ -133,9 +138,9 @@ def _raise(status: int) -> None:
     """Raise for a negative status from a ``pk_vbuf_*`` call."""
     if status == lib.PK_E_NOT_INHERITED:
         raise PkeysError(
-            "this protected buffer's secret memory stays in the process that made it: a "
-            "forked child has none of its pages (MADV_DONTFORK). Close it in the child, or "
-            "make the buffer after the fork"
+            "this protected buffer's memory stays in the process that made it: a forked "
+            "child has none of its pages (on_fork='absent', MADV_DONTFORK). Close it in the "
+            "child, make the buffer after the fork, or make it with on_fork='shared'"
         )
     if status == lib.PK_E_ALL_KEYS_BUSY:
         stats = virtual_key_stats()
@@ -164,7 +169,8 @@ class _Mapping:
     the finalizer, never both (the usage cell's close is the one way in)."""
 
     def __init__(self, size: int, key: Key | None, label: str, lock: bool,
-                 secretmem: bool | None, seal: bool) -> None:
+                 secretmem: bool | None, seal: bool, on_fork: str | None,
+                 shared_fd: int | None = None) -> None:
         self.closed = False
         self.size = size
         self.key: Key | None = None
@@ -173,6 +179,8 @@ class _Mapping:
         self.locked = False
         self.backing = "anonymous"
         self.inherit = lib.PK_INHERIT_COPY
+        # A shared buffer's secret file, kept for share(); -1 otherwise.
+        self.fd = -1
         self.sealed = False
         self.tagged = False
         self.vbuf: Any = ffi.NULL
@@ -186,6 +194,8 @@ class _Mapping:
         self.orphaned = False
         inner_pages = (size + CANARY_SIZE + PAGE_SIZE - 1) // PAGE_SIZE
         self.inner_length = inner_pages * PAGE_SIZE
+        if shared_fd is not None:  # the sender's layout: the whole file
+            self.inner_length = _share.shared_file_length(shared_fd, size)
         # 1. The reservation.  MAP_PRIVATE, not mmap's default MAP_SHARED: a
         # shared mapping would let a forked child read and write the
         # parent's secret, and the kernel refuses MADV_WIPEONFORK on it.
@@ -198,13 +208,20 @@ class _Mapping:
             _state.add_package_span(self.base, self.base + self.map_length)
             self.inner = self.base + PAGE_SIZE
             self._place(size)
-            self._back(secretmem)                 # 2
+            if on_fork == "shared":               # 2
+                self.fd = _share.map_shared(self.inner, self.inner_length, shared_fd)
+                self.backing = "secretmem"
+            else:
+                self._back(secretmem)
             self._guard_pages()                   # 3
             if lock:                              # 5
                 self._lock()
-            self._advise()                        # 6
-            self.canary = os.urandom(CANARY_SIZE)  # 4, while the pages are key 0
-            ffi.memmove(ffi.cast("void *", self.canary_address), self.canary, CANARY_SIZE)
+            self._advise(on_fork)                 # 6
+            if shared_fd is not None:             # 4: the sender's canary
+                self.canary = ffi.buffer(ffi.cast("char *", self.canary_address), CANARY_SIZE)[:]
+            else:                                 # 4, while the pages are key 0
+                self.canary = os.urandom(CANARY_SIZE)
+                ffi.memmove(ffi.cast("void *", self.canary_address), self.canary, CANARY_SIZE)
             self._give_key(key, seal)             # 7
             self.label_slot = lib.pk_label_add(   # 8
                 self.base, self.base + self.map_length,
@@ -295,13 +312,16 @@ class _Mapping:
             stacklevel=5,
         )
 
-    def _advise(self) -> None:
+    def _advise(self, on_fork: str | None) -> None:
         self.dontdump = lib.pk_madvise(self.inner, self.inner_length, MADV_DONTDUMP) == 0
-        if self.backing == "secretmem":
+        if on_fork == "shared":
+            self.inherit = lib.PK_INHERIT_SHARED  # a child keeps the same pages
+            return
+        if self.backing == "secretmem" or on_fork == "absent":
             # secretmem refuses WIPEONFORK; without DONTFORK a child would
             # share the MAP_SHARED pages, so this one must hold.
             if lib.pk_madvise(self.inner, self.inner_length, MADV_DONTFORK) != 0:
-                raise OSError(ffi.errno, "MADV_DONTFORK on secret memory: " + os.strerror(ffi.errno))
+                raise OSError(ffi.errno, "MADV_DONTFORK: " + os.strerror(ffi.errno))
             self.inherit = lib.PK_INHERIT_NONE
             return
         # Kernels before 4.14 lack WIPEONFORK (EINVAL): the child then sees a copy.
@@ -409,10 +429,12 @@ class _Mapping:
             forked = lib.pk_vbuf_forked(self.vbuf)
             # In a forked child secretmem pages are absent, and WIPEONFORK
             # zeroed anonymous ones, canary included: neither is checked.
+            # Shared pages are never wiped (other processes may use them).
             if not (forked and self.inherit == lib.PK_INHERIT_NONE):
                 if check_canary and not (forked and self.inherit == lib.PK_INHERIT_ZEROS):
                     corrupted = not self.equal(self.canary_address, self.canary)
-                _call(lib.pk_vbuf_wipe, self.vbuf, self.inner, self.inner_length, 1)
+                if self.inherit != lib.PK_INHERIT_SHARED:
+                    _call(lib.pk_vbuf_wipe, self.vbuf, self.inner, self.inner_length, 1)
         elif hasattr(self, "inner"):
             lib.pk_wipe_touched(self.inner, self.inner_length)  # never keyed: plain access
         if self.locked and self.backing == "anonymous":
@@ -422,6 +444,9 @@ class _Mapping:
             lib.pk_label_remove(self.label_slot)
             self.label_slot = -1
         self.closed = True
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
         if self.sealed:
             self._keep_sealed()
         elif unmap:
@@ -496,7 +521,10 @@ class ProtectedBuffer:
     ``memfd_secret`` pages where the kernel offers them, ``True`` requires
     them, ``False`` never uses them (see :attr:`backing`).  ``seal=True``
     seals the mapping with ``mseal`` for the rest of the process (hardware
-    backend, Linux 6.10+).
+    backend, Linux 6.10+).  ``on_fork``: what a forked child has,
+    ``"absent"`` (the default for secret memory), ``"zeroed"`` (the default
+    for anonymous memory) or ``"shared"`` (the same secret pages, which
+    :meth:`share` also passes to other processes; docs/sharing.md).
 
     The data sits between two ``PROT_NONE`` guard pages, flush against the
     trailing one, after a random canary; its pages are locked, left out of
@@ -519,6 +547,7 @@ class ProtectedBuffer:
         lock_memory: bool = True,
         secretmem: bool | None = None,
         seal: bool = False,
+        on_fork: OnFork | None = None,
     ) -> None:
         size = require_int(size, "size")
         if not 0 < size <= MAX_SIZE:
@@ -531,12 +560,38 @@ class ProtectedBuffer:
             raise TypeError(f"secretmem must be None, True or False, not {type(secretmem).__name__}")
         if not isinstance(seal, bool):
             raise TypeError(f"seal must be a bool, not {type(seal).__name__}")
+        _share.check_on_fork(on_fork, secretmem)
         if seal:
             _check_seal()
         _guard.install()
+        self._adopt(label, _Mapping(size, key, label, bool(lock_memory), secretmem, seal, on_fork))
+
+    def _adopt(self, label: str, mapping: _Mapping) -> None:
         self._label = label
-        self._mapping = _Mapping(size, key, label, bool(lock_memory), secretmem, seal)
+        self._mapping = mapping
         self._finalizer = weakref.finalize(self, _finalize, self._mapping)
+
+    # -- other processes (pkeys/_share.py) ------------------------------
+    def share(self) -> _share.ShareHandle:
+        """A handle holding a new descriptor of this buffer's secret file,
+        for another process (``socket.send_fds``) to map with
+        :meth:`from_shared`: the pages, never their bytes, cross.  Only
+        for a buffer made with ``on_fork="shared"``."""
+        return _share.share(self)
+
+    @classmethod
+    def from_shared(cls, handle: _share.ShareHandle, *, key: Key | None = None,
+                    label: str | None = None) -> ProtectedBuffer:
+        """The buffer whose handle :meth:`share` made, in another process,
+        mapped under a key of this one and closed until :meth:`unlocked`.
+        The handle stays the caller's to close."""
+        return _share.from_shared(cls, handle, key, label)
+
+    @property
+    def on_fork(self) -> str:
+        """What a forked child has: ``"absent"``, ``"zeroed"``, ``"shared"``
+        (or ``"copied"`` on kernels before 4.14 without WIPEONFORK)."""
+        return _share.ON_FORK_OF_INHERIT[self._mapping.inherit]
 
     # -- loading without a Python copy ----------------------------------
     @classmethod
@@ -939,3 +994,7 @@ def release_idle_virtual_keys() -> int:
     """Evict every buffer nobody is using and free the pool's idle keys,
     for code that needs raw keys; returns how many were freed."""
     return lib.pk_vkeys_release_idle()
+
+
+# A ProtectedBuffer crosses multiprocessing as its descriptor (pkeys/_share.py).
+_share.register_reducers(ProtectedBuffer)

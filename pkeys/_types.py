@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from ._key import Key
 
 __all__ = ["Backend", "BackendName", "BufferLike", "BufferOptions", "ExpectFault", "KeyLike",
-           "MemoryTarget", "VirtualKeyStats"]
+           "MemoryTarget", "OnFork", "VirtualKeyStats"]
 
 # A protection key number, or anything that converts to one losslessly
 # through __index__, as pkeys.Key does.  (int is itself SupportsIndex; it is
@@ -33,6 +33,9 @@ BufferLike: TypeAlias = "Buffer"
 #: Memory to tag or probe: an int address, or a buffer over it (mmap.mmap,
 #: a memoryview or numpy array of one).  Never a str.
 MemoryTarget: TypeAlias = "int | Buffer"
+
+#: What a forked child has of a protected buffer (``ProtectedBuffer(on_fork=)``).
+OnFork: TypeAlias = Literal["absent", "zeroed", "shared"]
 
 #: What :func:`pkeys.backend` returns.
 BackendName: TypeAlias = Literal["hardware", "software", "simulated"]
@@ -60,6 +63,7 @@ class BufferOptions(TypedDict, total=False):
     lock_memory: bool
     secretmem: bool | None
     seal: bool
+    on_fork: OnFork | None
 
 
 class VirtualKeyStats(TypedDict):
