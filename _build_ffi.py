@@ -62,7 +62,7 @@ ffibuilder.set_source(
 # hands it the entry points' addresses at import, so there is one state.
 SCOPE_EXTENSION = {
     "name": "pkeys._scope",
-    "sources": [f"{CSRC}/scope_type.c", f"{CSRC}/scope_rights.c"],
+    "sources": [f"{CSRC}/scope_type.c", f"{CSRC}/scope_rights.c", f"{CSRC}/scope_block.c"],
     "depends": [f"{CSRC}/pkeys_api.h", f"{CSRC}/scope_type.h"],
     "include_dirs": [CSRC],
     "define_macros": [("Py_LIMITED_API", "0x030B0000")],

@@ -27,7 +27,6 @@
  */
 #include "scope_type.h"
 
-#include <structmember.h>
 #include <errno.h>
 #include <string.h>
 
@@ -333,9 +332,13 @@ static PyObject *key_bind(PyObject *op, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* write=True (the default) or write=False, positional or by name. */
-static int write_argument(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
-                          Py_ssize_t first, const char *function, int *write)
+uint32_t pk_scope_thread_serial(void)
+{
+    return thread_serial();
+}
+
+int pk_write_argument(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                      Py_ssize_t first, const char *function, int *write)
 {
     PyObject *value = NULL;
     Py_ssize_t names = kwnames ? PyTuple_Size(kwnames) : 0, i;
@@ -355,7 +358,6 @@ static int write_argument(PyObject *const *args, Py_ssize_t nargs, PyObject *kwn
         }
         value = args[nargs + i];
     }
-    *write = 1;
     if (value && (*write = PyObject_IsTrue(value)) < 0)
         return -1;
     return 0;
@@ -366,7 +368,7 @@ static PyObject *key_allow(PyObject *op, PyObject *const *args, Py_ssize_t nargs
 {
     KeyObject *self = (KeyObject *)op;
     int write = 1;
-    if ((nargs || kwnames) && write_argument(args, nargs, kwnames, 0, "allow", &write) < 0)
+    if ((nargs || kwnames) && pk_write_argument(args, nargs, kwnames, 0, "allow", &write) < 0)
         return NULL;
     if (self->pkey < 0) {
         PyObject *result = PyObject_CallNoArgs(key_closed);
@@ -440,7 +442,7 @@ static PyObject *allow_keys(PyObject *module, PyObject *const *args, Py_ssize_t 
         scope.keys |= 1u << key->pkey;
         scope.identities[key->pkey] = key->identity;
     }
-    if (kwnames && write_argument(args, nargs, kwnames, nargs, "allow", &write) < 0)
+    if (kwnames && pk_write_argument(args, nargs, kwnames, nargs, "allow", &write) < 0)
         return NULL;
     if (i < nargs || nargs == 0) {
         PyObject *keys = PyTuple_New(nargs);
@@ -524,6 +526,12 @@ static PyMethodDef module_methods[] = {
      METH_VARARGS | METH_KEYWORDS,
      PyDoc_STR("Hand this module pk_key_get, pk_key_set and pkeys._api's general paths "
                "(pkeys._api does, once, at import).")},
+    {"configure_blocks", (PyCFunction)(void (*)(void))pk_block_configure,
+     METH_VARARGS | METH_KEYWORDS,
+     PyDoc_STR("Hand this module pk_vbuf_enter, pk_vbuf_exit and pkeys._buffer's rare paths "
+               "(pkeys._buffer does, once, at import).")},
+    {"guard_seen", pk_block_guard_seen, METH_VARARGS,
+     PyDoc_STR("guard_seen(faulthandler_enabled, handler): what pkeys._guard.install saw.")},
     {"pkey_get", pk_fast_pkey_get, METH_O,
      PyDoc_STR("pkey_get(pkey)\n--\n\n"
                "This thread's rights for an allocated key (or key 0), as in force now\n"
@@ -553,7 +561,8 @@ PyMODINIT_FUNC PyInit__scope(void)
     pk_key_base = (PyTypeObject *)PyType_FromSpec(&key_spec);
     if (!scope_type || !pk_key_base ||
         PyModule_AddObjectRef(module, "Scope", (PyObject *)scope_type) < 0 ||
-        PyModule_AddObjectRef(module, "KeyBase", (PyObject *)pk_key_base) < 0) {
+        PyModule_AddObjectRef(module, "KeyBase", (PyObject *)pk_key_base) < 0 ||
+        pk_block_init(module) < 0 || pk_buffer_base_init(module) < 0) {
         Py_DECREF(module);
         return NULL;
     }

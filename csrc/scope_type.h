@@ -10,6 +10,7 @@
 #endif
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -38,6 +39,20 @@ PyObject *pk_fast_pkey_get(PyObject *module, PyObject *pkey);
 PyObject *pk_fast_pkey_set(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
                            PyObject *kwnames);
 PyObject *pk_fast_configure_rights(PyObject *module, PyObject *args, PyObject *kwargs);
+
+/* scope_type.c: the thread serial a token carries (pk_thread_serial), and
+ * the write= argument of allow() and unlocked(): positional at `first`
+ * or by name; *write keeps its default when absent. */
+uint32_t pk_scope_thread_serial(void);
+int pk_write_argument(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                      Py_ssize_t first, const char *function, int *write);
+
+/* scope_block.c: pkeys.Unlocked, its exporter, and ProtectedBuffer's base. */
+PyObject *pk_block_new(PyObject *mapping, int write);
+PyObject *pk_block_configure(PyObject *module, PyObject *args, PyObject *kwargs);
+PyObject *pk_block_guard_seen(PyObject *module, PyObject *args);
+int pk_block_init(PyObject *module);
+int pk_buffer_base_init(PyObject *module);
 
 /* A C int from a Python int or an open Key, without Python code; 0 when
  * the argument needs the general path (its checks and messages). */

@@ -2,7 +2,7 @@
 # Key's base, pkeys.allow, pkeys.pkey_get and pkeys.pkey_set.
 from collections.abc import Callable
 from types import TracebackType
-from typing import NoReturn, final
+from typing import Any, NoReturn, final
 
 from ._rights import PkeyRights
 from ._types import KeyLike
@@ -47,6 +47,46 @@ class KeyBase:
         """A scope that denies this thread all access while it is active,
         whatever allow() scopes are active too."""
 
+@final
+class Unlocked:
+    """The context manager of :meth:`ProtectedBuffer.unlocked`: each entry
+    takes a use of the buffer and a grant on its key, and yields a fresh
+    view; its exit releases exactly those."""
+
+    def __enter__(self) -> memoryview: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+@final
+class BlockExport:
+    """The exporter of one unlocked() block's view."""
+
+class BufferBase:
+    def unlocked(self, write: bool = False) -> Unlocked:
+        """A block with access open (for this thread, on hardware): yields a
+        memoryview of the data, read-only unless ``write``.  The view is
+        released on exit.  The returned object may be entered again, from
+        nested blocks or other tasks; each entry yields its own view."""
+
+def guard_seen(faulthandler_enabled: bool, handler: object) -> None: ...
+def configure_blocks(
+    *,
+    vbuf_enter: int,
+    vbuf_exit: int,
+    enter_failed: Callable[[Any, int, int, int], int],
+    exit_failed: Callable[[Any, int, int, int, int], None],
+    view_escaped: Callable[[Any, object], None],
+    use_ended: Callable[[Any], None],
+    raise_status: Callable[[int], None],
+    guard_install: Callable[[], None],
+    faulthandler_enabled: Callable[[], bool],
+    python_handler: Callable[[int], object],
+    sigsegv: int,
+) -> None: ...
 def allow(*keys: KeyLike, write: bool = True) -> Scope:
     """One scope, one register write, for several keys at once."""
 

@@ -11,17 +11,11 @@ import sys
 
 import pytest
 
+from ._sources import SCOPE_EXTENSION, SCOPE_SOURCES
+from ._sources import SHIM_SOURCES as SOURCES
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
-# The shim's sources (the cffi module) and the scope type's (pkeys._scope,
-# a CPython extension that needs Python's headers): every C file is one's.
-sys.path.insert(0, str(ROOT))
-import _build_ffi  # noqa: E402
-
-sys.path.remove(str(ROOT))
-SOURCES = sorted(ROOT / name for name in _build_ffi.SOURCES)
-SCOPE_SOURCES = sorted(ROOT / name for name in _build_ffi.SCOPE_EXTENSION["sources"])
-assert set(CSRC.glob("*.c")) == set(SOURCES) | set(SCOPE_SOURCES)
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 
@@ -113,7 +107,7 @@ def test_the_scope_type_builds_warning_free_on_the_limited_api(tmp_path, arch):
          "-o", str(tmp_path / "_scope.so")],
         check=True, capture_output=True, text=True)
     assert "#define Py_LIMITED_API 0x030B0000" in (CSRC / "scope_type.h").read_text()
-    assert _build_ffi.SCOPE_EXTENSION["py_limited_api"] is True
+    assert SCOPE_EXTENSION["py_limited_api"] is True
 
 
 def test_wrpkru_has_a_memory_clobber():
