@@ -172,11 +172,7 @@ static void unlocked_dealloc(PyObject *op)
 
 static PyObject *raise_for(int status)
 {
-    PyObject *result = PyObject_CallFunction(raise_status, "i", status);
-    Py_XDECREF(result);
-    if (!PyErr_Occurred())
-        PyErr_Format(PyExc_SystemError, "pkeys: status %d raised nothing", status);
-    return NULL;
+    return pk_raise_with(raise_status, status);
 }
 
 /* Calls install() when faulthandler or Python's SIGSEGV handler changed

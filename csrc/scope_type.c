@@ -60,17 +60,18 @@ typedef struct {
     int64_t inline_tokens[INLINE_TOKENS];
 } ScopeObject;
 
+PyObject *pk_raise_with(PyObject *raiser, int status)
+{
+    PyObject *result = PyObject_CallFunction(raiser, "i", status);
+    Py_XDECREF(result);
+    if (!PyErr_Occurred())  /* it must raise; never return as if it had */
+        PyErr_Format(PyExc_SystemError, "pkeys: status %d raised nothing", status);
+    return NULL;
+}
+
 static PyObject *raise_for(int status)
 {
-    PyObject *code = PyLong_FromLong(status);
-    if (code) {
-        PyObject *result = PyObject_CallFunctionObjArgs(raise_status, code, NULL);
-        Py_DECREF(code);
-        Py_XDECREF(result);
-        if (!PyErr_Occurred())  /* it must raise; never return as if it had */
-            PyErr_Format(PyExc_SystemError, "pkeys: status %d raised nothing", status);
-    }
-    return NULL;
+    return pk_raise_with(raise_status, status);
 }
 
 /* A new scope granting *scope; a zeroed one for the caller to fill when

@@ -44,6 +44,9 @@ PyObject *pk_fast_configure_rights(PyObject *module, PyObject *args, PyObject *k
  * the write= argument of allow() and unlocked(): positional at `first`
  * or by name; *write keeps its default when absent. */
 uint32_t pk_scope_thread_serial(void);
+/* Calls raiser(status), a Python function that raises the package's
+ * exception for it; returns NULL with that exception set. */
+PyObject *pk_raise_with(PyObject *raiser, int status);
 int pk_write_argument(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
                       Py_ssize_t first, const char *function, int *write);
 
