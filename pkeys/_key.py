@@ -85,7 +85,7 @@ class Key(_scope.KeyBase):
     def pkey(self) -> int:
         """The key number, 1..15."""
         if self._pkey < 0:
-            raise InvalidKeyError("this Key has been closed")
+            _key_closed()
         return self._pkey
 
     def __index__(self) -> int:
