@@ -60,5 +60,19 @@ ffibuilder.set_source(
     py_limited_api=True,
 )
 
+# The hot path of scopes (csrc/scope_type.c): a plain CPython extension on
+# the stable ABI, built next to the cffi module by setup.py (and by
+# tools/build-simulated.sh).  It links against nothing of the shim: pkeys._key
+# hands it the entry points' addresses at import, so there is one state.
+SCOPE_EXTENSION = {
+    "name": "pkeys._scope",
+    "sources": [f"{CSRC}/scope_type.c", f"{CSRC}/scope_rights.c", f"{CSRC}/scope_block.c"],
+    "depends": [f"{CSRC}/pkeys_api.h", f"{CSRC}/scope_type.h"],
+    "include_dirs": [CSRC],
+    "define_macros": [("Py_LIMITED_API", "0x030B0000")],
+    "extra_compile_args": ["-std=gnu11", "-O2", "-Wall", "-Wextra"],
+    "py_limited_api": True,
+}
+
 if __name__ == "__main__":
     ffibuilder.compile(verbose=True)

@@ -70,6 +70,10 @@ int pk_glibc_pkey_set(int pkey, unsigned int access_rights);
 #define PK_MODE_SOFTWARE 2
 int pk_state_init(int mode);
 int pk_state_mode(void);
+/* Whether a grant belongs to the process (software) rather than to the
+ * thread that took it (hardware): a scope ended in another thread leaves a
+ * hardware grant active in the thread that entered it. */
+int pk_grants_per_process(void);
 
 /* Scope kinds: what a grant does to a key while it is active. */
 #define PK_GRANT_READ_WRITE 0

@@ -118,9 +118,6 @@ void pk_fork_hooks_install(void);
 void pk_vkeys_pool_lock(void);
 void pk_vkeys_pool_unlock(void);
 void pk_secretmem_forked_child(void);
-/* Whether a grant belongs to the process (software) rather than to the
- * thread that took it (hardware). */
-int pk_grants_per_process(void);
 
 /* regions.c, for the software backend; called with the state lock held. */
 /* Software backend: make the regions of the keys whose bits differ between

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _state
+from . import _scope, _state
 from ._binding import ffi, lib
 from ._collect import collect_garbage
 from ._memory import check_prot, resolve
@@ -171,9 +171,9 @@ def pkey_free(pkey: KeyLike) -> None:
     free_key(number, identity)
 
 
-def pkey_get(pkey: KeyLike) -> PkeyRights:
-    """This thread's rights for an allocated key (or key 0), as in force now
-    (the process's on the software backend)."""
+def _pkey_get_any(pkey: KeyLike) -> PkeyRights:
+    """pkey_get for what its C fast path (csrc/scope_rights.c: an int or
+    an open Key, rights in 0..3) leaves: conversions, checks, errors."""
     if type(pkey) is not int:  # a Key (a slot read), or the checked conversion
         pkey = (pkey._pkey if type(pkey) is key_type and pkey._pkey >= 0  # type: ignore[attr-defined]
                 else key_number(pkey))
@@ -186,12 +186,9 @@ def pkey_get(pkey: KeyLike) -> PkeyRights:
     return RIGHTS_BY_VALUE[rights]
 
 
-def pkey_set(pkey: KeyLike, access_rights: int, *, threads: str = "current") -> None:
-    """Set the rights for an allocated key (not key 0) outside scopes: this
-    thread's, or with ``threads="all"`` every thread's at once (active
-    scopes on the key lose their grants; see Key.revoke).  Inside an active
-    scope they take effect when it ends.  The register is written only if
-    the value changes."""
+def _pkey_set_any(pkey: KeyLike, access_rights: int, *, threads: str = "current") -> None:
+    """pkey_set for what its C fast path leaves: ``threads``, conversions,
+    checks, errors."""
     if threads != "current":
         return _set_for(pkey, access_rights, threads)
     if type(pkey) is not int:
@@ -204,10 +201,31 @@ def pkey_set(pkey: KeyLike, access_rights: int, *, threads: str = "current") -> 
     except OverflowError:
         status = _set(check_key_range(pkey), check_rights(access_rights), 0)
     if status:
-        status = _retry_pinned(status, _set, pkey, access_rights)
-        if status:
-            raise_status(status, pkey, access_rights)
+        _set_failed(pkey, access_rights, status, ffi.errno)
     return None
+
+
+def _set_failed(pkey: int, access_rights: int, status: int, error: int) -> None:
+    """A refused pk_key_set (``errno`` as it left it): the software
+    backend's pins, then again; else the exception."""
+    ffi.errno = error
+    status = _retry_pinned(status, _set, pkey, access_rights)
+    if status:
+        raise_status(status, pkey, access_rights)
+
+
+# The two calls people time against the instructions: in C for an int or
+# an open Key (csrc/scope_rights.c), the functions above for the rest.
+pkey_get = _scope.pkey_get
+pkey_set = _scope.pkey_set
+_scope.configure_rights(
+    key_get=int(ffi.cast("uintptr_t", ffi.addressof(lib, "pk_key_get"))),
+    key_set=int(ffi.cast("uintptr_t", ffi.addressof(lib, "pk_key_set"))),
+    get_any=_pkey_get_any,
+    set_any=_pkey_set_any,
+    set_failed=_set_failed,
+    rights_by_value=RIGHTS_BY_VALUE,
+)
 
 
 def _set_for(pkey: object, access_rights: object, threads: object) -> None:

@@ -85,10 +85,9 @@ import os
 import stat
 import warnings
 import weakref
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Unpack
 
-from . import _api, _guard, _secretmem, _share, _state
+from . import _api, _guard, _scope, _secretmem, _share, _state
 from ._binding import ffi, lib
 from ._revocation import revocation_error
 from ._errors import (
@@ -100,6 +99,7 @@ from ._errors import (
 )
 from ._key import Key
 from ._rights import PAGE_SIZE, PROT_NONE, PROT_READ, PROT_WRITE
+from ._scope import Unlocked
 from ._select import chosen
 from ._types import BufferOptions, OnFork, VirtualKeyStats
 from ._validate import check_fd, raise_status, require_int
@@ -189,6 +189,7 @@ class _Mapping:
         self.data_view: memoryview | None = None
         self.pin: Any = None
         self.escaped: list[weakref.ref[Any]] = []
+        self._block: tuple[int, Any, int, int] | None = None
         # Set when the ProtectedBuffer was collected while in use: the last
         # use to end closes it.
         self.orphaned = False
@@ -249,6 +250,14 @@ class _Mapping:
         assert self.map is not None
         self.data_view = memoryview(self.map)[self.data_offset:self.data_offset + self.size]
         self.pin = ffi.from_buffer(self.data_view)
+        self._set_block()
+
+    def _set_block(self) -> None:
+        """What an unlocked() block reads (csrc/scope_block.c): the record's
+        address, the pin its views are made from, the data's address and
+        size; None once closed."""
+        vbuf = 0 if self.vbuf == ffi.NULL else int(ffi.cast(_UINTPTR, self.vbuf))
+        self._block = (vbuf, self.pin, self.data, self.size)
 
     def _unpin(self) -> None:
         """Give the export back; only when no view made from it is alive."""
@@ -341,6 +350,7 @@ class _Mapping:
         # Freed with the last Python reference, not at close: a thread that
         # raced with close() may still call in, and must find it closed.
         self.vbuf = ffi.gc(record, lib.pk_vbuf_destroy)
+        self._set_block()
         if key is not None:
             _api.tag(self.inner, self.inner_length, PROT_READ | PROT_WRITE, pkey, identity,
                      owner=lib.PK_OWNER_PACKAGE)
@@ -444,6 +454,7 @@ class _Mapping:
             lib.pk_label_remove(self.label_slot)
             self.label_slot = -1
         self.closed = True
+        self._block = None  # what unlocked() reads: closed
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -510,7 +521,7 @@ def _finalize(mapping: _Mapping) -> None:
     mapping.close_when_released()
 
 
-class ProtectedBuffer:
+class ProtectedBuffer(_scope.BufferBase):
     """``size`` bytes of guarded, locked, key-protected memory for a secret.
 
     ``key``: a shared :class:`Key` (not freed on close).  By default the
@@ -536,7 +547,10 @@ class ProtectedBuffer:
     documentation has every step.
     """
 
-    __slots__ = ("_mapping", "_label", "_finalizer", "__weakref__")
+    # _mapping lives in the C base (csrc/scope_block.c), whose unlocked()
+    # hands out pkeys.Unlocked blocks without Python code.
+    __slots__ = ("_label", "_finalizer", "__weakref__")
+    _mapping: _Mapping
 
     def __init__(
         self,
@@ -722,13 +736,6 @@ class ProtectedBuffer:
         return self._mapping.size
 
     # -- access ---------------------------------------------------------
-    def unlocked(self, write: bool = False) -> Unlocked:
-        """A block with access open (for this thread, on hardware): yields a
-        memoryview of the data, read-only unless ``write``.  The view is
-        released on exit.  The returned object may be entered again, from
-        nested blocks or other tasks; each entry yields its own view."""
-        return Unlocked(self._open(), write)
-
     def revoke(self, timeout: float = _api.REVOCATION_TIMEOUT) -> None:
         """End access to this buffer in every thread, now: every grant on
         the key it holds ends, including those of blocks that are still
@@ -846,118 +853,80 @@ def _check_seal() -> None:
         raise UnsupportedError(f"seal=True, but mseal is unavailable: {reason}")
 
 
-class Unlocked:
-    """The context manager of :meth:`ProtectedBuffer.unlocked`: each entry
-    takes a use of the buffer and a grant on its key, and yields a fresh
-    view; its exit releases exactly those."""
+def _block_enter_failed(mapping: _Mapping, kind: int, status: int, error: int) -> int:
+    """An unlocked() entry refused by C (``pkeys.Unlocked``,
+    csrc/scope_block.c), ``errno`` as the call left it: the software
+    backend's pins, then again; else the exception.  Returns the token."""
+    ffi.errno = error
+    status = _state.retry_pinned(status, _enter, mapping.vbuf, kind)
+    if status < 0:
+        _raise(status)
+    return int(status)
 
-    __slots__ = ("_mapping", "_write", "_kind", "_entries")
 
-    def __init__(self, mapping: _Mapping, write: bool) -> None:
-        self._mapping = mapping
-        self._write = write
-        self._kind = _READ_WRITE if write else _READ_ONLY
-        # (token, view, exporter) of each entry not ended yet.
-        self._entries: list[tuple[int, memoryview, Any]] = []
+def _block_exit_failed(mapping: _Mapping, kind: int, token: int, status: int,
+                       error: int) -> None:
+    """An unlocked() exit refused by C: the pins, then again; a block
+    ended in another thread; else the exception."""
+    ffi.errno = error
+    status = _state.retry_pinned(status, _exit, mapping.vbuf, kind, token)
+    if status == _WRONG_THREAD:
+        # Software: state.c ended the process-wide grant already.
+        status = _end_elsewhere(mapping) if chosen().backend.MODE == lib.PK_MODE_HARDWARE else 0
+    if status:
+        _raise(status)
 
-    def __enter__(self) -> memoryview:
-        mapping = self._mapping
-        _guard.install_if_changed()  # stay first in line if a handler was installed since
-        token = _enter(mapping.vbuf, self._kind, 0)
-        if token < 0:
-            token = _state.retry_pinned(token, _enter, mapping.vbuf, self._kind)
-            if token < 0:
-                _raise(token)
-        try:
-            # This entry's own exporter: views made from the view hold it.
-            exporter = _exporter_of(mapping.pin)
-            view = memoryview(exporter)
-            if not self._write:
-                readonly = view.toreadonly()
-                view.release()
-                view = readonly
-        except BaseException:
-            self._end(token)
-            raise
-        self._entries.append((token, view, exporter))
-        return view
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        mapping = self._mapping
-        token, view, exporter = self._take_entry()
-        leaked = False
-        try:
-            view.release()
-        except BufferError:
-            leaked = True  # something still holds an export of the view itself
-        del view
-        # The exporter was this entry's alone, and its last reference is
-        # gone with the name below, unless a managed buffer (CPython's
-        # memoryobject.c) still holds it for a view made from the block's
-        # (a slice, a cast, an array of one).  Unsafe assumption, written
-        # down: reference counting frees an object as its last reference
-        # goes (CPython; the exporter is in no cycle).
-        survivor = _weak(exporter)
-        del exporter
-        if leaked or survivor() is not None:
-            # Recorded before the use ends, so that a close() that can
-            # only follow the end sees it.
-            leaked = True
-            mapping.escaped.append(survivor)
-        self._end(token)
-        if mapping.orphaned and not lib.pk_vbuf_users(mapping.vbuf):
-            mapping.orphaned = False
-            mapping.close_when_released()
-        if leaked and exc is None:
-            raise BufferError(
-                "an object made from the unlocked view (a numpy array, a memoryview cast) is "
-                "still alive; delete it inside the block: outside it, touching it would fault"
-            )
+def _end_elsewhere(mapping: _Mapping) -> int:
+    """A block ended in a thread other than the one that entered it (a
+    generator or coroutine suspended inside it, closed by another thread or
+    by the garbage collector there).  The grant lives in the other thread's
+    register, which only a revocation reaches: the key the buffer holds is
+    revoked in every thread, then the use ends, so the buffer can be
+    closed."""
+    result = ffi.new(_api._BROADCAST_RESULT)
+    status = lib.pk_vbuf_end_elsewhere(mapping.vbuf, _api.REVOCATION_TIMEOUT, result)
+    if status == lib.PK_E_BROADCAST:
+        raise revocation_error(lib.pk_vbuf_pkey(mapping.vbuf),
+                               "the block's use of the buffer stays", result)
+    return int(status)
 
-    def _take_entry(self) -> tuple[int, memoryview, Any]:
-        entries = self._entries
-        if len(entries) > 1:
-            serial = lib.pk_thread_serial()
-            for index in range(len(entries) - 1, -1, -1):
-                if entries[index][0] >> 32 == serial:
-                    return entries.pop(index)
-        if not entries:
-            raise_status(lib.PK_E_UNBALANCED)
-        return entries.pop()
 
-    def _end(self, token: int) -> None:
-        status = _exit(self._mapping.vbuf, self._kind, token, 0)
-        if status:
-            status = _state.retry_pinned(status, _exit, self._mapping.vbuf, self._kind, token)
-            if status == _WRONG_THREAD:
-                # Software: state.c ended the process-wide grant already.
-                status = self._end_elsewhere() if chosen().backend.MODE == lib.PK_MODE_HARDWARE else 0
-            if status:
-                _raise(status)
+def _view_escaped(mapping: _Mapping, exporter: object) -> None:
+    """A block's view outlived it (a slice, a cast, an array of one): its
+    exporter lives as long as they do.  Recorded before the use ends."""
+    mapping.escaped.append(_weak(exporter))
 
-    def _end_elsewhere(self) -> int:
-        """A block ended in a thread other than the one that entered it (a
-        generator or coroutine suspended inside it, closed by another
-        thread or by the garbage collector there).  The grant lives in the
-        other thread's register, which only a revocation reaches: the key
-        the buffer holds is revoked in every thread, then the use ends, so
-        the buffer can be closed."""
-        vbuf = self._mapping.vbuf
-        result = ffi.new(_api._BROADCAST_RESULT)
-        status = lib.pk_vbuf_end_elsewhere(vbuf, _api.REVOCATION_TIMEOUT, result)
-        if status == lib.PK_E_BROADCAST:
-            raise revocation_error(lib.pk_vbuf_pkey(vbuf), "the block's use of the buffer stays",
-                                   result)
-        return int(status)
+
+def _use_ended(mapping: _Mapping) -> None:
+    """A block of a buffer collected while in use ended: the last use to
+    end closes it."""
+    if mapping.orphaned and not lib.pk_vbuf_users(mapping.vbuf):
+        mapping.orphaned = False
+        mapping.close_when_released()
 
 
 _enter = lib.pk_vbuf_enter
 _exit = lib.pk_vbuf_exit
+
+
+def _address_of(function: str) -> int:
+    return int(ffi.cast(_UINTPTR, ffi.addressof(lib, function)))
+
+
+_scope.configure_blocks(
+    vbuf_enter=_address_of("pk_vbuf_enter"),
+    vbuf_exit=_address_of("pk_vbuf_exit"),
+    enter_failed=_block_enter_failed,
+    exit_failed=_block_exit_failed,
+    view_escaped=_view_escaped,
+    use_ended=_use_ended,
+    raise_status=_raise,
+    guard_install=_guard.install,
+    faulthandler_enabled=_guard.faulthandler_enabled,
+    python_handler=_guard.python_handler,
+    sigsegv=_guard.SIGSEGV,
+)
 
 
 # -- the virtual-key pool ----------------------------------------------------

@@ -6,8 +6,9 @@ fault on protected memory is named and probes work; ``pk_guard_install()``
 checks that with one ``sigaction(2)`` call and puts it back on top if
 something displaced it.  Python code can displace it in two ways that
 Python shows without a syscall: ``faulthandler.enable()`` and
-``signal.signal(SIGSEGV, ...)``.  :func:`install_if_changed` therefore calls
-into C only when one of those changed since the last check.
+``signal.signal(SIGSEGV, ...)``.  Each ``unlocked()`` entry
+(``csrc/scope_block.c``) therefore compares those two with what
+:func:`install` saw last, and calls it only when one of them changed.
 
 Unsafe assumption, written down: a SIGSEGV handler installed by C code
 (another extension calling ``sigaction`` itself), or faulthandler disabled
@@ -23,34 +24,21 @@ import importlib
 import signal
 from collections.abc import Callable
 
+from . import _scope
 from ._binding import lib
 
-__all__ = ["install", "install_if_changed"]
+__all__ = ["install", "faulthandler_enabled", "python_handler", "SIGSEGV"]
 
-_faulthandler_enabled = faulthandler.is_enabled
+faulthandler_enabled = faulthandler.is_enabled
 # The C function under signal.getsignal, which wraps its result in an enum
 # at about ten times the cost.  Same object for the same handler.
-_python_handler: Callable[[int], object] = importlib.import_module("_signal").getsignal
-_SIGSEGV = int(signal.SIGSEGV)
-
-# What Python showed at the last check (None before the first).
-_seen_faulthandler: bool | None = None
-_seen_handler: object = None
+python_handler: Callable[[int], object] = importlib.import_module("_signal").getsignal
+SIGSEGV = int(signal.SIGSEGV)
 
 
 def install() -> None:
     """Put the guard on top now (one syscall when it already is)."""
-    global _seen_faulthandler, _seen_handler
     # Read first: a change made between this and the call below is seen
-    # as a change by the next install_if_changed().
-    _seen_faulthandler = _faulthandler_enabled()
-    _seen_handler = _python_handler(_SIGSEGV)
+    # as a change by the next check.
+    _scope.guard_seen(faulthandler_enabled(), python_handler(SIGSEGV))
     lib.pk_guard_install()
-
-
-def install_if_changed() -> None:
-    """install(), but only if faulthandler or Python's SIGSEGV handler
-    changed since the last check."""
-    if (_faulthandler_enabled() is not _seen_faulthandler
-            or _python_handler(_SIGSEGV) is not _seen_handler):
-        install()

@@ -9,11 +9,11 @@ active: in nested blocks, from several asyncio tasks, or from generators.
 from __future__ import annotations
 
 import warnings
-from types import TracebackType
-from typing import Any, NoReturn
+from typing import NoReturn
 
-from . import _api, _state
+from . import _api, _scope, _state
 from ._binding import ffi, lib
+from ._scope import Scope
 from ._errors import InvalidKeyError
 from ._rights import PKEY_DISABLE_ACCESS, PROT_READ, PROT_WRITE, PkeyRights
 from ._select import chosen
@@ -23,97 +23,41 @@ from ._validate import check_key_range, raise_status
 _enter = lib.pk_scope_enter
 _exit = lib.pk_scope_exit
 _NULL = ffi.NULL
-_WRONG_THREAD = lib.PK_E_WRONG_THREAD
 READ_WRITE = lib.PK_GRANT_READ_WRITE
 READ_ONLY = lib.PK_GRANT_READ_ONLY
-DENY = lib.PK_GRANT_DENY
 
-__all__ = ["Key", "Scope", "allow", "scope_handle"]
-
-
-def scope_handle(identities: dict[int, int], kind: int) -> Any:
-    """The C description of a scope: which keys (by number and identity),
-    and which kind of grant."""
-    handle = ffi.new("struct pk_scope *")
-    for number, identity in identities.items():
-        handle.keys |= 1 << number
-        handle.identities[number] = identity
-    handle.kind = kind
-    return handle
+__all__ = ["Key", "Scope", "allow"]
 
 
-class Scope:
-    """While active, grants this thread (the whole process on the software
-    backend) access to some keys: read-write, read-only, or none (deny).
+_SCOPE = ffi.typeof("struct pk_scope *")  # parsed once: finalizers end scopes too
 
-    Each entry adds one grant and each exit withdraws one.  One scope object
-    may be entered again inside its own block (exits then come in reverse
-    order); blocks that can end in any order -- asyncio tasks, generators,
-    threads -- each take their own scope from ``key.allow()``, which is
-    cheap.  A scope must end in the thread that entered it (ScopeError).
-    Several active scopes on one key combine as: any deny wins, then any
-    read-write grant, then any read-only grant; when the last one ends the
-    key has the rights it had before the first began (or those given by
-    ``pkey_set`` meanwhile).
-    """
 
-    __slots__ = ("_handle", "_tokens")
-
-    def __init__(self, handle: Any) -> None:
-        self._handle = handle  # a struct pk_scope, see scope_handle()
-        self._tokens: list[int] = []
-
-    def __enter__(self) -> Scope:
-        token = _enter(self._handle, 0)
-        if token < 0:
-            token = self._enter_slow(token)
-        self._tokens.append(token)
-        return self
-
-    def _enter_slow(self, status: int) -> int:
-        status = _state.retry_pinned(status, _enter, self._handle)
-        if status < 0:
-            raise_status(status)
-        return status
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        tokens = self._tokens
-        token = tokens.pop() if len(tokens) == 1 else self._own_token()
-        status = _exit(self._handle, token, 0)
-        if status:
-            self._exit_failed(status, token)
-
-    def _own_token(self) -> int:
-        """The latest entry made by this thread, taken out of the list."""
-        tokens = self._tokens
-        if not tokens:
-            raise_status(lib.PK_E_UNBALANCED)
-        serial = lib.pk_thread_serial()
-        for index in range(len(tokens) - 1, -1, -1):
-            if tokens[index] >> 32 == serial:
-                return tokens.pop(index)
-        return tokens.pop()  # another thread's: C refuses it below
-
-    def _exit_failed(self, status: int, token: int) -> None:
-        status = _state.retry_pinned(status, _exit, self._handle, token)
-        if not status:
-            return
-        if status == _WRONG_THREAD and chosen().backend.MODE == lib.PK_MODE_HARDWARE:
-            self._tokens.append(token)  # still active in the thread that entered it
+def _enter_failed(address: int, status: int, error: int) -> int:
+    """A scope's entry refused by C (``pkeys.Scope``, csrc/scope_type.c):
+    the software backend's pins, then again; else the exception (with the
+    call's ``errno``).  Returns the token."""
+    ffi.errno = error
+    status = _state.retry_pinned(status, _enter, ffi.cast(_SCOPE, address))
+    if status < 0:
         raise_status(status)
-
-    @property
-    def active(self) -> int:
-        """How many entries of this scope object have not ended yet."""
-        return len(self._tokens)
+    return status
 
 
-class Key:
+def _exit_failed(address: int, status: int, token: int, error: int) -> int:
+    """A scope's exit refused by C: the software backend's pins, then
+    again.  Returns the status left (0: the grant ended), which the C type
+    raises (with the call's ``errno``), keeping the token where the grant
+    is still active."""
+    ffi.errno = error
+    status = _state.retry_pinned(status, _exit, ffi.cast(_SCOPE, address), token)
+    return int(status)
+
+
+def _key_closed() -> NoReturn:
+    raise InvalidKeyError("this Key has been closed")
+
+
+class Key(_scope.KeyBase):
     """A protection key, allocated on creation and freed by :meth:`close`.
 
     ``rights`` are this thread's initial rights for the key; the default
@@ -123,22 +67,20 @@ class Key:
     copied or pickled.
     """
 
-    __slots__ = ("_pkey", "_identity", "_handles", "__weakref__")
+    # _pkey (-1 once closed), _identity, and the C side of every scope of
+    # the key, made once, live in the C base (csrc/scope_type.c), whose
+    # allow() and deny() hand out pkeys.Scope objects.
+    __slots__ = ("__weakref__",)
 
     def __init__(self, rights: int = PKEY_DISABLE_ACCESS) -> None:
-        self._pkey = -1
         pkey, identity = _api.alloc_key(0, rights)
-        self._identity = identity
-        # The C side of every scope of this key, made once.
-        self._handles = tuple(scope_handle({pkey: identity}, kind)
-                              for kind in (READ_WRITE, READ_ONLY, DENY))
-        self._pkey = pkey
+        self._bind(pkey, identity)
 
     @property
     def pkey(self) -> int:
         """The key number, 1..15."""
         if self._pkey < 0:
-            raise InvalidKeyError("this Key has been closed")
+            _key_closed()
         return self._pkey
 
     def __index__(self) -> int:
@@ -169,20 +111,6 @@ class Key:
     ) -> None:
         """Tag ``target`` (see :func:`pkeys.pkey_mprotect`) with this key."""
         _api.tag(target, length, prot, self.pkey, self._identity)
-
-    def allow(self, write: bool = True) -> Scope:
-        """A scope that lets this thread read, and write unless ``write`` is
-        false, memory tagged with this key."""
-        if self._pkey < 0:
-            raise InvalidKeyError("this Key has been closed")
-        return Scope(self._handles[0 if write else 1])
-
-    def deny(self) -> Scope:
-        """A scope that denies this thread all access while it is active,
-        whatever allow() scopes are active too."""
-        if self._pkey < 0:
-            raise InvalidKeyError("this Key has been closed")
-        return Scope(self._handles[2])
 
     def revoke(self, timeout: float = _api.REVOCATION_TIMEOUT) -> None:
         """Deny access to this key in every thread of the process, now.
@@ -248,8 +176,9 @@ class Key:
 _api.key_type = Key
 
 
-def allow(*keys: KeyLike, write: bool = True) -> Scope:
-    """One scope, one register write, for several keys at once."""
+def _allow_any(keys: tuple[KeyLike, ...], write: bool) -> Scope:
+    """pkeys.allow() for what its C fast path (open Keys) leaves: key
+    numbers, closed Keys, no key at all."""
     identities: dict[int, int] = {}
     for key in keys:
         if isinstance(key, Key):
@@ -264,4 +193,25 @@ def allow(*keys: KeyLike, write: bool = True) -> Scope:
         identities[number] = identity
     if not identities:
         raise TypeError("allow() needs at least one key")
-    return Scope(scope_handle(identities, READ_WRITE if write else READ_ONLY))
+    return Scope(identities, READ_WRITE if write else READ_ONLY)
+
+
+def _address(function: str) -> int:
+    return int(ffi.cast("uintptr_t", ffi.addressof(lib, function)))
+
+
+# One scope, one register write, for several keys at once (in C).
+allow = _scope.allow
+
+_scope.configure(
+    scope_enter=_address("pk_scope_enter"),
+    scope_exit=_address("pk_scope_exit"),
+    thread_serial=_address("pk_thread_serial"),
+    enter_failed=_enter_failed,
+    exit_failed=_exit_failed,
+    raise_status=raise_status,
+    key_closed=_key_closed,
+    allow_any=_allow_any,
+    grants_per_process=_address("pk_grants_per_process"),
+    key_class=Key,
+)

@@ -212,8 +212,47 @@ def test_layers_interleaves_the_cases_that_run_here():
 
     values = layers.measure(rounds=3, loops=50)
     expected = [n for n in dict.fromkeys([report.FLOOR, *report.LAYER_CASES]) if suite.runs_here(n)]
+    if pkeys.backend() == "software":  # pkey_set against mprotect, with 1, 11, 101 mmaps
+        expected += [name for mmaps in report.SOFTWARE_MMAPS
+                     for name in (report.raw_mprotect_beside(mmaps), report.software_set_case(mmaps))]
     assert list(values) == expected and report.LOCK in values
     assert all(len(v) == 3 and min(v) > 0 for v in values.values())
     text = layers.table(values, 3, 50)
     floor_row = next(line for line in text.splitlines() if line.startswith(report.FLOOR))
     assert "1.00 (1.00-1.00)" in floor_row  # the floor against itself, every round
+
+
+def test_the_targets_table_gives_every_target_its_ratio_bound_and_verdict():
+    # Known per-round values: the ratio of each round, its median and
+    # quartiles, the bound, and met or MISSED from the median.
+    from pkeys.bench import layers
+
+    rounds = 4
+    values = {report.LOCK: [100.0] * rounds, report.FLOOR: [50.0] * rounds,
+              "pkeys/allow/key": [130.0, 150.0, 150.0, 170.0],
+              "pkeys/allow/4keys": [200.0] * rounds, "pkeys/unlocked/hot": [250.0] * rounds,
+              "pkeys/pkey_get/key": [40.0] * rounds, "pkeys/pkey_set/key-same": [110.0] * rounds}
+    for mmaps in report.SOFTWARE_MMAPS:
+        values[report.software_set_case(mmaps)] = [1000.0 + 10 * mmaps] * rounds
+        values[report.raw_mprotect_beside(mmaps)] = [1000.0] * rounds
+    rows = {operation: next(line for line in layers.targets_table(values).splitlines()
+                            if line[2:].startswith(operation + " "))
+            for operation, *_ in report.ISSUE_TARGETS}
+    assert len(rows) == len(report.ISSUE_TARGETS) == 8
+    allow = rows["with key.allow():"]
+    assert "1.50x (1.45-1.55) with Lock" in allow and "<= 1.5x with Lock" in allow
+    assert allow.endswith("met (the quartiles cross the bound)")
+    four = rows["with pkeys.allow(k1, k2, k3, k4):"]  # 200 over 130, 150, 150, 170
+    assert "1.33x (1.29-1.38) one key" in four and four.endswith("<= 1.2x one key  MISSED")
+    assert rows["hot with buf.unlocked() as v:"].endswith("met")
+    assert rows["pkey_get(Key)"].endswith("met")
+    assert "2.20x (2.20-2.20) cffi no-op" in rows["pkey_set(key, same)"]
+    assert rows["pkey_set(key, same)"].endswith("MISSED")
+    assert rows["software pkey_set, 1 tagged mmap alive"].endswith("met")
+    assert "2.01x (2.01-2.01) raw mprotect" in rows["software pkey_set, 101 tagged mmaps alive"]
+    assert rows["software pkey_set, 101 tagged mmaps alive"].endswith("MISSED")
+    # A case that did not run: n/a, and where it is measured instead.
+    del values["pkeys/allow/key"]
+    text = layers.targets_table(values)
+    row = next(line for line in text.splitlines() if line[2:].startswith("with key.allow(): "))
+    assert " n/a " in row and row.rstrip().endswith(")")

@@ -11,9 +11,11 @@ import sys
 
 import pytest
 
+from ._sources import SCOPE_EXTENSION, SCOPE_SOURCES
+from ._sources import SHIM_SOURCES as SOURCES
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
-SOURCES = sorted(CSRC.glob("*.c"))
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 
@@ -91,6 +93,21 @@ def test_build_wheel_refuses_the_simulated_register_build(tmp_path):
     assert result.returncode == 2
     assert "simulated-register" in result.stderr and "protects nothing" in result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("arch", [[], ["-DPK_ASSUME_NON_X86"]], ids=["x86", "non-x86"])
+def test_the_scope_type_builds_warning_free_on_the_limited_api(tmp_path, arch):
+    import sysconfig
+
+    # Py_LIMITED_API 3.11 comes from the source itself (and setup.py):
+    # any call outside the stable ABI is an implicit declaration, an error.
+    subprocess.run(
+        ["cc", "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-fPIC", "-shared", *arch,
+         f"-I{CSRC}", f"-I{sysconfig.get_paths()['include']}", *map(str, SCOPE_SOURCES),
+         "-o", str(tmp_path / "_scope.so")],
+        check=True, capture_output=True, text=True)
+    assert "#define Py_LIMITED_API 0x030B0000" in (CSRC / "scope_type.h").read_text()
+    assert SCOPE_EXTENSION["py_limited_api"] is True
 
 
 def test_wrpkru_has_a_memory_clobber():
@@ -198,7 +215,8 @@ def test_wheel_is_manylinux_abi3_and_complete(dist):
     assert "Root-Is-Purelib: false" in wheel_metadata
     assert license_text == (ROOT / "LICENSE").read_text()
     assert "License-Expression: MIT" in metadata and "License-File: LICENSE" in metadata
-    for required in ("pkeys/_pkeys_cffi.abi3.so", "pkeys/_pkeys_cffi.pyi", "pkeys/py.typed"):
+    for required in ("pkeys/_pkeys_cffi.abi3.so", "pkeys/_pkeys_cffi.pyi", "pkeys/_scope.abi3.so",
+                     "pkeys/_scope.pyi", "pkeys/py.typed"):
         assert required in names
     assert "pkeys/vm/init.sh" in names, sorted(names)
     sources = {str(p.relative_to(ROOT)) for p in (ROOT / "pkeys").rglob("*.py")}
@@ -229,10 +247,11 @@ def test_the_wheels_extension_is_stripped(dist):
     import zipfile
 
     with zipfile.ZipFile(only(list(dist.glob("*.whl")))) as archive:
-        sections = elf_section_names(archive.read("pkeys/_pkeys_cffi.abi3.so"))
-    assert ".text" in sections and ".dynsym" in sections, sections
-    assert not {".symtab", ".strtab"} & sections, sections
-    assert not {name for name in sections if name.startswith(".debug")}, sections
+        for extension in ("pkeys/_pkeys_cffi.abi3.so", "pkeys/_scope.abi3.so"):
+            sections = elf_section_names(archive.read(extension))
+            assert ".text" in sections and ".dynsym" in sections, (extension, sections)
+            assert not {".symtab", ".strtab"} & sections, (extension, sections)
+            assert not {name for name in sections if name.startswith(".debug")}, sections
 
 
 @pytest.mark.slow
@@ -243,7 +262,8 @@ def test_sdist_carries_the_license_and_the_c_sources(dist):
     with tarfile.open(sdist) as archive:
         names = {n.split("/", 1)[1] for n in archive.getnames() if "/" in n}
     needed = {"LICENSE", "_build_ffi.py", "setup.py", "pyproject.toml", "pkeys/_pkeys_cffi.pyi",
-              "pkeys/py.typed"} | {str(p.relative_to(ROOT)) for p in SOURCES}
+              "pkeys/py.typed", "pkeys/_scope.pyi", "csrc/scope_type.h"} | {
+        str(p.relative_to(ROOT)) for p in SOURCES + SCOPE_SOURCES}
     assert needed <= names, sorted(needed - names)
 
 

@@ -8,7 +8,6 @@ import threading
 import pytest
 
 import pkeys
-from pkeys import _key
 from pkeys._child import run_in_child
 
 
@@ -76,15 +75,19 @@ def test_scope_restores_only_its_own_keys(shadow):
         pkeys.pkey_set(b, 1)
 
 
-def test_allow_several_keys_uses_one_register_write(monkeypatch, shadow):
+def test_allow_several_keys_is_one_grant(shadow):
+    # One scope and one entry (one token, so one call into C and one
+    # register write) for every key, Keys and numbers alike.
     with pkeys.Key() as a, pkeys.Key() as b, pkeys.Key(rights=2) as c:
         shadow.set(a, 1), shadow.set(b, 1), shadow.set(c, 2)
-        calls = []
-        real_enter = _key._enter
-        monkeypatch.setattr(_key, "_enter", lambda h, *rest: calls.append(h.keys) or real_enter(h, *rest))
-        with pkeys.allow(a, b, c.pkey):
+        with pkeys.allow(a, b, c.pkey) as scope:
             assert rights_bits(a) == rights_bits(b) == rights_bits(c) == 0
-        assert len(calls) == 1
+            assert type(scope) is pkeys.Scope and scope.active == 1
+        assert scope.active == 0
+        shadow.check()
+        with pkeys.allow(a, b, c) as scope:
+            assert rights_bits(a) == rights_bits(b) == rights_bits(c) == 0
+            assert scope.active == 1
         shadow.check()
         with pkeys.allow(a, b, write=False):
             assert rights_bits(a) == rights_bits(b) == 2

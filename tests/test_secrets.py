@@ -21,6 +21,7 @@ from pkeys._binding import ffi, lib
 from pkeys._child import run_in_child
 
 from ._libc import map_anonymous, record_inner_before_unmap, unmap
+from ._sources import SHIM_SOURCES
 
 pytestmark = pytest.mark.anybackend
 SECRET = b"sk_live_secretmem_0123456789abcd"
@@ -453,7 +454,7 @@ def test_without_x86_secret_memory_and_mseal_report_enosys(tmp_path):
     source, binary = tmp_path / "main.c", tmp_path / "main"
     source.write_text(NON_X86_PROGRAM)
     subprocess.run(["cc", "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-DPK_ASSUME_NON_X86",
-                    f"-I{csrc}", str(source), *map(str, sorted(csrc.glob("*.c"))), "-ldl",
+                    f"-I{csrc}", str(source), *map(str, SHIM_SOURCES), "-ldl",
                     "-lpthread", "-o", str(binary)], check=True, capture_output=True)
     run = subprocess.run([str(binary)], capture_output=True, text=True, check=False)
     # ENOSYS everywhere, the page left as it was, and the wipe still works.

@@ -8,11 +8,14 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
+
+from pkeys.bench.report import HARDWARE_PATH, ISSUE_TARGETS
 
 from ._strace import loop_syscalls
 
@@ -74,6 +77,36 @@ def test_bench_quick_runs_the_layer_cases_on_the_simulated_register(simulated_bu
         if name.startswith(("pkeys/", "c/")):
             line = next(line for line in result.stdout.splitlines() if line.startswith(name + " "))
             assert "simulated register" in line, line
+    # Issue 16's table, for both builds: every target with its measured
+    # ratio (median, quartiles) and met or MISSED where it is measured.
+    tables = targets_tables(result.stdout)
+    assert set(tables) == {"simulated-register", "software"}, result.stdout[-3000:]
+    for build, table in tables.items():
+        for operation, _, _, bound, where in ISSUE_TARGETS:
+            row = table[operation]
+            if (where == HARDWARE_PATH) == (build == "simulated-register"):
+                assert MEASURED_ROW.search(row), row
+                assert f"<= {bound}x" in row, row
+            else:
+                other = "software" if build == "simulated-register" else "simulated-register"
+                assert row.endswith(f"n/a (measured in the {other} build)"), row
+
+
+MEASURED_ROW = re.compile(r" \d+\.\d\dx \(\d+\.\d\d-\d+\.\d\d\) .*  (met|MISSED)( \(.*\))?$")
+
+
+def targets_tables(stdout: str) -> dict[str, dict[str, str]]:
+    """build -> operation -> row, from each "issue 16 targets, <build> build" table."""
+    tables: dict[str, dict[str, str]] = {}
+    rows: dict[str, str] | None = None
+    for line in stdout.splitlines():
+        if line.startswith("issue 16 targets, "):
+            rows = tables.setdefault(line.removeprefix("issue 16 targets, ").split(" build")[0], {})
+        elif rows is not None and line.startswith("  "):
+            rows.update((op, line) for op, *_ in ISSUE_TARGETS if line[2:].startswith(op + " "))
+        else:
+            rows = None
+    return tables
 
 
 def test_a_hot_unlocked_loop_makes_no_syscall_on_the_simulated_register(simulated_build, tmp_path):
@@ -90,7 +123,8 @@ def test_layers_measures_every_layer_case_on_the_simulated_register(simulated_bu
     result = run_simulated(simulated_build, tmp_path, "-W", "ignore", "-m", "pkeys.bench.layers",
                            "--rounds", "3", "--loops", "100")
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = {line.split()[0]: line for line in result.stdout.splitlines()[4:]}
+    layers_table = result.stdout.split("\n\n")[1]  # then issue 16's targets
+    rows = {line.split()[0]: line for line in layers_table.splitlines()[1:]}
     assert set(LAYER_CASES) <= set(rows), result.stdout
     for name in LAYER_CASES:
         if name.startswith("pkeys/"):

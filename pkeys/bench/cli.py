@@ -9,7 +9,7 @@ import sys
 import tempfile
 
 from .._binding import ffi
-from . import contention, machine, report
+from . import contention, layers, machine, report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write results measured on an emulated CPU anyway")
     parser.add_argument("--contention-seconds", type=float, default=None, metavar="S",
                         help="length of each contention run (default 1, 0.2 with --quick)")
+    parser.add_argument("--simulated-build", metavar="DIR",
+                        help="where tools/build-simulated.sh put the simulated-register build "
+                             "(build/simulated-pku): issue 16's hardware targets are measured "
+                             "there when this build has no PKU")
 
 
 def _direct_cycles(quick: bool) -> tuple[dict[str, float], float | None]:
@@ -103,6 +107,10 @@ def main(args: argparse.Namespace) -> int:
         quick=args.quick,
     )
     print(report.table(results))
+    print("\nmeasuring issue 16's targets, interleaved, in each build...", file=sys.stderr,
+          flush=True)
+    print()
+    print(layers.run_in_builds(args.quick, args.simulated_build))
     if args.output:
         for benchmark in suite.get_benchmarks():
             extra = {

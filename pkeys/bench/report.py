@@ -25,12 +25,12 @@ TARGETS = [
     ("ctypes pkey_set >= 3x pkeys.pkey_set", "ctypes/pkey_set/glibc", "pkeys/pkey_set/toggle", ">=", 3.0),
     ("software pkey_set (1 region, an mmap) <= 1.3x raw mprotect", "software/pkey_set/1region",
      "software/mprotect/raw", "<=", 1.3),
-    ("software pkey_set (an mmap, 11 tagged) <= 1.3x raw mprotect", "software/pkey_set/11mmaps",
-     "software/mprotect/raw", "<=", 1.3),
-    ("software pkey_set (an mmap, 101 tagged) <= 1.3x raw mprotect",
-     "software/pkey_set/101mmaps", "software/mprotect/raw", "<=", 1.3),
     ("software pkey_set (1 region, a buffer's) <= 1.3x raw mprotect",
      "software/pkey_set/1region-buffer", "software/mprotect/raw", "<=", 1.3),
+    ("software pkey_set (1 region, 11 tagged mmaps) <= 1.3x raw mprotect",
+     "software/pkey_set/1region-11mmaps", "software/mprotect/raw", "<=", 1.3),
+    ("software pkey_set (1 region, 101 tagged mmaps) <= 1.3x raw mprotect",
+     "software/pkey_set/1region-101mmaps", "software/mprotect/raw", "<=", 1.3),
     ("with key.allow(): <= 1.5x with threading.Lock()", "pkeys/allow/key", LOCK, "<=", 1.5),
     ("with pkeys.allow(4 keys): <= 1.2x one key", "pkeys/allow/4keys", "pkeys/allow/key",
      "<=", 1.2),
@@ -51,6 +51,40 @@ OVERHEAD_TARGETS = [
 # The layers against the two floors of a Python call (issue 16's table).
 LAYER_CASES = ["baseline/lock/with", "pkeys/pkey_get/key", "pkeys/pkey_set/key-same",
                "pkeys/allow/key", "pkeys/allow/4keys", "pkeys/unlocked/hot"]
+
+# Issue 16's table, which `python -m pkeys.bench.layers` measures (ratios
+# per interleaved round) and `pkeys bench` prints for both builds:
+# (operation, case, against, bound, where it is measured).  Hardware
+# targets are measured on the simulated-register build (or real PKU).
+RAW_MPROTECT = "software/mprotect/raw"
+HARDWARE_PATH = "the hardware path"
+SOFTWARE_BACKEND = "the software backend"
+SOFTWARE_MMAPS = (1, 11, 101)
+
+
+def software_set_case(mmaps: int) -> str:
+    """The software pkey_set case with ``mmaps`` tagged mmaps alive."""
+    return "software/pkey_set/1region" + ("" if mmaps == 1 else f"-{mmaps}mmaps")
+
+
+def raw_mprotect_beside(mmaps: int) -> str:
+    """The raw mprotect, timed in the same rounds as software_set_case(mmaps)."""
+    return f"{RAW_MPROTECT} (beside {mmaps} tagged mmaps)"
+
+
+ISSUE_TARGETS = [
+    ("with key.allow():", "pkeys/allow/key", LOCK, 1.5, HARDWARE_PATH),
+    ("with pkeys.allow(k1, k2, k3, k4):", "pkeys/allow/4keys", "pkeys/allow/key", 1.2,
+     HARDWARE_PATH),
+    ("hot with buf.unlocked() as v:", "pkeys/unlocked/hot", LOCK, 3.0, HARDWARE_PATH),
+    ("pkey_get(Key)", "pkeys/pkey_get/key", FLOOR, 1.5, HARDWARE_PATH),
+    ("pkey_set(key, same)", "pkeys/pkey_set/key-same", FLOOR, 2.0, HARDWARE_PATH),
+    *[(f"software pkey_set, {mmaps} tagged mmap{'s' if mmaps > 1 else ''} alive",
+       software_set_case(mmaps), raw_mprotect_beside(mmaps), 1.3, SOFTWARE_BACKEND)
+      for mmaps in SOFTWARE_MMAPS],
+]
+AGAINST = {LOCK: "with Lock", FLOOR: "cffi no-op", "pkeys/allow/key": "one key",
+           **{raw_mprotect_beside(mmaps): "raw mprotect" for mmaps in SOFTWARE_MMAPS}}
 
 # syscall / instruction pairs: what the 2016 debate was about
 RATIOS = [

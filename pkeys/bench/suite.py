@@ -34,6 +34,8 @@ import pkeys
 from pkeys import glibc
 from pkeys._binding import ffi, lib
 
+from pkeys.bench.report import SOFTWARE_MMAPS, software_set_case
+
 HARDWARE = pkeys.hardware_supported() and pkeys.backend() == "hardware"
 SIMULATED = pkeys.backend() == "simulated"
 # What the package adds around the instructions, which the simulated
@@ -370,10 +372,12 @@ def _mprotect_pair(loops: int) -> float:
 @case("pkeys/allow/4keys", True)
 def _allow_four(loops: int) -> float:
     keys = once("four", lambda: [pkeys.Key() for _ in range(4)])
+    assert isinstance(keys, list)
     allow = pkeys.allow
+    k1, k2, k3, k4 = keys  # as the target reads: pkeys.allow(k1, k2, k3, k4)
 
     def body() -> None:
-        with allow(*keys):  # type: ignore[misc]
+        with allow(k1, k2, k3, k4):
             pass
 
     return _timed(body)(loops)
@@ -452,6 +456,32 @@ def _software_set(loops: int) -> float:
     return _two_key_toggle(pkeys.pkey_set, key.pkey)(loops)  # type: ignore[attr-defined]
 
 
+def _software_set_among(mmaps: int) -> TimeFunction:
+    """The 1region case with ``mmaps - 1`` more mmaps alive, each tagged
+    with another key: what a change costs must not grow with memory that
+    does not carry the key being changed."""
+
+    def time_it(loops: int) -> float:
+        def make() -> pkeys.Key:
+            other = once("software-other-key", pkeys.Key)
+            assert isinstance(other, pkeys.Key)
+            for index in range(mmaps - 1):
+                other.protect(_page(f"software-other-{index}")[0])
+            return once("software-key", _software_key)  # type: ignore[return-value]
+
+        key = once(f"software-key-among-{mmaps}", make)
+        return _two_key_toggle(pkeys.pkey_set, key.pkey)(loops)  # type: ignore[attr-defined]
+
+    return time_it
+
+
+def _software_key() -> pkeys.Key:
+    memory, _ = _page("software-page")
+    key = pkeys.Key()
+    key.protect(memory)
+    return key
+
+
 def _software_set_buffer(loops: int) -> float:
     # The same, on memory the package owns (a ProtectedBuffer with a shared
     # key): no foreign owner to pin, so the change is one call into C.
@@ -465,39 +495,15 @@ def _software_set_buffer(loops: int) -> float:
     return _two_key_toggle(pkeys.pkey_set, key.pkey)(loops)  # type: ignore[attr-defined]
 
 
-def _software_set_among(tagged: int) -> TimeFunction:
-    # The same change, with `tagged - 1` more mmaps alive that another key
-    # guards: only the owner of the changed key's region is pinned, so the
-    # cost must not grow with them (issue 16, item 4).
-    def make() -> pkeys.Key:
-        other = pkeys.Key()
-        for index in range(tagged - 1):
-            memory, _ = _page(f"software-unrelated-{index}")
-            other.protect(memory)
-        return other
-
-    def time_it(loops: int) -> float:
-        once("software-unrelated-key", make)
-        key = once("software-key", _software_key)
-        return _two_key_toggle(pkeys.pkey_set, key.pkey)(loops)  # type: ignore[attr-defined]
-
-    return time_it
-
-
-def _software_key() -> pkeys.Key:
-    memory, _ = _page("software-page")
-    key = pkeys.Key()
-    key.protect(memory)
-    return key
-
-
 # The backend is chosen in C once per process: on a PKU machine, run the
 # bench with PKEYS_BACKEND=software to measure the emulation.
 if pkeys.backend() == "software":
     case("software/pkey_set/1region")(_software_set)
     case("software/pkey_set/1region-buffer")(_software_set_buffer)
-    for _tagged in (11, 101):
-        case(f"software/pkey_set/{_tagged}mmaps")(_software_set_among(_tagged))
+    # With 11 and 101 tagged mmaps alive (issue 16's table); the first is
+    # the 1region case's own, the others carry another key.
+    for _mmaps in SOFTWARE_MMAPS[1:]:
+        case(software_set_case(_mmaps))(_software_set_among(_mmaps))
 
 
 @case("software/mprotect/raw")

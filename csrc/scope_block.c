@@ -1,0 +1,604 @@
+/*
+ * pkeys.Unlocked in C: the block of ProtectedBuffer.unlocked(), whose hot
+ * path -- a use and a grant (pk_vbuf_enter), a fresh view, and their end
+ * (pk_vbuf_exit) -- runs no Python code and makes no syscall.
+ *
+ * Escaped views, exactly and without a syscall: each entry makes its view
+ * from an exporter of its own (BlockExport, below), which counts the
+ * buffer exports it has handed out.  At exit the entry's view is
+ * released; an export still counted then, or any reference to the
+ * exporter but the entry's, belongs to something made from the view (a
+ * slice's or a cast's managed buffer, a numpy array, view.obj) that
+ * outlived the block.  Another block's views, in this thread or another,
+ * come from other exporters and never count here.  An exporter holds the
+ * buffer's pin (the mmap's export), so an escaped view keeps the memory
+ * mapped.  Unsafe assumption, written down: reference counts are exact
+ * (CPython; the exporter is in no cycle, and is never immortal).
+ *
+ * The buffer's fault guard stays first in line without a syscall: each
+ * entry compares what Python shows of SIGSEGV's handlers with what the
+ * last check saw (pkeys/_guard.py has the assumption this rests on) and
+ * calls back into Python only when that changed.
+ *
+ * Everything rare is Python's (pkeys/_buffer.py): the software backend's
+ * pins, a block ended in another thread, errors, recording an escaped
+ * view, closing a buffer collected while in use.
+ */
+#include "scope_type.h"
+
+#include <errno.h>
+#include <string.h>
+
+static __typeof__(pk_vbuf_enter) *vbuf_enter;
+static __typeof__(pk_vbuf_exit) *vbuf_exit;
+static PyObject *enter_failed;      /* (mapping, kind, status, errno) -> token, or raises */
+static PyObject *exit_failed;       /* (mapping, kind, token, status, errno) -> None, or raises */
+static PyObject *view_escaped;      /* (mapping, exporter) -> None: recorded before the use ends */
+static PyObject *use_ended;         /* (mapping) -> None: closes an orphaned buffer */
+static PyObject *raise_status;      /* (status) -> raises */
+static PyObject *guard_install;     /* () -> None: pkeys._guard.install */
+static PyObject *faulthandler_enabled;  /* faulthandler.is_enabled */
+static PyObject *python_handler;    /* _signal.getsignal */
+static PyObject *sigsegv_args;      /* (SIGSEGV,) */
+static PyObject *seen_faulthandler; /* what the last check saw (guard_seen) */
+static PyObject *seen_handler;
+static PyObject *str_block, *str_orphaned, *str_release;
+static PyTypeObject *export_type;
+static PyTypeObject *unlocked_type;
+
+/* ---- BlockExport: one entry's exporter ------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *pin;          /* the buffer's export of its data: keeps the mmap */
+    void *data;
+    Py_ssize_t size;
+    int readonly;
+    Py_ssize_t exports;     /* buffer exports handed out and not released */
+    PyObject *weakrefs;
+} ExportObject;
+
+static int export_getbuffer(PyObject *op, Py_buffer *view, int flags)
+{
+    ExportObject *self = (ExportObject *)op;
+    if (PyBuffer_FillInfo(view, op, self->data, self->size, self->readonly, flags) < 0)
+        return -1;
+    self->exports++;
+    return 0;
+}
+
+static void export_releasebuffer(PyObject *op, Py_buffer *view)
+{
+    (void)view;
+    ((ExportObject *)op)->exports--;
+}
+
+static void export_dealloc(PyObject *op)
+{
+    ExportObject *self = (ExportObject *)op;
+    PyTypeObject *type = Py_TYPE(op);
+    freefunc release = (freefunc)PyType_GetSlot(type, Py_tp_free);
+    if (self->weakrefs)
+        PyObject_ClearWeakRefs(op);
+    Py_CLEAR(self->pin);
+    release(op);
+    Py_DECREF(type);
+}
+
+static PyMemberDef export_members[] = {
+    {"__weaklistoffset__", T_PYSSIZET, offsetof(ExportObject, weakrefs), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyType_Slot export_slots[] = {
+    {Py_tp_doc, (void *)PyDoc_STR("The exporter of one unlocked() block's view.")},
+    {Py_tp_dealloc, export_dealloc},
+    {Py_tp_members, export_members},
+    {Py_bf_getbuffer, export_getbuffer},
+    {Py_bf_releasebuffer, export_releasebuffer},
+    {0, NULL},
+};
+
+static PyType_Spec export_spec = {
+    "pkeys._scope.BlockExport", sizeof(ExportObject), 0, Py_TPFLAGS_DEFAULT, export_slots,
+};
+
+/* ---- Unlocked --------------------------------------------------------- */
+
+typedef struct {
+    int64_t token;
+    PyObject *view;
+    PyObject *exporter;
+} Entry;
+
+#define INLINE_ENTRIES 2
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *mapping;      /* the buffer's _Mapping */
+    PyObject *block;        /* its _block: (vbuf address, pin, data address, size) */
+    struct pk_vbuf *vbuf;
+    PyObject *pin;
+    void *data;
+    Py_ssize_t size;
+    int kind;               /* PK_GRANT_READ_ONLY or PK_GRANT_READ_WRITE */
+    Entry *entries;         /* one per entry not ended yet, latest last */
+    Py_ssize_t count;
+    Py_ssize_t capacity;
+    Entry inline_entries[INLINE_ENTRIES];
+} UnlockedObject;
+
+static int unlocked_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    UnlockedObject *self = (UnlockedObject *)op;
+    Py_ssize_t i;
+    Py_VISIT(Py_TYPE(op));
+    Py_VISIT(self->mapping);
+    Py_VISIT(self->block);
+    for (i = 0; i < self->count; i++) {
+        Py_VISIT(self->entries[i].view);
+        Py_VISIT(self->entries[i].exporter);
+    }
+    return 0;
+}
+
+static int unlocked_clear(PyObject *op)
+{
+    UnlockedObject *self = (UnlockedObject *)op;
+    /* Entries still open are left to their grants' rules (a block never
+     * ended is a use that stays, as a Python object's would). */
+    while (self->count > 0) {
+        Entry *entry = &self->entries[--self->count];
+        Py_CLEAR(entry->view);
+        Py_CLEAR(entry->exporter);
+    }
+    Py_CLEAR(self->mapping);
+    Py_CLEAR(self->block);
+    return 0;
+}
+
+static void unlocked_dealloc(PyObject *op)
+{
+    UnlockedObject *self = (UnlockedObject *)op;
+    PyTypeObject *type = Py_TYPE(op);
+    freefunc release = (freefunc)PyType_GetSlot(type, Py_tp_free);
+    PyObject_GC_UnTrack(op);
+    unlocked_clear(op);
+    if (self->entries != self->inline_entries)
+        PyMem_Free(self->entries);
+    release(op);
+    Py_DECREF(type);
+}
+
+static PyObject *raise_for(int status)
+{
+    return pk_raise_with(raise_status, status);
+}
+
+/* Calls install() when faulthandler or Python's SIGSEGV handler changed
+ * since the last check (pkeys/_guard.py). */
+static int guard_check(void)
+{
+    PyObject *enabled = PyObject_CallNoArgs(faulthandler_enabled), *handler;
+    int changed;
+    if (!enabled)
+        return -1;
+    handler = PyObject_Call(python_handler, sigsegv_args, NULL);
+    if (!handler) {
+        Py_DECREF(enabled);
+        return -1;
+    }
+    changed = enabled != seen_faulthandler || handler != seen_handler;
+    Py_DECREF(enabled);
+    Py_DECREF(handler);
+    if (changed) {
+        PyObject *result = PyObject_CallNoArgs(guard_install);
+        if (!result)
+            return -1;
+        Py_DECREF(result);
+    }
+    return 0;
+}
+
+/* ProtectedBuffer.unlocked(write=False): made here, not in Python. */
+PyObject *pk_block_new(PyObject *mapping, int write)
+{
+    PyObject *block, *vbuf, *data, *size;
+    allocfunc alloc;
+    UnlockedObject *self;
+    if (!(block = PyObject_GetAttr(mapping, str_block)))
+        return NULL;
+    if (block == Py_None) {  /* closed */
+        Py_DECREF(block);
+        return raise_for(PK_E_CLOSED);
+    }
+    if (!PyTuple_Check(block) || PyTuple_Size(block) != 4) {
+        Py_DECREF(block);
+        PyErr_SetString(PyExc_SystemError, "pkeys: a buffer's _block is (vbuf, pin, data, size)");
+        return NULL;
+    }
+    alloc = (allocfunc)PyType_GetSlot(unlocked_type, Py_tp_alloc);
+    if (!(self = (UnlockedObject *)alloc(unlocked_type, 0))) {
+        Py_DECREF(block);
+        return NULL;
+    }
+    vbuf = PyTuple_GetItem(block, 0);
+    data = PyTuple_GetItem(block, 2);
+    size = PyTuple_GetItem(block, 3);
+    self->vbuf = PyLong_AsVoidPtr(vbuf);
+    self->pin = PyTuple_GetItem(block, 1);  /* borrowed: the tuple is held */
+    self->data = PyLong_AsVoidPtr(data);
+    self->size = PyLong_AsSsize_t(size);
+    self->mapping = Py_NewRef(mapping);
+    self->block = block;
+    self->kind = write ? PK_GRANT_READ_WRITE : PK_GRANT_READ_ONLY;
+    self->entries = self->inline_entries;
+    self->capacity = INLINE_ENTRIES;
+    if (PyErr_Occurred()) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static int push_entry(UnlockedObject *self, Entry entry)
+{
+    if (self->count == self->capacity) {
+        Py_ssize_t capacity = self->capacity * 2;
+        Entry *entries = PyMem_Malloc((size_t)capacity * sizeof *entries);
+        if (!entries) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        memcpy(entries, self->entries, (size_t)self->count * sizeof *entries);
+        if (self->entries != self->inline_entries)
+            PyMem_Free(self->entries);
+        self->entries = entries;
+        self->capacity = capacity;
+    }
+    self->entries[self->count++] = entry;
+    return 0;
+}
+
+/* End a grant (and use) whose entry is not recorded: after a failure. */
+static void end_quietly(UnlockedObject *self, int64_t token)
+{
+    PyObject *type, *value, *traceback, *result;
+    PyErr_Fetch(&type, &value, &traceback);
+    int status = vbuf_exit(self->vbuf, self->kind, token, 0);
+    if (status) {
+        result = PyObject_CallFunction(exit_failed, "OiLii", self->mapping, self->kind,
+                                       (long long)token, status, errno);
+        Py_XDECREF(result);
+        PyErr_Clear();  /* the first error is the one raised */
+    }
+    PyErr_Restore(type, value, traceback);
+}
+
+static PyObject *unlocked_enter(PyObject *op, PyObject *unused)
+{
+    UnlockedObject *self = (UnlockedObject *)op;
+    ExportObject *exporter;
+    allocfunc alloc;
+    Entry entry;
+    int64_t token;
+    (void)unused;
+    if (guard_check() < 0)
+        return NULL;
+    token = vbuf_enter(self->vbuf, self->kind, 0);
+    if (token < 0) {
+        PyObject *result = PyObject_CallFunction(enter_failed, "OiLi", self->mapping, self->kind,
+                                                 (long long)token, errno);
+        if (!result)
+            return NULL;
+        token = PyLong_AsLongLong(result);
+        Py_DECREF(result);
+        if (token < 0) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_SystemError, "pkeys: a failed block entry gave no token");
+            return NULL;
+        }
+    }
+    alloc = (allocfunc)PyType_GetSlot(export_type, Py_tp_alloc);
+    exporter = (ExportObject *)alloc(export_type, 0);
+    if (!exporter) {
+        end_quietly(self, token);
+        return NULL;
+    }
+    exporter->pin = Py_NewRef(self->pin);
+    exporter->data = self->data;
+    exporter->size = self->size;
+    exporter->readonly = self->kind != PK_GRANT_READ_WRITE;
+    entry.token = token;
+    entry.exporter = (PyObject *)exporter;
+    entry.view = PyMemoryView_FromObject((PyObject *)exporter);
+    if (!entry.view || push_entry(self, entry) < 0) {
+        Py_XDECREF(entry.view);
+        Py_DECREF(exporter);
+        end_quietly(self, token);
+        return NULL;
+    }
+    return Py_NewRef(entry.view);
+}
+
+/* The entry this exit ends: the only one, or this thread's latest, or
+ * (another thread's) the latest, which the shim then refuses. */
+static int take_entry(UnlockedObject *self, Entry *entry)
+{
+    Py_ssize_t index;
+    if (self->count == 0) {
+        raise_for(PK_E_UNBALANCED);
+        return -1;
+    }
+    index = self->count - 1;
+    if (self->count > 1) {
+        uint32_t serial = pk_scope_thread_serial();
+        Py_ssize_t i;
+        for (i = self->count - 1; i >= 0; i--)
+            if ((uint32_t)((uint64_t)self->entries[i].token >> 32) == serial) {
+                index = i;
+                break;
+            }
+    }
+    *entry = self->entries[index];
+    memmove(&self->entries[index], &self->entries[index + 1],
+            (size_t)(self->count - index - 1) * sizeof *self->entries);
+    self->count--;
+    return 0;
+}
+
+static PyObject *unlocked_exit(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    UnlockedObject *self = (UnlockedObject *)op;
+    PyObject *released, *orphaned;
+    Entry entry;
+    int leaked = 0, status, is_orphaned;
+    if (take_entry(self, &entry) < 0)
+        return NULL;
+    released = PyObject_CallMethodObjArgs(entry.view, str_release, NULL);
+    if (released) {
+        Py_DECREF(released);
+    } else if (PyErr_ExceptionMatches(PyExc_BufferError)) {
+        PyErr_Clear();
+        leaked = 1;  /* something still holds an export of the view itself */
+    } else {
+        Py_DECREF(entry.view);
+        Py_DECREF(entry.exporter);
+        end_quietly(self, entry.token);
+        return NULL;
+    }
+    Py_DECREF(entry.view);
+    /* The exporter was this entry's alone: any other reference to it is a
+     * managed buffer still holding an export for a view made from the
+     * block's, or the exporter itself (view.obj), which can make views. */
+    if (leaked || ((ExportObject *)entry.exporter)->exports > 0 ||
+        Py_REFCNT(entry.exporter) > 1) {
+        /* Recorded before the use ends, so that a close() that can only
+         * follow the end sees it. */
+        PyObject *result = PyObject_CallFunctionObjArgs(view_escaped, self->mapping,
+                                                        entry.exporter, NULL);
+        leaked = 1;
+        if (!result) {
+            Py_DECREF(entry.exporter);
+            end_quietly(self, entry.token);
+            return NULL;
+        }
+        Py_DECREF(result);
+    }
+    Py_DECREF(entry.exporter);
+    status = vbuf_exit(self->vbuf, self->kind, entry.token, 0);
+    if (status) {
+        PyObject *result = PyObject_CallFunction(exit_failed, "OiLii", self->mapping, self->kind,
+                                                 (long long)entry.token, status, errno);
+        if (!result)
+            return NULL;
+        Py_DECREF(result);
+    }
+    if (!(orphaned = PyObject_GetAttr(self->mapping, str_orphaned)))
+        return NULL;
+    is_orphaned = PyObject_IsTrue(orphaned);
+    Py_DECREF(orphaned);
+    if (is_orphaned < 0)
+        return NULL;
+    if (is_orphaned) {
+        PyObject *result = PyObject_CallFunctionObjArgs(use_ended, self->mapping, NULL);
+        if (!result)
+            return NULL;
+        Py_DECREF(result);
+    }
+    if (leaked && (nargs < 2 || args[1] == Py_None)) {
+        PyErr_SetString(PyExc_BufferError,
+                        "an object made from the unlocked view (a numpy array, a memoryview "
+                        "cast) is still alive; delete it inside the block: outside it, touching "
+                        "it would fault");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef unlocked_methods[] = {
+    {"__enter__", unlocked_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)(void (*)(void))unlocked_exit, METH_FASTCALL, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+PyDoc_STRVAR(unlocked_doc,
+"The context manager of :meth:`ProtectedBuffer.unlocked`: each entry\n"
+"takes a use of the buffer and a grant on its key, and yields a fresh\n"
+"view; its exit releases exactly those.");
+
+static PyType_Slot unlocked_slots[] = {
+    {Py_tp_doc, (void *)unlocked_doc},
+    {Py_tp_dealloc, unlocked_dealloc},
+    {Py_tp_traverse, unlocked_traverse},
+    {Py_tp_clear, unlocked_clear},
+    {Py_tp_methods, unlocked_methods},
+    {0, NULL},
+};
+
+static PyType_Spec unlocked_spec = {
+    "pkeys.Unlocked", sizeof(UnlockedObject), 0, Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    unlocked_slots,
+};
+
+/* ---- configuration ---------------------------------------------------- */
+
+PyObject *pk_block_guard_seen(PyObject *module, PyObject *args)
+{
+    PyObject *enabled, *handler, *old_enabled = seen_faulthandler, *old_handler = seen_handler;
+    (void)module;
+    if (!PyArg_ParseTuple(args, "OO:guard_seen", &enabled, &handler))
+        return NULL;
+    seen_faulthandler = Py_NewRef(enabled);
+    seen_handler = Py_NewRef(handler);
+    Py_XDECREF(old_enabled);
+    Py_XDECREF(old_handler);
+    Py_RETURN_NONE;
+}
+
+PyObject *pk_block_configure(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"vbuf_enter", "vbuf_exit", "enter_failed", "exit_failed",
+                            "view_escaped", "use_ended", "raise_status", "guard_install",
+                            "faulthandler_enabled", "python_handler", "sigsegv", NULL};
+    unsigned long long enter, exit;
+    PyObject *given[8];
+    PyObject **slots[8] = {&enter_failed, &exit_failed, &view_escaped, &use_ended,
+                           &raise_status, &guard_install, &faulthandler_enabled,
+                           &python_handler};
+    int sigsegv, i;
+    (void)module;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "KKOOOOOOOOi:configure_blocks", names,
+                                     &enter, &exit, &given[0], &given[1], &given[2], &given[3],
+                                     &given[4], &given[5], &given[6], &given[7], &sigsegv))
+        return NULL;
+    if (!enter || !exit) {
+        PyErr_SetString(PyExc_ValueError, "configure_blocks: an entry point's address is 0");
+        return NULL;
+    }
+    for (i = 0; i < 8; i++)
+        if (!PyCallable_Check(given[i])) {
+            PyErr_SetString(PyExc_TypeError, "configure_blocks: the paths must be callables");
+            return NULL;
+        }
+    {
+        PyObject *signal_args = Py_BuildValue("(i)", sigsegv), *old = sigsegv_args;
+        if (!signal_args)
+            return NULL;
+        sigsegv_args = signal_args;
+        Py_XDECREF(old);
+    }
+    for (i = 0; i < 8; i++) {
+        PyObject *old = *slots[i];
+        *slots[i] = Py_NewRef(given[i]);
+        Py_XDECREF(old);
+    }
+    vbuf_enter = (__typeof__(vbuf_enter))(uintptr_t)enter;
+    vbuf_exit = (__typeof__(vbuf_exit))(uintptr_t)exit;
+    Py_RETURN_NONE;
+}
+
+int pk_block_init(PyObject *module)
+{
+    str_block = PyUnicode_InternFromString("_block");
+    str_orphaned = PyUnicode_InternFromString("orphaned");
+    str_release = PyUnicode_InternFromString("release");
+    seen_faulthandler = Py_NewRef(Py_None);  /* nothing seen: the first entry checks */
+    seen_handler = Py_NewRef(Py_None);
+    export_type = (PyTypeObject *)PyType_FromSpec(&export_spec);
+    unlocked_type = (PyTypeObject *)PyType_FromSpec(&unlocked_spec);
+    if (!str_block || !str_orphaned || !str_release || !export_type ||
+        !unlocked_type)
+        return -1;
+    if (PyModule_AddObjectRef(module, "Unlocked", (PyObject *)unlocked_type) < 0 ||
+        PyModule_AddObjectRef(module, "BlockExport", (PyObject *)export_type) < 0)
+        return -1;
+    return 0;
+}
+
+/* ---- BufferBase: what ProtectedBuffer.unlocked() reads ---------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *mapping;      /* ProtectedBuffer._mapping */
+} BufferObject;
+
+static int buffer_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(op));
+    Py_VISIT(((BufferObject *)op)->mapping);
+    return 0;
+}
+
+static int buffer_clear(PyObject *op)
+{
+    Py_CLEAR(((BufferObject *)op)->mapping);
+    return 0;
+}
+
+static void buffer_dealloc(PyObject *op)
+{
+    PyTypeObject *type = Py_TYPE(op);
+    freefunc release = (freefunc)PyType_GetSlot(type, Py_tp_free);
+    PyObject_GC_UnTrack(op);
+    buffer_clear(op);
+    release(op);
+    Py_DECREF(type);
+}
+
+static PyObject *buffer_unlocked(PyObject *op, PyObject *const *args, Py_ssize_t nargs,
+                                 PyObject *kwnames)
+{
+    BufferObject *self = (BufferObject *)op;
+    int write = 0;
+    if ((nargs || kwnames) && pk_write_argument(args, nargs, kwnames, 0, "unlocked", &write) < 0)
+        return NULL;
+    if (!self->mapping) {
+        PyErr_SetString(PyExc_AttributeError, "_mapping");
+        return NULL;
+    }
+    return pk_block_new(self->mapping, write);
+}
+
+static PyMethodDef buffer_methods[] = {
+    {"unlocked", (PyCFunction)(void (*)(void))buffer_unlocked, METH_FASTCALL | METH_KEYWORDS,
+     PyDoc_STR("unlocked(write=False)\n--\n\n"
+               "A block with access open (for this thread, on hardware): yields a\n"
+               "memoryview of the data, read-only unless ``write``.  The view is\n"
+               "released on exit.  The returned object may be entered again, from\n"
+               "nested blocks or other tasks; each entry yields its own view.")},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef buffer_members[] = {
+    {"_mapping", T_OBJECT_EX, offsetof(BufferObject, mapping), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyType_Slot buffer_slots[] = {
+    {Py_tp_doc, (void *)PyDoc_STR("The C part of pkeys.ProtectedBuffer: unlocked().")},
+    {Py_tp_dealloc, buffer_dealloc},
+    {Py_tp_traverse, buffer_traverse},
+    {Py_tp_clear, buffer_clear},
+    {Py_tp_methods, buffer_methods},
+    {Py_tp_members, buffer_members},
+    {0, NULL},
+};
+
+static PyType_Spec buffer_spec = {
+    "pkeys._scope.BufferBase", sizeof(BufferObject), 0,
+    Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC, buffer_slots,
+};
+
+int pk_buffer_base_init(PyObject *module)
+{
+    PyObject *type = PyType_FromSpec(&buffer_spec);
+    if (!type)
+        return -1;
+    if (PyModule_AddObjectRef(module, "BufferBase", type) < 0) {
+        Py_DECREF(type);
+        return -1;
+    }
+    Py_DECREF(type);
+    return 0;
+}

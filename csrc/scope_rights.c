@@ -1,0 +1,120 @@
+/*
+ * pkeys.pkey_get and pkeys.pkey_set in C, for the calls that need no
+ * Python: an int or an open Key, rights as an int, this thread.  Anything
+ * else -- another type, a value outside a C int, threads=, a refusal or
+ * the software backend's PK_E_NEED_PINS -- goes to the Python functions of
+ * pkeys/_api.py, which check, pin and raise as they always did.  A refused
+ * call changes nothing, so the general path may simply call again.
+ *
+ * The entry points' addresses come from pkeys._api at import (see
+ * scope_type.c for why, and the assumption written down there).
+ */
+#include "scope_type.h"
+
+#include <errno.h>
+#include <limits.h>
+
+static __typeof__(pk_key_get) *key_get;
+static __typeof__(pk_key_set) *key_set;
+static PyObject *get_any;          /* pkeys._api's general pkey_get(pkey) */
+static PyObject *set_any;          /* ...pkey_set(pkey, access_rights, *, threads) */
+static PyObject *set_failed;       /* (pkey, rights, status, errno) -> None, or raises */
+static PyObject *rights_by_value;  /* the four PkeyRights, by value */
+
+int pk_fast_key_number(PyObject *pkey, int *number)
+{
+    if (PyLong_CheckExact(pkey)) {
+        int overflow;
+        long value = PyLong_AsLongAndOverflow(pkey, &overflow);
+        if (overflow || value < INT_MIN || value > INT_MAX || (value == -1 && PyErr_Occurred())) {
+            PyErr_Clear();
+            return 0;
+        }
+        *number = (int)value;
+        return 1;
+    }
+    if (pk_key_base && pk_is_key(pkey) && ((KeyObject *)pkey)->pkey >= 0) {
+        *number = ((KeyObject *)pkey)->pkey;
+        return 1;
+    }
+    return 0;
+}
+
+PyObject *pk_fast_pkey_get(PyObject *module, PyObject *pkey)
+{
+    int number, rights;
+    (void)module;
+    if (!key_get || !pk_fast_key_number(pkey, &number) || (rights = key_get(number)) < 0 ||
+        rights > 3)
+        return PyObject_CallFunctionObjArgs(get_any, pkey, NULL);
+    return PyTuple_GetItem(rights_by_value, rights) == NULL
+               ? NULL
+               : Py_NewRef(PyTuple_GetItem(rights_by_value, rights));
+}
+
+PyObject *pk_fast_pkey_set(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                           PyObject *kwnames)
+{
+    int number, rights, status;
+    (void)module;
+    if (!key_set || kwnames || nargs != 2 || !pk_fast_key_number(args[0], &number) ||
+        !PyLong_CheckExact(args[1]) || !pk_fast_key_number(args[1], &rights)) {
+        /* The general path, with every argument as given. */
+        Py_ssize_t names = kwnames ? PyTuple_Size(kwnames) : 0, i;
+        PyObject *positional = PyTuple_New(nargs), *named = NULL, *result = NULL;
+        if (!positional)
+            return NULL;
+        for (i = 0; i < nargs; i++)
+            PyTuple_SetItem(positional, i, Py_NewRef(args[i]));
+        if (names && !(named = PyDict_New()))
+            goto done;
+        for (i = 0; i < names; i++)
+            if (PyDict_SetItem(named, PyTuple_GetItem(kwnames, i), args[nargs + i]) < 0)
+                goto done;
+        result = PyObject_Call(set_any, positional, named);
+    done:
+        Py_DECREF(positional);
+        Py_XDECREF(named);
+        return result;
+    }
+    status = key_set(number, rights, 0);
+    if (status) {
+        PyObject *result = PyObject_CallFunction(set_failed, "iiii", number, rights, status, errno);
+        if (!result)
+            return NULL;
+        Py_DECREF(result);
+    }
+    Py_RETURN_NONE;
+}
+
+PyObject *pk_fast_configure_rights(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"key_get", "key_set", "get_any", "set_any", "set_failed",
+                            "rights_by_value", NULL};
+    unsigned long long get, set;
+    PyObject *general[3], *rights, **slots[4] = {&get_any, &set_any, &set_failed,
+                                                  &rights_by_value};
+    int i;
+    (void)module;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "KKOOOO!:configure_rights", names, &get, &set,
+                                     &general[0], &general[1], &general[2], &PyTuple_Type,
+                                     &rights))
+        return NULL;
+    if (!get || !set || PyTuple_Size(rights) != 4) {
+        PyErr_SetString(PyExc_ValueError, "configure_rights: two addresses and four rights");
+        return NULL;
+    }
+    for (i = 0; i < 3; i++)
+        if (!PyCallable_Check(general[i])) {
+            PyErr_SetString(PyExc_TypeError, "configure_rights: the general paths are callables");
+            return NULL;
+        }
+    for (i = 0; i < 4; i++) {
+        PyObject *old = *slots[i];
+        *slots[i] = Py_NewRef(i < 3 ? general[i] : rights);
+        Py_XDECREF(old);
+    }
+    key_get = (__typeof__(key_get))(uintptr_t)get;
+    key_set = (__typeof__(key_set))(uintptr_t)set;
+    Py_RETURN_NONE;
+}

@@ -1,0 +1,573 @@
+/*
+ * pkeys._scope: the hot path of scopes, as CPython types written in C
+ * (Limited API 3.11, so one abi3 wheel serves every later version).
+ *
+ * Why: a `with` written in Python cannot come within 3x of
+ * `with threading.Lock():` (pku-facts.md, issue 16).  These types make
+ * `with key.allow():` and `with pkeys.allow(k1, k2):` two direct C calls
+ * into the shim.
+ *
+ * One copy of the state: this module is not linked against the cffi
+ * module.  At import, pkeys._key hands configure() the addresses of the
+ * shim's entry points (ffi.addressof(lib, ...)) and the Python functions
+ * of the rare paths (errors, the software backend's PK_E_NEED_PINS retry,
+ * which pins foreign owners in Python).  Those are raised or run there,
+ * so both paths raise the same exceptions with the same messages.
+ *
+ * Unsafe assumption, written down: configure() is given the addresses of
+ * functions whose types are the ones pkeys_api.h declares (__typeof__
+ * below), and the cffi module that holds them stays loaded for the life
+ * of the process (an extension module is never unloaded).
+ *
+ * Concurrency: every method runs with the GIL held and calls into the
+ * shim without releasing it; the shim's own rules (state.c) cover other
+ * threads.  A Python callback (an error path) can run any code, a garbage
+ * collection included, so a Scope's token stack is never held in a local
+ * across one.
+ */
+#include "scope_type.h"
+
+#include <errno.h>
+#include <string.h>
+
+/* ---- the shim's entry points and Python's rare paths (configure()) ---- */
+static __typeof__(pk_scope_enter) *scope_enter;
+static __typeof__(pk_scope_exit) *scope_exit;
+static __typeof__(pk_thread_serial) *thread_serial;
+/* Asked on PK_E_WRONG_THREAD, not at configure(): the backend is chosen
+ * after this module is configured (pkeys/_select.py). */
+static __typeof__(pk_grants_per_process) *grants_per_process;
+/* The rare paths get errno too: cffi's ffi.errno is what its own calls
+ * saved, and these calls are not cffi's. */
+static PyObject *enter_failed;  /* (address, status, errno) -> token, or raises */
+static PyObject *exit_failed;   /* (address, status, token, errno) -> status left (0: ended) */
+static PyObject *raise_status;  /* (status) -> raises the package's exception */
+static PyObject *key_closed;    /* () -> raises InvalidKeyError for a closed Key */
+static PyObject *allow_any;     /* (keys, write) -> Scope: pkeys.allow for key numbers */
+
+static PyTypeObject *scope_type;
+PyTypeObject *pk_key_base;
+PyTypeObject *pk_key_class;
+
+#define INLINE_TOKENS 4
+
+typedef struct {
+    PyObject_HEAD
+    struct pk_scope scope;          /* what this scope grants: its own copy */
+    int64_t *tokens;                /* one per entry not ended yet, latest last */
+    Py_ssize_t count;
+    Py_ssize_t capacity;
+    int64_t inline_tokens[INLINE_TOKENS];
+} ScopeObject;
+
+PyObject *pk_raise_with(PyObject *raiser, int status)
+{
+    PyObject *result = PyObject_CallFunction(raiser, "i", status);
+    Py_XDECREF(result);
+    if (!PyErr_Occurred())  /* it must raise; never return as if it had */
+        PyErr_Format(PyExc_SystemError, "pkeys: status %d raised nothing", status);
+    return NULL;
+}
+
+static PyObject *raise_for(int status)
+{
+    return pk_raise_with(raise_status, status);
+}
+
+/* A new scope granting *scope; a zeroed one for the caller to fill when
+ * NULL. */
+static ScopeObject *new_scope(const struct pk_scope *scope)
+{
+    allocfunc alloc = (allocfunc)PyType_GetSlot(scope_type, Py_tp_alloc);
+    ScopeObject *self = (ScopeObject *)alloc(scope_type, 0);
+    if (!self)
+        return NULL;
+    if (scope)  /* else the caller fills it (allocated zeroed) */
+        self->scope = *scope;
+    self->tokens = self->inline_tokens;
+    self->capacity = INLINE_TOKENS;
+    self->count = 0;
+    return self;
+}
+
+static int push_token(ScopeObject *self, int64_t token)
+{
+    if (self->count == self->capacity) {
+        Py_ssize_t capacity = self->capacity * 2;
+        int64_t *tokens = PyMem_Malloc((size_t)capacity * sizeof *tokens);
+        if (!tokens) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        memcpy(tokens, self->tokens, (size_t)self->count * sizeof *tokens);
+        if (self->tokens != self->inline_tokens)
+            PyMem_Free(self->tokens);
+        self->tokens = tokens;
+        self->capacity = capacity;
+    }
+    self->tokens[self->count++] = token;
+    return 0;
+}
+
+/* ---- Scope -------------------------------------------------------------- */
+
+static PyObject *scope_tp_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    /* Scope(identities, kind): {key number: identity}, a PK_GRANT_* kind.
+     * The package makes scopes through Key.allow/deny and pkeys.allow. */
+    static char *names[] = {"identities", "kind", NULL};
+    PyObject *identities, *number, *identity;
+    struct pk_scope scope;
+    Py_ssize_t position = 0;
+    int kind;
+    (void)type;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!i:Scope", names, &PyDict_Type,
+                                     &identities, &kind))
+        return NULL;
+    memset(&scope, 0, sizeof scope);
+    scope.kind = kind;
+    while (PyDict_Next(identities, &position, &number, &identity)) {
+        long k = PyLong_AsLong(number);
+        unsigned long value = PyLong_AsUnsignedLong(identity);
+        if (PyErr_Occurred())
+            return NULL;
+        if (k < 0 || k > 15 || value > UINT32_MAX) {
+            PyErr_SetString(PyExc_ValueError, "Scope: key numbers are 0..15, identities 32-bit");
+            return NULL;
+        }
+        scope.keys |= 1u << k;
+        scope.identities[k] = (uint32_t)value;
+    }
+    return (PyObject *)new_scope(&scope);
+}
+
+static void scope_dealloc(PyObject *op)
+{
+    ScopeObject *self = (ScopeObject *)op;
+    PyTypeObject *type = Py_TYPE(op);
+    freefunc release = (freefunc)PyType_GetSlot(type, Py_tp_free);
+    if (self->tokens != self->inline_tokens)
+        PyMem_Free(self->tokens);
+    release(op);
+    Py_DECREF(type);
+}
+
+static PyObject *scope_address(ScopeObject *self)
+{
+    return PyLong_FromVoidPtr(&self->scope);
+}
+
+static PyObject *scope_enter_method(PyObject *op, PyObject *unused)
+{
+    ScopeObject *self = (ScopeObject *)op;
+    int64_t token = scope_enter(&self->scope, 0);
+    (void)unused;
+    if (token < 0) {
+        /* The rare path, in Python: pins then retry, or the exception. */
+        int error = errno;
+        PyObject *result = PyObject_CallFunction(enter_failed, "NLi", scope_address(self),
+                                                 (long long)token, error);
+        if (!result)
+            return NULL;
+        token = PyLong_AsLongLong(result);
+        Py_DECREF(result);
+        if (token < 0) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_SystemError, "pkeys: a failed scope entry gave no token");
+            return NULL;
+        }
+    }
+    if (push_token(self, token) < 0) {
+        /* Never leave a grant without its token: end it again. */
+        PyObject *type, *value, *traceback;
+        PyErr_Fetch(&type, &value, &traceback);
+        scope_exit(&self->scope, token, 0);
+        PyErr_Restore(type, value, traceback);
+        return NULL;
+    }
+    Py_INCREF(op);
+    return op;
+}
+
+/* The token this exit ends: the only one, or this thread's latest entry,
+ * or (another thread's) the latest, which the shim then refuses. */
+static int take_token(ScopeObject *self, int64_t *token)
+{
+    Py_ssize_t index;
+    if (self->count == 0) {
+        raise_for(PK_E_UNBALANCED);
+        return -1;
+    }
+    index = self->count - 1;
+    if (self->count > 1) {
+        uint32_t serial = thread_serial();
+        Py_ssize_t i;
+        for (i = self->count - 1; i >= 0; i--)
+            if ((uint32_t)((uint64_t)self->tokens[i] >> 32) == serial) {
+                index = i;
+                break;
+            }
+    }
+    *token = self->tokens[index];
+    memmove(&self->tokens[index], &self->tokens[index + 1],
+            (size_t)(self->count - index - 1) * sizeof *self->tokens);
+    self->count--;
+    return 0;
+}
+
+static PyObject *scope_exit_method(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    ScopeObject *self = (ScopeObject *)op;
+    int64_t token;
+    int status;
+    (void)args;
+    (void)nargs;
+    if (take_token(self, &token) < 0)
+        return NULL;
+    status = scope_exit(&self->scope, token, 0);
+    if (status) {
+        int error = errno;
+        PyObject *result = PyObject_CallFunction(exit_failed, "NiLi", scope_address(self), status,
+                                                 (long long)token, error);
+        if (!result)
+            return NULL;
+        status = (int)PyLong_AsLong(result);
+        Py_DECREF(result);
+        if (PyErr_Occurred())
+            return NULL;
+        /* On hardware the grant stays active in the thread that entered
+         * it (its register), and so does its token. */
+        if (status == PK_E_WRONG_THREAD && !grants_per_process() &&
+            push_token(self, token) < 0)
+            return NULL;
+        if (status)
+            return raise_for(status);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *scope_get_active(PyObject *op, void *closure)
+{
+    (void)closure;
+    return PyLong_FromSsize_t(((ScopeObject *)op)->count);
+}
+
+static PyMethodDef scope_methods[] = {
+    {"__enter__", scope_enter_method, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)(void (*)(void))scope_exit_method, METH_FASTCALL, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef scope_getset[] = {
+    {"active", scope_get_active, NULL,
+     PyDoc_STR("How many entries of this scope object have not ended yet."), NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+PyDoc_STRVAR(scope_doc,
+"While active, grants this thread (the whole process on the software\n"
+"backend) access to some keys: read-write, read-only, or none (deny).\n"
+"\n"
+"Each entry adds one grant and each exit withdraws one.  One scope object\n"
+"may be entered again inside its own block (exits then come in reverse\n"
+"order); blocks that can end in any order -- asyncio tasks, generators,\n"
+"threads -- each take their own scope from ``key.allow()``, which is\n"
+"cheap.  A scope must end in the thread that entered it (ScopeError).\n"
+"Several active scopes on one key combine as: any deny wins, then any\n"
+"read-write grant, then any read-only grant; when the last one ends the\n"
+"key has the rights it had before the first began (or those given by\n"
+"``pkey_set`` meanwhile).");
+
+static PyType_Slot scope_slots[] = {
+    {Py_tp_doc, (void *)scope_doc},
+    {Py_tp_new, scope_tp_new},
+    {Py_tp_dealloc, scope_dealloc},
+    {Py_tp_methods, scope_methods},
+    {Py_tp_getset, scope_getset},
+    {0, NULL},
+};
+
+static PyType_Spec scope_spec = {
+    "pkeys.Scope", sizeof(ScopeObject), 0, Py_TPFLAGS_DEFAULT, scope_slots,
+};
+
+/* ---- KeyBase: what Key.allow() and Key.deny() read -------------------- */
+
+static PyObject *key_tp_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    allocfunc alloc = (allocfunc)PyType_GetSlot(type, Py_tp_alloc);
+    KeyObject *self = (KeyObject *)alloc(type, 0);
+    (void)args;
+    (void)kwargs;
+    if (self)
+        self->pkey = -1;  /* closed until _bind(): a failed __init__ leaves nothing */
+    return (PyObject *)self;
+}
+
+static void key_dealloc(PyObject *op)
+{
+    PyTypeObject *type = Py_TYPE(op);
+    freefunc release = (freefunc)PyType_GetSlot(type, Py_tp_free);
+    release(op);
+    Py_DECREF(type);
+}
+
+static PyObject *key_bind(PyObject *op, PyObject *args)
+{
+    KeyObject *self = (KeyObject *)op;
+    int pkey, kind;
+    unsigned int identity;
+    if (!PyArg_ParseTuple(args, "iI:_bind", &pkey, &identity))
+        return NULL;
+    if (pkey < 1 || pkey > 15) {
+        PyErr_SetString(PyExc_ValueError, "_bind: a Key's number is 1..15");
+        return NULL;
+    }
+    for (kind = PK_GRANT_READ_WRITE; kind <= PK_GRANT_DENY; kind++) {
+        struct pk_scope *scope = &self->scopes[kind];
+        memset(scope, 0, sizeof *scope);
+        scope->keys = 1u << pkey;
+        scope->kind = kind;
+        scope->identities[pkey] = identity;
+    }
+    self->identity = identity;
+    self->pkey = pkey;
+    Py_RETURN_NONE;
+}
+
+uint32_t pk_scope_thread_serial(void)
+{
+    return thread_serial();
+}
+
+int pk_write_argument(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                      Py_ssize_t first, const char *function, int *write)
+{
+    PyObject *value = NULL;
+    Py_ssize_t names = kwnames ? PyTuple_Size(kwnames) : 0, i;
+    if (nargs > first + 1) {
+        PyErr_Format(PyExc_TypeError, "%s() takes at most 1 positional argument (%zd given)",
+                     function, nargs - first);
+        return -1;
+    }
+    if (nargs == first + 1)
+        value = args[first];
+    for (i = 0; i < names; i++) {
+        PyObject *name = PyTuple_GetItem(kwnames, i);
+        if (!name || PyUnicode_CompareWithASCIIString(name, "write") != 0 || value) {
+            PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument %R",
+                         function, name);
+            return -1;
+        }
+        value = args[nargs + i];
+    }
+    if (value && (*write = PyObject_IsTrue(value)) < 0)
+        return -1;
+    return 0;
+}
+
+static PyObject *key_allow(PyObject *op, PyObject *const *args, Py_ssize_t nargs,
+                           PyObject *kwnames)
+{
+    KeyObject *self = (KeyObject *)op;
+    int write = 1;
+    if ((nargs || kwnames) && pk_write_argument(args, nargs, kwnames, 0, "allow", &write) < 0)
+        return NULL;
+    if (self->pkey < 0) {
+        PyObject *result = PyObject_CallNoArgs(key_closed);
+        Py_XDECREF(result);
+        return NULL;
+    }
+    return (PyObject *)new_scope(&self->scopes[write ? PK_GRANT_READ_WRITE : PK_GRANT_READ_ONLY]);
+}
+
+static PyObject *key_deny(PyObject *op, PyObject *unused)
+{
+    KeyObject *self = (KeyObject *)op;
+    (void)unused;
+    if (self->pkey < 0) {
+        PyObject *result = PyObject_CallNoArgs(key_closed);
+        Py_XDECREF(result);
+        return NULL;
+    }
+    return (PyObject *)new_scope(&self->scopes[PK_GRANT_DENY]);
+}
+
+static PyMethodDef key_methods[] = {
+    {"_bind", key_bind, METH_VARARGS,
+     PyDoc_STR("_bind(pkey, identity): the key this object now owns.")},
+    {"allow", (PyCFunction)(void (*)(void))key_allow, METH_FASTCALL | METH_KEYWORDS,
+     PyDoc_STR("allow(write=True)\n--\n\n"
+               "A scope that lets this thread read, and write unless ``write`` is\n"
+               "false, memory tagged with this key.")},
+    {"deny", key_deny, METH_NOARGS,
+     PyDoc_STR("deny()\n--\n\n"
+               "A scope that denies this thread all access while it is active,\n"
+               "whatever allow() scopes are active too.")},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef key_members[] = {
+    {"_pkey", T_INT, offsetof(KeyObject, pkey), 0, NULL},
+    {"_identity", T_UINT, offsetof(KeyObject, identity), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyType_Slot key_slots[] = {
+    {Py_tp_doc, (void *)PyDoc_STR("The C part of pkeys.Key: its number, identity and scopes.")},
+    {Py_tp_new, key_tp_new},
+    {Py_tp_dealloc, key_dealloc},
+    {Py_tp_methods, key_methods},
+    {Py_tp_members, key_members},
+    {0, NULL},
+};
+
+static PyType_Spec key_spec = {
+    "pkeys._scope.KeyBase", sizeof(KeyObject), 0, Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    key_slots,
+};
+
+/* ---- pkeys.allow(*keys, write=True) ------------------------------------ */
+
+static PyObject *allow_keys(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                            PyObject *kwnames)
+{
+    struct pk_scope scope;
+    Py_ssize_t i;
+    int write = 1;
+    ScopeObject *made;
+    (void)module;
+    scope.keys = 0;
+    for (i = 0; i < nargs; i++) {
+        KeyObject *key = (KeyObject *)args[i];
+        if (!pk_is_key(args[i]) || key->pkey < 0)
+            break;  /* a number, or a closed Key: the general path says which */
+        scope.keys |= 1u << key->pkey;
+        scope.identities[key->pkey] = key->identity;
+    }
+    if (kwnames && pk_write_argument(args, nargs, kwnames, nargs, "allow", &write) < 0)
+        return NULL;
+    if (i < nargs || nargs == 0) {
+        PyObject *keys = PyTuple_New(nargs);
+        if (!keys)
+            return NULL;
+        for (i = 0; i < nargs; i++)
+            PyTuple_SetItem(keys, i, Py_NewRef(args[i]));
+        return PyObject_CallFunction(allow_any, "Ni", keys, write);
+    }
+    scope.kind = write ? PK_GRANT_READ_WRITE : PK_GRANT_READ_ONLY;
+    /* Identities of keys not in `keys` are never read (state.c): only
+     * those of the keys given are copied. */
+    if (!(made = new_scope(NULL)))
+        return NULL;
+    made->scope.keys = scope.keys;
+    made->scope.kind = scope.kind;
+    for (i = 0; i < 16; i++)
+        if (scope.keys & (1u << i))
+            made->scope.identities[i] = scope.identities[i];
+    return (PyObject *)made;
+}
+
+/* ---- configure() --------------------------------------------------------- */
+
+static PyObject *configure(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"scope_enter", "scope_exit", "thread_serial", "enter_failed",
+                            "exit_failed", "raise_status", "key_closed", "allow_any",
+                            "grants_per_process", "key_class", NULL};
+    unsigned long long enter, exit, serial, per_process;
+    PyObject *callbacks[5], *key_class;
+    int i;
+    (void)module;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "KKKOOOOOKO!:configure", names, &enter,
+                                     &exit, &serial, &callbacks[0], &callbacks[1],
+                                     &callbacks[2], &callbacks[3], &callbacks[4], &per_process,
+                                     &PyType_Type, &key_class))
+        return NULL;
+    if (!PyType_IsSubtype((PyTypeObject *)key_class, pk_key_base)) {
+        PyErr_SetString(PyExc_TypeError, "configure: key_class must derive from KeyBase");
+        return NULL;
+    }
+    if (!enter || !exit || !serial || !per_process) {
+        PyErr_SetString(PyExc_ValueError, "configure: an entry point's address is 0");
+        return NULL;
+    }
+    for (i = 0; i < 5; i++) {
+        if (!PyCallable_Check(callbacks[i])) {
+            PyErr_SetString(PyExc_TypeError, "configure: the error paths must be callable");
+            return NULL;
+        }
+        Py_INCREF(callbacks[i]);
+    }
+    {
+        PyObject **slots[5] = {&enter_failed, &exit_failed, &raise_status, &key_closed,
+                               &allow_any};
+        for (i = 0; i < 5; i++) {
+            PyObject *old = *slots[i];
+            *slots[i] = callbacks[i];
+            Py_XDECREF(old);
+        }
+    }
+    scope_enter = (__typeof__(scope_enter))(uintptr_t)enter;
+    scope_exit = (__typeof__(scope_exit))(uintptr_t)exit;
+    thread_serial = (__typeof__(thread_serial))(uintptr_t)serial;
+    grants_per_process = (__typeof__(grants_per_process))(uintptr_t)per_process;
+    Py_INCREF(key_class);
+    Py_XDECREF((PyObject *)pk_key_class);
+    pk_key_class = (PyTypeObject *)key_class;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"configure", (PyCFunction)(void (*)(void))configure, METH_VARARGS | METH_KEYWORDS,
+     PyDoc_STR("Hand this module the shim's entry points and Python's rare paths "
+               "(pkeys._key does, once, at import).")},
+    {"allow", (PyCFunction)(void (*)(void))allow_keys, METH_FASTCALL | METH_KEYWORDS,
+     PyDoc_STR("allow(*keys, write=True)\n--\n\n"
+               "One scope, one register write, for several keys at once.")},
+    {"configure_rights", (PyCFunction)(void (*)(void))pk_fast_configure_rights,
+     METH_VARARGS | METH_KEYWORDS,
+     PyDoc_STR("Hand this module pk_key_get, pk_key_set and pkeys._api's general paths "
+               "(pkeys._api does, once, at import).")},
+    {"configure_blocks", (PyCFunction)(void (*)(void))pk_block_configure,
+     METH_VARARGS | METH_KEYWORDS,
+     PyDoc_STR("Hand this module pk_vbuf_enter, pk_vbuf_exit and pkeys._buffer's rare paths "
+               "(pkeys._buffer does, once, at import).")},
+    {"guard_seen", pk_block_guard_seen, METH_VARARGS,
+     PyDoc_STR("guard_seen(faulthandler_enabled, handler): what pkeys._guard.install saw.")},
+    {"pkey_get", pk_fast_pkey_get, METH_O,
+     PyDoc_STR("pkey_get(pkey)\n--\n\n"
+               "This thread's rights for an allocated key (or key 0), as in force now\n"
+               "(the process's on the software backend).")},
+    {"pkey_set", (PyCFunction)(void (*)(void))pk_fast_pkey_set, METH_FASTCALL | METH_KEYWORDS,
+     PyDoc_STR("pkey_set(pkey, access_rights, *, threads='current')\n--\n\n"
+               "Set the rights for an allocated key (not key 0) outside scopes: this\n"
+               "thread's, or with ``threads=\"all\"`` every thread's at once (active\n"
+               "scopes on the key lose their grants; see Key.revoke).  Inside an active\n"
+               "scope they take effect when it ends.  The register is written only if\n"
+               "the value changes.")},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "pkeys._scope",
+    PyDoc_STR("The hot path of pkeys' scopes, in C (see csrc/scope_type.c)."), -1,
+    module_methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__scope(void)
+{
+    PyObject *module = PyModule_Create(&module_def);
+    if (!module)
+        return NULL;
+    scope_type = (PyTypeObject *)PyType_FromSpec(&scope_spec);
+    pk_key_base = (PyTypeObject *)PyType_FromSpec(&key_spec);
+    if (!scope_type || !pk_key_base ||
+        PyModule_AddObjectRef(module, "Scope", (PyObject *)scope_type) < 0 ||
+        PyModule_AddObjectRef(module, "KeyBase", (PyObject *)pk_key_base) < 0 ||
+        pk_block_init(module) < 0 || pk_buffer_base_init(module) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}

@@ -1,0 +1,64 @@
+/*
+ * Shared by the files of pkeys._scope (csrc/scope_type.c,
+ * csrc/scope_rights.c): the hot paths in C.  Never seen by cffi.
+ */
+#ifndef PKEYS_SCOPE_TYPE_H
+#define PKEYS_SCOPE_TYPE_H
+
+#ifndef Py_LIMITED_API
+#define Py_LIMITED_API 0x030B0000
+#endif
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "pkeys_api.h"
+
+/* pkeys.Key's C base: what allow(), deny(), pkey_get() and pkey_set()
+ * read without Python code. */
+typedef struct {
+    PyObject_HEAD
+    int pkey;                       /* -1 once closed (Key._pkey) */
+    unsigned int identity;          /* Key._identity */
+    struct pk_scope scopes[3];      /* one per PK_GRANT_* kind, made once */
+} KeyObject;
+
+extern PyTypeObject *pk_key_base;
+extern PyTypeObject *pk_key_class;  /* pkeys.Key itself (configure()) */
+
+/* Whether `o` is a Key: pkeys.Key itself without a call, else a subclass. */
+static inline int pk_is_key(PyObject *o)
+{
+    return Py_TYPE(o) == pk_key_class || PyObject_TypeCheck(o, pk_key_base);
+}
+
+/* scope_rights.c: pkeys.pkey_get and pkeys.pkey_set (one thread's rights). */
+PyObject *pk_fast_pkey_get(PyObject *module, PyObject *pkey);
+PyObject *pk_fast_pkey_set(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                           PyObject *kwnames);
+PyObject *pk_fast_configure_rights(PyObject *module, PyObject *args, PyObject *kwargs);
+
+/* scope_type.c: the thread serial a token carries (pk_thread_serial), and
+ * the write= argument of allow() and unlocked(): positional at `first`
+ * or by name; *write keeps its default when absent. */
+uint32_t pk_scope_thread_serial(void);
+/* Calls raiser(status), a Python function that raises the package's
+ * exception for it; returns NULL with that exception set. */
+PyObject *pk_raise_with(PyObject *raiser, int status);
+int pk_write_argument(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                      Py_ssize_t first, const char *function, int *write);
+
+/* scope_block.c: pkeys.Unlocked, its exporter, and ProtectedBuffer's base. */
+PyObject *pk_block_new(PyObject *mapping, int write);
+PyObject *pk_block_configure(PyObject *module, PyObject *args, PyObject *kwargs);
+PyObject *pk_block_guard_seen(PyObject *module, PyObject *args);
+int pk_block_init(PyObject *module);
+int pk_buffer_base_init(PyObject *module);
+
+/* A C int from a Python int or an open Key, without Python code; 0 when
+ * the argument needs the general path (its checks and messages). */
+int pk_fast_key_number(PyObject *pkey, int *number);
+
+#endif
