@@ -6,9 +6,9 @@
  * this; here it is done in userspace, with the sequence counter the 2016
  * debate proposed:
  *
- *  1. state.c stamps the keys with a new revocation epoch and the rights
- *     every thread must now have (pk_revoked_at, pk_revoked_bits), under
- *     the state mutex, which also keeps two revocations from overlapping.
+ *  1. The hardware backend stamps the keys with a new revocation epoch and
+ *     the rights every thread must now have (grants.c's pk_revoked_at,
+ *     pk_revoked_bits), under state.c's mutex, which also keeps two revocations from overlapping.
  *  2. pk_broadcast() checks that the signal's handler is still this file's
  *     (someone may have installed theirs over it), and before its first
  *     use on this kernel that a frame edit is what sigreturn installs
@@ -24,7 +24,7 @@
  *  4. The broadcaster waits for every acknowledgement (with a timeout),
  *     signalling again every millisecond the threads found in a handler,
  *     scans /proc/self/task again for threads created meanwhile, and
- *     signals those too.  state.c then applies the change to its own
+ *     signals those too.  The backend then applies the change to its own
  *     thread.  Any thread not reached by the deadline makes the call fail
  *     (PK_E_BROADCAST): it never reports a change that some thread lacks.
  *
@@ -32,13 +32,13 @@
  *  - A thread writing PKRU from a value it read before the handler ran
  *    would undo the edit: the handler counts itself and records what it
  *    applied in the thread's (initial-exec) TLS, and every write in
- *    state.c, and probe's restore, checks the count around its
+ *    backend_hardware.c, and probe's restore, checks the count around its
  *    read-modify-write and applies that record again if it moved.
  *  - A thread created during the broadcast copies its creator's register.
  *    Either the creator had already applied the change, or the new thread
  *    existed before the creator acknowledged, and so before the final scan.
  *  - A scope entered before the revocation re-grants nothing when it ends:
- *    its token's epoch is older than the key's stamp (state.c).
+ *    its token's epoch is older than the key's stamp (grants.c).
  *  - A handler that runs late (its thread had the signal blocked) applies
  *    what is waiting in its slot: the revocations it was signalled for,
  *    never one that predates it (a thread created after a revocation
