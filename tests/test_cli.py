@@ -207,3 +207,33 @@ def test_a_reader_that_goes_away_early_gets_no_traceback():
         os.close(write_end)
     assert "Traceback" not in result.stderr, result.stderr
     assert result.returncode == 128 + 13
+
+
+# A plain `pip install .` has no extras: the README's main command must work
+# without them, and `pkeys bench` must say what to install.
+_WITHOUT_EXTRAS = (
+    "import sys\n"
+    "class Refuse:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name.split('.')[0] in ('pyperf', 'matplotlib', 'numpy', 'hypothesis'):\n"
+    "            raise ImportError(f'{name} is not installed (test)')\n"
+    "sys.meta_path.insert(0, Refuse())\n"
+    "from pkeys.__main__ import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+@pytest.mark.parametrize("command", [["doctor"], ["demo"], ["--version"]])
+def test_the_main_commands_work_without_the_optional_extras(command):
+    result = subprocess.run([sys.executable, "-c", _WITHOUT_EXTRAS, *command],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_bench_without_pyperf_says_what_to_install():
+    result = subprocess.run([sys.executable, "-c", _WITHOUT_EXTRAS, "bench", "--quick"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "pip install 'pkeys[bench]'" in result.stderr
+    assert "Traceback" not in result.stderr

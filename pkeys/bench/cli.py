@@ -9,7 +9,7 @@ import sys
 import tempfile
 
 from .._binding import ffi
-from . import contention, layers, machine, report
+from . import contention, machine, report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,6 +110,8 @@ def main(args: argparse.Namespace) -> int:
     print("\nmeasuring issue 16's targets, interleaved, in each build...", file=sys.stderr,
           flush=True)
     print()
+    from . import layers  # times the suite's cases: needs pyperf, like the suite
+
     print(layers.run_in_builds(args.quick, args.simulated_build))
     if args.output:
         for benchmark in suite.get_benchmarks():
