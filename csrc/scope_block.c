@@ -468,6 +468,8 @@ PyObject *pk_block_configure(PyObject *module, PyObject *args, PyObject *kwargs)
                            &python_handler};
     int sigsegv, i;
     (void)module;
+    if (vbuf_enter)
+        return pk_configured_already("configure_blocks");
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "KKOOOOOOOOi:configure_blocks", names,
                                      &enter, &exit, &given[0], &given[1], &given[2], &given[3],
                                      &given[4], &given[5], &given[6], &given[7], &sigsegv))
