@@ -152,6 +152,24 @@ def test_a_clean_block_after_an_escape_raises_nothing():
         kept.release()
 
 
+def test_a_buffer_keeps_no_record_of_escapes_that_are_gone():
+    # Each escape is recorded before its use ends; one record per escape
+    # ever made grew without bound (and close() scanned them all).
+    with pkeys.ProtectedBuffer(16, secretmem=False, lock_memory=False) as buffer:
+        for _ in range(50):
+            with pytest.raises(BufferError):
+                with buffer.unlocked() as view:
+                    kept = view[1:2]
+            kept.release()
+        assert len(buffer._mapping.escaped) == 1  # the last one, already dead
+        with pytest.raises(BufferError):
+            with buffer.unlocked() as view:
+                kept = view[1:2]
+        with pytest.raises(BufferError, match="still alive"):
+            buffer.close()  # a live escape is still seen
+        kept.release()
+
+
 def test_an_exception_inside_the_block_is_not_masked_by_an_escape():
     with pkeys.ProtectedBuffer(16, secretmem=False, lock_memory=False) as buffer:
         with pytest.raises(KeyError):
