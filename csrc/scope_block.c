@@ -54,6 +54,8 @@ typedef struct {
     void *data;
     Py_ssize_t size;
     int readonly;
+    int ended;              /* its block ended: no new export (an escaped
+                             * view.obj would open memory outside it) */
     Py_ssize_t exports;     /* buffer exports handed out and not released */
     PyObject *weakrefs;
 } ExportObject;
@@ -61,6 +63,11 @@ typedef struct {
 static int export_getbuffer(PyObject *op, Py_buffer *view, int flags)
 {
     ExportObject *self = (ExportObject *)op;
+    if (self->ended) {
+        PyErr_SetString(PyExc_BufferError,
+                        "this unlocked() block has ended: its memory is closed again");
+        return -1;
+    }
     if (PyBuffer_FillInfo(view, op, self->data, self->size, self->readonly, flags) < 0)
         return -1;
     self->exports++;
@@ -355,6 +362,7 @@ static PyObject *unlocked_exit(PyObject *op, PyObject *const *args, Py_ssize_t n
     int leaked = 0, status, is_orphaned;
     if (take_entry(self, &entry) < 0)
         return NULL;
+    ((ExportObject *)entry.exporter)->ended = 1;
     released = PyObject_CallMethodObjArgs(entry.view, str_release, NULL);
     if (released) {
         Py_DECREF(released);
