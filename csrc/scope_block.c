@@ -580,9 +580,37 @@ static PyMethodDef buffer_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static PyMemberDef buffer_members[] = {
-    {"_mapping", T_OBJECT_EX, offsetof(BufferObject, mapping), 0, NULL},
-    {NULL, 0, 0, 0, NULL},
+static PyObject *buffer_get_mapping(PyObject *op, void *closure)
+{
+    PyObject *mapping = ((BufferObject *)op)->mapping;
+    (void)closure;
+    if (!mapping) {
+        PyErr_SetString(PyExc_AttributeError, "_mapping");
+        return NULL;
+    }
+    return Py_NewRef(mapping);
+}
+
+/* Set once, by __init__: unlocked() takes raw addresses from the mapping's
+ * _block, so Python code must not swap in another object (a forged _block
+ * crashed; another buffer's mapping was closed twice). */
+static int buffer_set_mapping(PyObject *op, PyObject *value, void *closure)
+{
+    BufferObject *self = (BufferObject *)op;
+    (void)closure;
+    if (!value || self->mapping) {
+        PyErr_SetString(PyExc_AttributeError,
+                        "a ProtectedBuffer's _mapping is set once, by __init__");
+        return -1;
+    }
+    self->mapping = Py_NewRef(value);
+    return 0;
+}
+
+static PyGetSetDef buffer_getset[] = {
+    {"_mapping", buffer_get_mapping, buffer_set_mapping,
+     PyDoc_STR("The buffer's _Mapping (set once, by __init__)."), NULL},
+    {NULL, NULL, NULL, NULL, NULL},
 };
 
 static PyType_Slot buffer_slots[] = {
@@ -591,7 +619,7 @@ static PyType_Slot buffer_slots[] = {
     {Py_tp_traverse, buffer_traverse},
     {Py_tp_clear, buffer_clear},
     {Py_tp_methods, buffer_methods},
-    {Py_tp_members, buffer_members},
+    {Py_tp_getset, buffer_getset},
     {0, NULL},
 };
 
