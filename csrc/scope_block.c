@@ -54,6 +54,8 @@ typedef struct {
     void *data;
     Py_ssize_t size;
     int readonly;
+    int ended;              /* its block ended: no new export (an escaped
+                             * view.obj would open memory outside it) */
     Py_ssize_t exports;     /* buffer exports handed out and not released */
     PyObject *weakrefs;
 } ExportObject;
@@ -61,6 +63,11 @@ typedef struct {
 static int export_getbuffer(PyObject *op, Py_buffer *view, int flags)
 {
     ExportObject *self = (ExportObject *)op;
+    if (self->ended) {
+        PyErr_SetString(PyExc_BufferError,
+                        "this unlocked() block has ended: its memory is closed again");
+        return -1;
+    }
     if (PyBuffer_FillInfo(view, op, self->data, self->size, self->readonly, flags) < 0)
         return -1;
     self->exports++;
@@ -355,6 +362,7 @@ static PyObject *unlocked_exit(PyObject *op, PyObject *const *args, Py_ssize_t n
     int leaked = 0, status, is_orphaned;
     if (take_entry(self, &entry) < 0)
         return NULL;
+    ((ExportObject *)entry.exporter)->ended = 1;
     released = PyObject_CallMethodObjArgs(entry.view, str_release, NULL);
     if (released) {
         Py_DECREF(released);
@@ -468,6 +476,8 @@ PyObject *pk_block_configure(PyObject *module, PyObject *args, PyObject *kwargs)
                            &python_handler};
     int sigsegv, i;
     (void)module;
+    if (vbuf_enter)
+        return pk_configured_already("configure_blocks");
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "KKOOOOOOOOi:configure_blocks", names,
                                      &enter, &exit, &given[0], &given[1], &given[2], &given[3],
                                      &given[4], &given[5], &given[6], &given[7], &sigsegv))
@@ -570,9 +580,37 @@ static PyMethodDef buffer_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static PyMemberDef buffer_members[] = {
-    {"_mapping", T_OBJECT_EX, offsetof(BufferObject, mapping), 0, NULL},
-    {NULL, 0, 0, 0, NULL},
+static PyObject *buffer_get_mapping(PyObject *op, void *closure)
+{
+    PyObject *mapping = ((BufferObject *)op)->mapping;
+    (void)closure;
+    if (!mapping) {
+        PyErr_SetString(PyExc_AttributeError, "_mapping");
+        return NULL;
+    }
+    return Py_NewRef(mapping);
+}
+
+/* Set once, by __init__: unlocked() takes raw addresses from the mapping's
+ * _block, so Python code must not swap in another object (a forged _block
+ * crashed; another buffer's mapping was closed twice). */
+static int buffer_set_mapping(PyObject *op, PyObject *value, void *closure)
+{
+    BufferObject *self = (BufferObject *)op;
+    (void)closure;
+    if (!value || self->mapping) {
+        PyErr_SetString(PyExc_AttributeError,
+                        "a ProtectedBuffer's _mapping is set once, by __init__");
+        return -1;
+    }
+    self->mapping = Py_NewRef(value);
+    return 0;
+}
+
+static PyGetSetDef buffer_getset[] = {
+    {"_mapping", buffer_get_mapping, buffer_set_mapping,
+     PyDoc_STR("The buffer's _Mapping (set once, by __init__)."), NULL},
+    {NULL, NULL, NULL, NULL, NULL},
 };
 
 static PyType_Slot buffer_slots[] = {
@@ -581,7 +619,7 @@ static PyType_Slot buffer_slots[] = {
     {Py_tp_traverse, buffer_traverse},
     {Py_tp_clear, buffer_clear},
     {Py_tp_methods, buffer_methods},
-    {Py_tp_members, buffer_members},
+    {Py_tp_getset, buffer_getset},
     {0, NULL},
 };
 

@@ -96,6 +96,8 @@ PyObject *pk_fast_configure_rights(PyObject *module, PyObject *args, PyObject *k
                                                   &rights_by_value};
     int i;
     (void)module;
+    if (key_get)
+        return pk_configured_already("configure_rights");
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "KKOOOO!:configure_rights", names, &get, &set,
                                      &general[0], &general[1], &general[2], &PyTuple_Type,
                                      &rights))

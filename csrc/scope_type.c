@@ -74,6 +74,14 @@ static PyObject *raise_for(int status)
     return pk_raise_with(raise_status, status);
 }
 
+PyObject *pk_configured_already(const char *function)
+{
+    /* Once: a later call could point the hot paths at any address. */
+    PyErr_Format(PyExc_RuntimeError, "pkeys._scope.%s: configured already, by pkeys at import",
+                 function);
+    return NULL;
+}
+
 /* A new scope granting *scope; a zeroed one for the caller to fill when
  * NULL. */
 static ScopeObject *new_scope(const struct pk_scope *scope)
@@ -137,6 +145,16 @@ static PyObject *scope_tp_new(PyTypeObject *type, PyObject *args, PyObject *kwar
         }
         scope.keys |= 1u << k;
         scope.identities[k] = (uint32_t)value;
+    }
+    /* Refused here with their own messages: the shim's statuses for them
+     * name no argument. */
+    if (kind < PK_GRANT_READ_WRITE || kind > PK_GRANT_DENY) {
+        PyErr_Format(PyExc_ValueError, "Scope: kind %d is not a PK_GRANT_* kind", kind);
+        return NULL;
+    }
+    if (!scope.keys) {
+        PyErr_SetString(PyExc_TypeError, "Scope needs at least one key");
+        return NULL;
     }
     return (PyObject *)new_scope(&scope);
 }
@@ -408,9 +426,42 @@ static PyMethodDef key_methods[] = {
 };
 
 static PyMemberDef key_members[] = {
-    {"_pkey", T_INT, offsetof(KeyObject, pkey), 0, NULL},
     {"_identity", T_UINT, offsetof(KeyObject, identity), READONLY, NULL},
     {NULL, 0, 0, 0, NULL},
+};
+
+static PyObject *key_get_pkey(PyObject *op, void *closure)
+{
+    (void)closure;
+    return PyLong_FromLong(((KeyObject *)op)->pkey);
+}
+
+/* Only ever closes: the number is given by _bind() alone, because
+ * pkeys.allow, pkey_get and pkey_set read it as a bit index without a
+ * check (key._pkey = 2**31 - 1 must not reach them). */
+static int key_set_pkey(PyObject *op, PyObject *value, void *closure)
+{
+    long number;
+    (void)closure;
+    if (!value) {
+        PyErr_SetString(PyExc_AttributeError, "a Key's _pkey cannot be deleted");
+        return -1;
+    }
+    number = PyLong_AsLong(value);
+    if (number == -1 && PyErr_Occurred())
+        return -1;
+    if (number != -1) {
+        PyErr_SetString(PyExc_ValueError, "a Key's _pkey can only be set to -1 (closed)");
+        return -1;
+    }
+    ((KeyObject *)op)->pkey = -1;
+    return 0;
+}
+
+static PyGetSetDef key_getset[] = {
+    {"_pkey", key_get_pkey, key_set_pkey,
+     PyDoc_STR("The key number, -1 once closed (set only to -1)."), NULL},
+    {NULL, NULL, NULL, NULL, NULL},
 };
 
 static PyType_Slot key_slots[] = {
@@ -419,6 +470,7 @@ static PyType_Slot key_slots[] = {
     {Py_tp_dealloc, key_dealloc},
     {Py_tp_methods, key_methods},
     {Py_tp_members, key_members},
+    {Py_tp_getset, key_getset},
     {0, NULL},
 };
 
@@ -479,6 +531,8 @@ static PyObject *configure(PyObject *module, PyObject *args, PyObject *kwargs)
     PyObject *callbacks[5], *key_class;
     int i;
     (void)module;
+    if (scope_enter)
+        return pk_configured_already("configure");
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "KKKOOOOOKO!:configure", names, &enter,
                                      &exit, &serial, &callbacks[0], &callbacks[1],
                                      &callbacks[2], &callbacks[3], &callbacks[4], &per_process,

@@ -47,6 +47,8 @@ uint32_t pk_scope_thread_serial(void);
 /* Calls raiser(status), a Python function that raises the package's
  * exception for it; returns NULL with that exception set. */
 PyObject *pk_raise_with(PyObject *raiser, int status);
+/* Raises RuntimeError: each configure function runs once, at import. */
+PyObject *pk_configured_already(const char *function);
 int pk_write_argument(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
                       Py_ssize_t first, const char *function, int *write);
 

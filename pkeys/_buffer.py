@@ -894,8 +894,15 @@ def _end_elsewhere(mapping: _Mapping) -> int:
 
 def _view_escaped(mapping: _Mapping, exporter: object) -> None:
     """A block's view outlived it (a slice, a cast, an array of one): its
-    exporter lives as long as they do.  Recorded before the use ends."""
-    mapping.escaped.append(_weak(exporter))
+    exporter lives as long as they do.  Recorded before the use ends;
+    exporters already gone are dropped, so a buffer whose blocks keep
+    raising BufferError (caught) holds only the escapes still alive."""
+    escaped = mapping.escaped
+    escaped.append(_weak(exporter))
+    # In place, dead ones only: a record appended meanwhile (a finalizer
+    # ending another block) is never lost.
+    for ref in [ref for ref in escaped if ref() is None]:
+        escaped.remove(ref)
 
 
 def _use_ended(mapping: _Mapping) -> None:

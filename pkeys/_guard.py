@@ -11,8 +11,12 @@ Python shows without a syscall: ``faulthandler.enable()`` and
 :func:`install` saw last, and calls it only when one of them changed.
 
 Unsafe assumption, written down: a SIGSEGV handler installed by C code
-(another extension calling ``sigaction`` itself), or faulthandler disabled
-and enabled again between two checks, is not seen here.  The next
+(another extension calling ``sigaction`` itself), faulthandler disabled
+and enabled again between two checks, or ``signal.signal(SIGSEGV, h)``
+with the handler Python already shows (``SIG_DFL`` as a rule: the guard
+sits below Python's view, and the saved-and-restored
+``signal.signal(SIGSEGV, signal.getsignal(SIGSEGV))`` is one such call),
+is not seen here.  The next
 :class:`pkeys.ProtectedBuffer` made, and every ``pkeys.probe()``, check
 with the syscall and put the guard back on top.
 """

@@ -483,3 +483,35 @@ def test_locked_is_the_deprecated_name_of_memory_locked():
             old = buffer.locked
         assert old is buffer.memory_locked
         assert f"memory_locked={buffer.memory_locked}>" in repr(buffer)
+
+
+def test_a_buffers_mapping_is_set_once_by_init():
+    # unlocked() takes raw addresses from the mapping's _block: a forged
+    # one crashed, and another buffer's mapping got closed twice.  In a
+    # child: a regression crashes.
+    def child() -> None:
+        class Forged:
+            _block = (1, b"", 4096, 1 << 20)
+            orphaned = False
+
+        with pkeys.ProtectedBuffer(16, secretmem=False) as a, \
+                pkeys.ProtectedBuffer(32, secretmem=False) as b:
+            for value in (Forged(), a._mapping, None):
+                try:
+                    b._mapping = value
+                except AttributeError as exc:
+                    assert "set once" in str(exc), exc
+                else:
+                    raise AssertionError(f"_mapping = {value!r} accepted")
+            try:
+                del b._mapping
+            except AttributeError:
+                pass
+            else:
+                raise AssertionError("_mapping deleted")
+            with b.unlocked() as view:
+                assert len(view) == 32
+        assert a.closed and b.closed
+
+    result = run_in_child(child, quiet=False)
+    assert result.exitcode == 0, f"{result.describe()}: {result.stderr}"

@@ -152,6 +152,39 @@ def test_a_clean_block_after_an_escape_raises_nothing():
         kept.release()
 
 
+def test_an_escaped_exporter_makes_no_view_once_its_block_ended():
+    # view.obj is the block's exporter: a view made from it after the block
+    # pointed at closed memory (touching it faulted); now it is refused.
+    with pkeys.ProtectedBuffer(16, secretmem=False, lock_memory=False) as buffer:
+        with pytest.raises(BufferError, match="still alive"):
+            with buffer.unlocked() as view:
+                exporter = view.obj
+                assert bytes(memoryview(exporter)) == bytes(16)  # inside: allowed
+        with pytest.raises(BufferError, match="block has ended"):
+            memoryview(exporter)
+        with buffer.unlocked() as view:  # a new block has its own exporter
+            assert bytes(view) == bytes(16)
+        del exporter
+
+
+def test_a_buffer_keeps_no_record_of_escapes_that_are_gone():
+    # Each escape is recorded before its use ends; one record per escape
+    # ever made grew without bound (and close() scanned them all).
+    with pkeys.ProtectedBuffer(16, secretmem=False, lock_memory=False) as buffer:
+        for _ in range(50):
+            with pytest.raises(BufferError):
+                with buffer.unlocked() as view:
+                    kept = view[1:2]
+            kept.release()
+        assert len(buffer._mapping.escaped) == 1  # the last one, already dead
+        with pytest.raises(BufferError):
+            with buffer.unlocked() as view:
+                kept = view[1:2]
+        with pytest.raises(BufferError, match="still alive"):
+            buffer.close()  # a live escape is still seen
+        kept.release()
+
+
 def test_an_exception_inside_the_block_is_not_masked_by_an_escape():
     with pkeys.ProtectedBuffer(16, secretmem=False, lock_memory=False) as buffer:
         with pytest.raises(KeyError):

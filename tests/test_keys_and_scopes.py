@@ -212,3 +212,74 @@ def test_backend_choice_is_reported():
     assert pkeys.hardware_supported() == (pkeys.backend() == "hardware") or os.environ.get(
         "PKEYS_BACKEND"
     )
+
+
+def test_a_keys_number_can_only_be_closed_from_python():
+    # pkeys.allow, pkey_get and pkey_set read a Key's number in C as a bit
+    # index; key._pkey = 2**31 - 1 then crashed pkeys.allow(key) (SIGBUS).
+    # In a child: a regression crashes.
+    def child() -> None:
+        with pkeys.Key() as k:
+            number = k.pkey
+            for value in (2**31 - 1, 40, 0, number):
+                try:
+                    k._pkey = value
+                except ValueError as exc:
+                    assert "only be set to -1" in str(exc)
+                else:
+                    raise AssertionError(f"_pkey = {value} accepted")
+            try:
+                del k._pkey
+            except AttributeError:
+                pass
+            else:
+                raise AssertionError("_pkey deleted")
+            assert k.pkey == number
+            with pkeys.allow(k):
+                assert rights_bits(k) == 0
+
+    result = run_in_child(child, quiet=False)
+    assert result.exitcode == 0, f"{result.describe()}: {result.stderr}"
+
+
+def test_a_scope_made_directly_refuses_a_bad_kind_or_no_key(key, shadow):
+    shadow.set(key, pkeys.PKEY_DISABLE_ACCESS)
+    for kind in (3, -1, 2**31 - 1):
+        with pytest.raises(ValueError, match="not a PK_GRANT_"):
+            pkeys.Scope({key.pkey: key.identity}, kind)
+    with pytest.raises(TypeError, match="at least one key"):
+        pkeys.Scope({}, 0)
+    with pkeys.Scope({key.pkey: key.identity}, 1):  # read-only, as allow(write=False)
+        assert rights_bits(key) == pkeys.PKEY_DISABLE_WRITE
+    shadow.check()
+
+
+def test_the_c_scope_module_is_configured_once_at_import():
+    # A second configure could point the hot paths at any address: it is
+    # refused, and what pkeys configured keeps working.  In a child: a
+    # regression jumps to address 1.
+    def child() -> None:
+        from pkeys import _scope
+
+        attempts = {
+            "configure": lambda: _scope.configure(1, 1, 1, print, print, print, print, print,
+                                                  1, pkeys.Key),
+            "configure_blocks": lambda: _scope.configure_blocks(1, 1, *[print] * 8, 11),
+            "configure_rights": lambda: _scope.configure_rights(1, 1, print, print, print,
+                                                                (0, 1, 2, 3)),
+        }
+        for name, attempt in attempts.items():
+            try:
+                attempt()
+            except RuntimeError as exc:
+                assert "configured already" in str(exc), exc
+            else:
+                raise AssertionError(f"{name} accepted again")
+        with pkeys.Key() as k, pkeys.ProtectedBuffer(8, secretmem=False) as buffer:
+            with k.allow():
+                pkeys.pkey_set(k, pkeys.pkey_get(k))
+            with buffer.unlocked() as view:
+                assert bytes(view) == bytes(8)
+
+    result = run_in_child(child, quiet=False)
+    assert result.exitcode == 0, f"{result.describe()}: {result.stderr}"
