@@ -122,6 +122,10 @@ typedef struct {
 
 typedef struct {
     PyObject_HEAD
+    /* The ProtectedBuffer itself: `with make_secret().unlocked() as v:`
+     * holds no other reference to it, and collecting it would close the
+     * buffer before the block began. */
+    PyObject *owner;
     PyObject *mapping;      /* the buffer's _Mapping */
     PyObject *block;        /* its _block: (vbuf address, pin, data address, size) */
     struct pk_vbuf *vbuf;
@@ -140,6 +144,7 @@ static int unlocked_traverse(PyObject *op, visitproc visit, void *arg)
     UnlockedObject *self = (UnlockedObject *)op;
     Py_ssize_t i;
     Py_VISIT(Py_TYPE(op));
+    Py_VISIT(self->owner);
     Py_VISIT(self->mapping);
     Py_VISIT(self->block);
     for (i = 0; i < self->count; i++) {
@@ -161,6 +166,7 @@ static int unlocked_clear(PyObject *op)
     }
     Py_CLEAR(self->mapping);
     Py_CLEAR(self->block);
+    Py_CLEAR(self->owner);
     return 0;
 }
 
@@ -208,7 +214,7 @@ static int guard_check(void)
 }
 
 /* ProtectedBuffer.unlocked(write=False): made here, not in Python. */
-PyObject *pk_block_new(PyObject *mapping, int write)
+PyObject *pk_block_new(PyObject *owner, PyObject *mapping, int write)
 {
     PyObject *block, *vbuf, *data, *size;
     allocfunc alloc;
@@ -236,6 +242,7 @@ PyObject *pk_block_new(PyObject *mapping, int write)
     self->pin = PyTuple_GetItem(block, 1);  /* borrowed: the tuple is held */
     self->data = PyLong_AsVoidPtr(data);
     self->size = PyLong_AsSsize_t(size);
+    self->owner = Py_NewRef(owner);
     self->mapping = Py_NewRef(mapping);
     self->block = block;
     self->kind = write ? PK_GRANT_READ_WRITE : PK_GRANT_READ_ONLY;
@@ -567,7 +574,7 @@ static PyObject *buffer_unlocked(PyObject *op, PyObject *const *args, Py_ssize_t
         PyErr_SetString(PyExc_AttributeError, "_mapping");
         return NULL;
     }
-    return pk_block_new(self->mapping, write);
+    return pk_block_new(op, self->mapping, write);
 }
 
 static PyMethodDef buffer_methods[] = {

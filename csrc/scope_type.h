@@ -53,7 +53,7 @@ int pk_write_argument(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames
                       Py_ssize_t first, const char *function, int *write);
 
 /* scope_block.c: pkeys.Unlocked, its exporter, and ProtectedBuffer's base. */
-PyObject *pk_block_new(PyObject *mapping, int write);
+PyObject *pk_block_new(PyObject *owner, PyObject *mapping, int write);
 PyObject *pk_block_configure(PyObject *module, PyObject *args, PyObject *kwargs);
 PyObject *pk_block_guard_seen(PyObject *module, PyObject *args);
 int pk_block_init(PyObject *module);

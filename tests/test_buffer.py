@@ -515,3 +515,30 @@ def test_a_buffers_mapping_is_set_once_by_init():
 
     result = run_in_child(child, quiet=False)
     assert result.exitcode == 0, f"{result.describe()}: {result.stderr}"
+
+
+def test_a_block_keeps_a_buffer_that_nothing_else_references_open():
+    # `with load_secret().unlocked() as v:`: the block object is the only
+    # reference to the buffer, which must not be collected (and closed)
+    # before the block begins or while it runs, and goes once the block does.
+    import weakref
+
+    made: list[weakref.ref[pkeys.ProtectedBuffer]] = []
+
+    def load_secret() -> pkeys.ProtectedBuffer:
+        buffer = pkeys.ProtectedBuffer(16)
+        buffer.write(b"0123456789abcdef")
+        made.append(weakref.ref(buffer))
+        return buffer
+
+    with load_secret().unlocked() as view:
+        gc.collect()
+        assert bytes(view) == b"0123456789abcdef"
+    block = load_secret().unlocked()
+    gc.collect()
+    with block as view:
+        assert bytes(view[:4]) == b"0123"
+    assert made[1]() is not None
+    del block, view
+    gc.collect()
+    assert [ref() for ref in made] == [None, None]
