@@ -311,7 +311,10 @@ class _Sharer:
 
     def _forget(self) -> None:
         """In a forked child: the parent's waiting duplicates and listener
-        are not this process's to serve."""
+        are not this process's to serve, and its lock is new: another
+        thread of the parent may have held it at the fork, and no thread
+        of the child would ever release it (the child's next offer hung)."""
+        self._lock = threading.Lock()
         for fd in self._waiting.values():
             os.close(fd)
         self._waiting.clear()
