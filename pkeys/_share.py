@@ -106,11 +106,15 @@ def map_shared(address: int, length: int, fd: int | None) -> int:
         populate = 1
     else:
         fd = os.dup(fd)  # O_CLOEXEC by default (PEP 446)
-        populate = 0  # populating writes: never over the sender's secret
+        populate = lib.PK_POPULATE_EXISTING  # writing: never over the sender's secret
     status = lib.pk_secretmem_map_fd(address, length, fd, populate)
     if status:
         os.close(fd)
         err = -status
+        if err == errno.ENODATA:
+            raise ArgumentError("the secret file has pages that were never written (a pkeys "
+                                "buffer populates every page when it is made): touching them "
+                                "here could die of SIGBUS at RLIMIT_MEMLOCK")
         why = os.strerror(err)
         if err in (errno.EAGAIN, errno.ENOMEM, errno.EPERM, errno.EFAULT):
             why += ": secret pages count against RLIMIT_MEMLOCK (ulimit -l) in every process"
