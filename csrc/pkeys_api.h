@@ -222,6 +222,9 @@ void pk_wipe(uintptr_t addr, size_t len);
 int pk_secretmem_probe(void);
 int pk_secretmem_map(uintptr_t addr, size_t len, int populate);
 int pk_secretmem_create(size_t len);
+/* pk_secretmem_map_fd's `populate` for a file that another process made:
+ * nothing is written, and every page must exist already. */
+#define PK_POPULATE_EXISTING 2
 int pk_secretmem_map_fd(uintptr_t addr, size_t len, int fd, int populate);
 int64_t pk_secretmem_file_size(int fd);
 int pk_mseal_available(void);

@@ -118,6 +118,30 @@ int pk_secretmem_create(size_t len)
     return (int)fd;
 }
 
+/* 0 if every page of a fresh file mapping is in the file already (mincore
+ * reports the file's page cache where this process has no page table entry
+ * yet), else ENODATA, or mincore's errno.  Unsafe assumption, written down:
+ * mincore tells the truth only to the file's owner or a process that may
+ * write it; to any other (a worker running as another user than the
+ * process that made the file) it reports every page present, and the check
+ * passes. */
+static int every_page_exists(uintptr_t addr, size_t len)
+{
+    unsigned char residency[256];
+    size_t offset, i;
+    for (offset = 0; offset < len; offset += sizeof residency * page_size()) {
+        size_t pages = (len - offset) / page_size();
+        if (pages > sizeof residency)
+            pages = sizeof residency;
+        if (mincore((void *)(addr + offset), pages * page_size(), residency) != 0)
+            return errno;
+        for (i = 0; i < pages; i++)
+            if (!(residency[i] & 1))
+                return ENODATA;
+    }
+    return 0;
+}
+
 /*
  * Replace [addr, addr + len) of a reservation the caller owns with the pages
  * of the secret file `fd` (from offset 0).  The reservation (with its guard
@@ -128,7 +152,14 @@ int pk_secretmem_create(size_t len)
  * With `populate` (only for a fresh file: it writes to every page), every
  * page is populated before this returns (populate_by_kernel_write), so a
  * buffer that got secret memory can never SIGBUS later; without it nothing
- * is committed up front.
+ * is committed up front.  With PK_POPULATE_EXISTING (a file that another
+ * process made, whose pages must not be written) every page must already
+ * exist, or the mapping is refused with ENODATA: 6.1 and 6.12
+ * map secret memory whatever RLIMIT_MEMLOCK says, and a page that the
+ * first touch here would have to allocate can kill this process with
+ * SIGBUS.  A pkeys sender populates every page at creation; a file that
+ * someone sized and never wrote is refused.  Secret pages, once there,
+ * cannot go (no truncation, no reclaim), so the check cannot go stale.
  *
  * On failure (-errno) the range is anonymous read/write memory again, as it
  * was: an mmap that fails after removing the old pages (EAGAIN when the
@@ -150,7 +181,13 @@ int pk_secretmem_map_fd(uintptr_t addr, size_t len, int fd, int populate)
          * processes.  Populating every page now turns that refusal into an
          * error (EFAULT where the touch would SIGBUS): the caller then falls
          * back or raises, and no later touch can fault. */
-        if (!populate || (err = -populate_by_kernel_write(addr, len)) == 0)
+        if (populate == PK_POPULATE_EXISTING)
+            err = every_page_exists(addr, len);
+        else if (populate)
+            err = -populate_by_kernel_write(addr, len);
+        else
+            err = 0;
+        if (!err)
             return 0;
     }
     mmap((void *)addr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1,

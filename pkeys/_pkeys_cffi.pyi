@@ -120,6 +120,7 @@ class _Lib:
     PK_E_ALL_KEYS_BUSY: int
     PK_INHERIT_ZEROS: int
     PK_INHERIT_NONE: int
+    PK_POPULATE_EXISTING: int
     PK_INHERIT_COPY: int
     PK_INHERIT_SHARED: int
     PK_VKEYS_DEFAULT_LIMIT: int

@@ -106,11 +106,15 @@ def map_shared(address: int, length: int, fd: int | None) -> int:
         populate = 1
     else:
         fd = os.dup(fd)  # O_CLOEXEC by default (PEP 446)
-        populate = 0  # populating writes: never over the sender's secret
+        populate = lib.PK_POPULATE_EXISTING  # writing: never over the sender's secret
     status = lib.pk_secretmem_map_fd(address, length, fd, populate)
     if status:
         os.close(fd)
         err = -status
+        if err == errno.ENODATA:
+            raise ArgumentError("the secret file has pages that were never written (a pkeys "
+                                "buffer populates every page when it is made): touching them "
+                                "here could die of SIGBUS at RLIMIT_MEMLOCK")
         why = os.strerror(err)
         if err in (errno.EAGAIN, errno.ENOMEM, errno.EPERM, errno.EFAULT):
             why += ": secret pages count against RLIMIT_MEMLOCK (ulimit -l) in every process"
@@ -311,7 +315,10 @@ class _Sharer:
 
     def _forget(self) -> None:
         """In a forked child: the parent's waiting duplicates and listener
-        are not this process's to serve."""
+        are not this process's to serve, and its lock is new: another
+        thread of the parent may have held it at the fork, and no thread
+        of the child would ever release it (the child's next offer hung)."""
+        self._lock = threading.Lock()
         for fd in self._waiting.values():
             os.close(fd)
         self._waiting.clear()

@@ -399,6 +399,23 @@ def test_from_shared_refuses_a_size_the_file_cannot_hold():
         assert holdings() == before
 
 
+@needs_secretmem
+def test_from_shared_refuses_a_secret_file_whose_pages_were_never_written():
+    # Sized by someone else and never touched: on 6.1 and 6.12 the first
+    # touch here would allocate the page and, near RLIMIT_MEMLOCK, kill
+    # this process with SIGBUS (seen as an unprivileged user).  Refused
+    # before any touch, leaving nothing behind.
+    from pkeys._binding import lib
+
+    before = holdings()
+    fd = lib.pk_secretmem_create(2 * mmap.PAGESIZE)
+    assert fd >= 0, os.strerror(-fd)
+    with (pkeys.ShareHandle(fd, SIZE) as handle,
+          pytest.raises(pkeys.ArgumentError, match="never written")):
+        pkeys.ProtectedBuffer.from_shared(handle)
+    assert holdings() == before
+
+
 def test_a_share_handle_is_a_descriptor_not_a_pickle():
     fd = os.memfd_create("handle")
     handle = pkeys.ShareHandle(fd, 8, "h")

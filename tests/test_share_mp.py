@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import signal
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -183,3 +184,32 @@ def test_a_task_argument_leaves_revocation_working_in_this_process(secret):
         key.revoke()          # reaches every thread, the sharer's included
         with pkeys.allow(key):
             pass
+
+
+@deadline
+def test_a_fork_while_another_thread_offers_leaves_the_child_able_to_offer(secret):
+    # Another thread holds the sharer's lock (as offer() does) at the fork:
+    # the child, whose copy of that thread never runs, must still offer.
+    from pkeys import _share
+
+    reduction.ForkingPickler.loads(reduction.ForkingPickler.dumps(secret)).close()
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with _share._sharer._lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(30)
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            signal.alarm(60)
+            reduction.ForkingPickler.loads(reduction.ForkingPickler.dumps(secret)).close()
+            os._exit(0)
+    finally:
+        release.set()
+        holder.join()
+    assert os.waitpid(pid, 0)[1] == 0  # not SIGALRM: the child's offer did not hang
