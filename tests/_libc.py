@@ -1,7 +1,10 @@
 """Test-only access to libc calls Python's mmap module does not offer
-(MAP_FIXED, mremap), through cffi's ABI mode."""
+(MAP_FIXED, mremap), through cffi's ABI mode, and to what the kernel shows
+of this process's memory (smaps, /proc/self/mem)."""
 
 from __future__ import annotations
+
+import os
 
 import cffi
 
@@ -121,3 +124,14 @@ def record_inner_before_unmap(monkeypatch) -> dict:
 
     monkeypatch.setattr(_buffer._Mapping, "_unmap", inspect_then_unmap)
     return seen
+
+
+def proc_self_mem(address: int, length: int) -> bytes | int:
+    """What /proc/self/mem gives for the range: the bytes, or the errno."""
+    fd = os.open("/proc/self/mem", os.O_RDONLY)
+    try:
+        return os.pread(fd, length, address)
+    except OSError as exc:
+        return exc.errno
+    finally:
+        os.close(fd)

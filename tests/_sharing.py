@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 
 import pkeys
 
+from ._libc import proc_self_mem
+
 Test = TypeVar("Test", bound=Callable[..., None])
 
 
@@ -61,17 +63,6 @@ def secret_fds() -> int:
 def holdings() -> tuple[int, int, list[int]]:
     """Secret mappings, secret descriptors, and allocated keys."""
     return secret_mappings(), secret_fds(), pkeys.allocated_keys()
-
-
-def proc_self_mem(address: int, length: int) -> bytes | int:
-    """What /proc/self/mem gives for the range: the bytes, or the errno."""
-    fd = os.open("/proc/self/mem", os.O_RDONLY)
-    try:
-        return os.pread(fd, length, address)
-    except OSError as exc:
-        return exc.errno
-    finally:
-        os.close(fd)
 
 
 def fingerprint(buffer: pkeys.ProtectedBuffer) -> bytes:

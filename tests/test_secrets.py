@@ -20,7 +20,7 @@ from pkeys import _secretmem
 from pkeys._binding import ffi, lib
 from pkeys._child import run_in_child
 
-from ._libc import map_anonymous, record_inner_before_unmap, unmap
+from ._libc import map_anonymous, proc_self_mem, record_inner_before_unmap, unmap
 from ._sources import SHIM_SOURCES
 
 pytestmark = pytest.mark.anybackend
@@ -40,17 +40,6 @@ _abi.cdef(
     """
 )
 _libc = _abi.dlopen(None)
-
-
-def proc_self_mem(address: int, length: int) -> bytes | int:
-    """What /proc/self/mem gives for the range: the bytes, or the errno."""
-    fd = os.open("/proc/self/mem", os.O_RDONLY)
-    try:
-        return os.pread(fd, length, address)
-    except OSError as exc:
-        return exc.errno
-    finally:
-        os.close(fd)
 
 
 def vm_readv(address: int, length: int) -> bytes | int:

@@ -28,12 +28,12 @@ from pkeys import _secretmem
 from pkeys._binding import ffi
 from pkeys._child import run_in_child
 
+from ._libc import proc_self_mem
 from ._sharing import (
     deadline,
     fingerprint,
     holdings,
     holds_secret,
-    proc_self_mem,
     secret_fds,
     secret_mappings,
 )
