@@ -58,7 +58,10 @@ PyObject *pk_raise_failed(PyObject *raiser, int status, int error);
  * MemoryError) leaves all as it was: no grant changed.  Released by
  * dropping the reference: the exports are cffi buffers, which release at
  * deallocation, so no Python code runs, and nothing can interrupt, between
- * the call and the end of the path that records it. */
+ * the call and the end of the path that records it.  Unsafe assumption,
+ * written down: nothing else keeps `held` (a profiler that kept
+ * prepare_pins' frame would keep the pins longer, which only makes the
+ * owner's close() wait or raise BufferError meanwhile). */
 int pk_pins_prepare(uint64_t *nonce, PyObject **held);
 void pk_pins_release(PyObject *held);
 /* Raises RuntimeError: each configure function runs once, at import. */
