@@ -20,9 +20,12 @@
  * last check saw (pkeys/_guard.py has the assumption this rests on) and
  * calls back into Python only when that changed.
  *
- * Everything rare is Python's (pkeys/_buffer.py): the software backend's
- * pins, a block ended in another thread, errors, recording an escaped
- * view, closing a buffer collected while in use.
+ * Everything rare is Python's (pkeys/_buffer.py): preparing the software
+ * backend's pins (pk_pins_prepare), a block ended in another thread,
+ * errors, recording an escaped view, closing a buffer collected while in
+ * use.  The call made again with pins is made here, and recorded before
+ * the pins are released: no Python code runs between a grant changing and
+ * its entry being recorded or dropped (scope_type.c says why).
  */
 #include "scope_type.h"
 
@@ -31,8 +34,8 @@
 
 static __typeof__(pk_vbuf_enter) *vbuf_enter;
 static __typeof__(pk_vbuf_exit) *vbuf_exit;
-static PyObject *enter_failed;      /* (mapping, kind, status, errno) -> token, or raises */
-static PyObject *exit_failed;       /* (mapping, kind, token, status, errno) -> None, or raises */
+static PyObject *enter_failed;      /* (status, errno) -> raises */
+static PyObject *exit_failed;       /* (mapping, status, errno) -> None, or raises */
 static PyObject *view_escaped;      /* (mapping, exporter) -> None: recorded before the use ends */
 static PyObject *use_ended;         /* (mapping) -> None: closes an orphaned buffer */
 static PyObject *raise_status;      /* (status) -> raises */
@@ -255,7 +258,9 @@ PyObject *pk_block_new(PyObject *owner, PyObject *mapping, int write)
     return (PyObject *)self;
 }
 
-static int push_entry(UnlockedObject *self, Entry entry)
+/* Room for one more entry, made before the grant is taken: once it is,
+ * nothing may fail before its entry is recorded. */
+static int reserve_entry(UnlockedObject *self)
 {
     if (self->count == self->capacity) {
         Py_ssize_t capacity = self->capacity * 2;
@@ -270,23 +275,100 @@ static int push_entry(UnlockedObject *self, Entry entry)
         self->entries = entries;
         self->capacity = capacity;
     }
-    self->entries[self->count++] = entry;
     return 0;
 }
 
-/* End a grant (and use) whose entry is not recorded: after a failure. */
-static void end_quietly(UnlockedObject *self, int64_t token)
+/* An entry made for a grant that was not taken: its view never left. */
+static void drop_unused(Entry *entry)
+{
+    ((ExportObject *)entry->exporter)->ended = 1;
+    Py_XDECREF(entry->view);
+    Py_DECREF(entry->exporter);
+}
+
+/* The rare path of an entry: the software backend's pins, then the call
+ * again, its entry recorded before the pins go; else the exception. */
+static PyObject *enter_rare(UnlockedObject *self, Entry entry)
+{
+    int error = errno;
+    PyObject *held = NULL;
+    while (entry.token == PK_E_NEED_PINS) {
+        uint64_t nonce;
+        pk_pins_release(held);
+        held = NULL;
+        /* prepare_pins ran Python code, which may have entered this block */
+        if (pk_pins_prepare(&nonce, &held) < 0 || reserve_entry(self) < 0) {
+            pk_pins_release(held);
+            drop_unused(&entry);  /* no grant taken */
+            return NULL;
+        }
+        entry.token = vbuf_enter(self->vbuf, self->kind, nonce);
+        error = errno;
+    }
+    if (entry.token >= 0)
+        self->entries[self->count++] = entry;
+    pk_pins_release(held);
+    if (entry.token < 0) {
+        drop_unused(&entry);
+        return pk_raise_failed(enter_failed, (int)entry.token, error);
+    }
+    return Py_NewRef(entry.view);
+}
+
+/* The rest of an exit whose vbuf_exit answered `status`, for an entry
+ * taken out of the list: the software backend's pins, then the call
+ * again.  Returns the final status, *error its errno; PK_E_NEED_PINS, with
+ * an exception set, when the pins could not be prepared: then the grant
+ * stays, and the entry is back in the list (its view and exporter the
+ * list's, NULL here) for a later exit to end. */
+static int end_rare(UnlockedObject *self, Entry *entry, int status, int *error)
+{
+    PyObject *held = NULL;
+    *error = errno;
+    while (status == PK_E_NEED_PINS) {
+        uint64_t nonce;
+        pk_pins_release(held);
+        held = NULL;
+        if (pk_pins_prepare(&nonce, &held) < 0) {
+            PyObject *type, *value, *traceback;
+            PyErr_Fetch(&type, &value, &traceback);
+            /* The room it left, unless Python code took it meanwhile.
+             * Unsafe assumption, written down: without memory for that
+             * either, the grant stays with no entry to end it. */
+            if (reserve_entry(self) == 0) {
+                self->entries[self->count++] = *entry;
+                entry->view = entry->exporter = NULL;
+            }
+            PyErr_Clear();
+            PyErr_Restore(type, value, traceback);
+            return PK_E_NEED_PINS;
+        }
+        status = vbuf_exit(self->vbuf, self->kind, entry->token, nonce);
+        *error = errno;
+    }
+    pk_pins_release(held);
+    return status;
+}
+
+/* End the grant of an entry taken out of the list, after a failure whose
+ * exception is the one raised. */
+static PyObject *end_after_error(UnlockedObject *self, Entry *entry)
 {
     PyObject *type, *value, *traceback, *result;
+    int status, error;
     PyErr_Fetch(&type, &value, &traceback);
-    int status = vbuf_exit(self->vbuf, self->kind, token, 0);
-    if (status) {
-        result = PyObject_CallFunction(exit_failed, "OiLii", self->mapping, self->kind,
-                                       (long long)token, status, errno);
+    status = vbuf_exit(self->vbuf, self->kind, entry->token, 0);
+    if (status)
+        status = end_rare(self, entry, status, &error);
+    if (status && status != PK_E_NEED_PINS) {
+        result = PyObject_CallFunction(exit_failed, "Oii", self->mapping, status, error);
         Py_XDECREF(result);
-        PyErr_Clear();  /* the first error is the one raised */
     }
+    PyErr_Clear();  /* the first error is the one raised */
     PyErr_Restore(type, value, traceback);
+    Py_XDECREF(entry->view);
+    Py_XDECREF(entry->exporter);
+    return NULL;
 }
 
 static PyObject *unlocked_enter(PyObject *op, PyObject *unused)
@@ -295,43 +377,30 @@ static PyObject *unlocked_enter(PyObject *op, PyObject *unused)
     ExportObject *exporter;
     allocfunc alloc;
     Entry entry;
-    int64_t token;
     (void)unused;
     if (guard_check() < 0)
         return NULL;
-    token = vbuf_enter(self->vbuf, self->kind, 0);
-    if (token < 0) {
-        PyObject *result = PyObject_CallFunction(enter_failed, "OiLi", self->mapping, self->kind,
-                                                 (long long)token, errno);
-        if (!result)
-            return NULL;
-        token = PyLong_AsLongLong(result);
-        Py_DECREF(result);
-        if (token < 0) {
-            if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_SystemError, "pkeys: a failed block entry gave no token");
-            return NULL;
-        }
-    }
+    /* The entry is made before its grant is taken: once it is, nothing may
+     * fail, and no Python code run, before the entry is recorded. */
     alloc = (allocfunc)PyType_GetSlot(export_type, Py_tp_alloc);
     exporter = (ExportObject *)alloc(export_type, 0);
-    if (!exporter) {
-        end_quietly(self, token);
+    if (!exporter)
         return NULL;
-    }
     exporter->pin = Py_NewRef(self->pin);
     exporter->data = self->data;
     exporter->size = self->size;
     exporter->readonly = self->kind != PK_GRANT_READ_WRITE;
-    entry.token = token;
     entry.exporter = (PyObject *)exporter;
     entry.view = PyMemoryView_FromObject((PyObject *)exporter);
-    if (!entry.view || push_entry(self, entry) < 0) {
-        Py_XDECREF(entry.view);
-        Py_DECREF(exporter);
-        end_quietly(self, token);
+    /* Room last: that allocation may have run finalizers that entered. */
+    if (!entry.view || reserve_entry(self) < 0) {
+        drop_unused(&entry);
         return NULL;
     }
+    entry.token = vbuf_enter(self->vbuf, self->kind, 0);
+    if (entry.token < 0)
+        return enter_rare(self, entry);
+    self->entries[self->count++] = entry;
     return Py_NewRef(entry.view);
 }
 
@@ -366,7 +435,7 @@ static PyObject *unlocked_exit(PyObject *op, PyObject *const *args, Py_ssize_t n
     UnlockedObject *self = (UnlockedObject *)op;
     PyObject *released, *orphaned;
     Entry entry;
-    int leaked = 0, status, is_orphaned;
+    int leaked = 0, status, error, is_orphaned;
     if (take_entry(self, &entry) < 0)
         return NULL;
     ((ExportObject *)entry.exporter)->ended = 1;
@@ -377,15 +446,12 @@ static PyObject *unlocked_exit(PyObject *op, PyObject *const *args, Py_ssize_t n
         PyErr_Clear();
         leaked = 1;  /* something still holds an export of the view itself */
     } else {
-        Py_DECREF(entry.view);
-        Py_DECREF(entry.exporter);
-        end_quietly(self, entry.token);
-        return NULL;
+        return end_after_error(self, &entry);
     }
-    Py_DECREF(entry.view);
-    /* The exporter was this entry's alone: any other reference to it is a
-     * managed buffer still holding an export for a view made from the
-     * block's, or the exporter itself (view.obj), which can make views. */
+    /* The exporter was this entry's alone (a released view holds it no
+     * longer): any other reference to it is a managed buffer still holding
+     * an export for a view made from the block's, or the exporter itself
+     * (view.obj), which can make views. */
     if (leaked || ((ExportObject *)entry.exporter)->exports > 0 ||
         Py_REFCNT(entry.exporter) > 1) {
         /* Recorded before the use ends, so that a close() that can only
@@ -393,18 +459,20 @@ static PyObject *unlocked_exit(PyObject *op, PyObject *const *args, Py_ssize_t n
         PyObject *result = PyObject_CallFunctionObjArgs(view_escaped, self->mapping,
                                                         entry.exporter, NULL);
         leaked = 1;
-        if (!result) {
-            Py_DECREF(entry.exporter);
-            end_quietly(self, entry.token);
-            return NULL;
-        }
+        if (!result)
+            return end_after_error(self, &entry);
         Py_DECREF(result);
     }
-    Py_DECREF(entry.exporter);
     status = vbuf_exit(self->vbuf, self->kind, entry.token, 0);
+    if (status)
+        status = end_rare(self, &entry, status, &error);
+    Py_XDECREF(entry.view);
+    Py_XDECREF(entry.exporter);
+    if (status == PK_E_NEED_PINS)
+        return NULL;  /* the grant stays, its entry back in the list */
     if (status) {
-        PyObject *result = PyObject_CallFunction(exit_failed, "OiLii", self->mapping, self->kind,
-                                                 (long long)entry.token, status, errno);
+        PyObject *result = PyObject_CallFunction(exit_failed, "Oii", self->mapping, status,
+                                                 error);
         if (!result)
             return NULL;
         Py_DECREF(result);

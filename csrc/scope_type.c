@@ -10,9 +10,14 @@
  * One copy of the state: this module is not linked against the cffi
  * module.  At import, pkeys._key hands configure() the addresses of the
  * shim's entry points (ffi.addressof(lib, ...)) and the Python functions
- * of the rare paths (errors, the software backend's PK_E_NEED_PINS retry,
- * which pins foreign owners in Python).  Those are raised or run there,
- * so both paths raise the same exceptions with the same messages.
+ * of the rare paths (errors, and the software backend's pins for
+ * PK_E_NEED_PINS, which only Python can take).  Errors are raised there,
+ * so both paths raise the same exceptions with the same messages.  The
+ * call made again with pins is made here, and its outcome recorded
+ * before the pins are released: no Python code runs between a grant
+ * changing and its token being recorded (or dropped), so an exception
+ * raised asynchronously (a signal's KeyboardInterrupt) cannot separate
+ * them.
  *
  * Unsafe assumption, written down: configure() is given the addresses of
  * functions whose types are the ones pkeys_api.h declares (__typeof__
@@ -37,10 +42,10 @@ static __typeof__(pk_thread_serial) *thread_serial;
 /* Asked on PK_E_WRONG_THREAD, not at configure(): the backend is chosen
  * after this module is configured (pkeys/_select.py). */
 static __typeof__(pk_grants_per_process) *grants_per_process;
-/* The rare paths get errno too: cffi's ffi.errno is what its own calls
- * saved, and these calls are not cffi's. */
-static PyObject *enter_failed;  /* (address, status, errno) -> token, or raises */
-static PyObject *exit_failed;   /* (address, status, token, errno) -> status left (0: ended) */
+static PyObject *prepare_pins;  /* () -> (nonce, held): pk_pins_prepare */
+/* Errors get errno too: cffi's ffi.errno is what its own calls saved, and
+ * these calls are not cffi's. */
+static PyObject *raise_failed;  /* (status, errno) -> raises, with ffi.errno set */
 static PyObject *raise_status;  /* (status) -> raises the package's exception */
 static PyObject *key_closed;    /* () -> raises InvalidKeyError for a closed Key */
 static PyObject *allow_any;     /* (keys, write) -> Scope: pkeys.allow for key numbers */
@@ -60,13 +65,23 @@ typedef struct {
     int64_t inline_tokens[INLINE_TOKENS];
 } ScopeObject;
 
-PyObject *pk_raise_with(PyObject *raiser, int status)
+/* What a raiser returned: it must raise; never return as if it had. */
+static PyObject *raised(PyObject *result, int status)
 {
-    PyObject *result = PyObject_CallFunction(raiser, "i", status);
     Py_XDECREF(result);
-    if (!PyErr_Occurred())  /* it must raise; never return as if it had */
+    if (!PyErr_Occurred())
         PyErr_Format(PyExc_SystemError, "pkeys: status %d raised nothing", status);
     return NULL;
+}
+
+PyObject *pk_raise_with(PyObject *raiser, int status)
+{
+    return raised(PyObject_CallFunction(raiser, "i", status), status);
+}
+
+PyObject *pk_raise_failed(PyObject *raiser, int status, int error)
+{
+    return raised(PyObject_CallFunction(raiser, "ii", status, error), status);
 }
 
 static PyObject *raise_for(int status)
@@ -98,7 +113,9 @@ static ScopeObject *new_scope(const struct pk_scope *scope)
     return self;
 }
 
-static int push_token(ScopeObject *self, int64_t token)
+/* Room for one more token, made before the grant is taken: once it is,
+ * nothing may fail before its token is recorded. */
+static int reserve_token(ScopeObject *self)
 {
     if (self->count == self->capacity) {
         Py_ssize_t capacity = self->capacity * 2;
@@ -113,8 +130,34 @@ static int push_token(ScopeObject *self, int64_t token)
         self->tokens = tokens;
         self->capacity = capacity;
     }
-    self->tokens[self->count++] = token;
     return 0;
+}
+
+/* ---- the software backend's pins --------------------------------------- */
+
+int pk_pins_prepare(uint64_t *nonce, PyObject **held)
+{
+    PyObject *result = PyObject_CallNoArgs(prepare_pins);
+    if (!result)
+        return -1;
+    if (!PyTuple_Check(result) || PyTuple_Size(result) != 2) {
+        Py_DECREF(result);
+        PyErr_SetString(PyExc_SystemError, "pkeys: prepare_pins gives (nonce, held)");
+        return -1;
+    }
+    *nonce = PyLong_AsUnsignedLongLong(PyTuple_GetItem(result, 0));
+    if (PyErr_Occurred()) {
+        Py_DECREF(result);
+        return -1;
+    }
+    *held = Py_NewRef(PyTuple_GetItem(result, 1));
+    Py_DECREF(result);
+    return 0;
+}
+
+void pk_pins_release(PyObject *held)
+{
+    Py_XDECREF(held);
 }
 
 /* ---- Scope -------------------------------------------------------------- */
@@ -170,97 +213,138 @@ static void scope_dealloc(PyObject *op)
     Py_DECREF(type);
 }
 
-static PyObject *scope_address(ScopeObject *self)
+/* The rare path of an entry: the software backend's pins, then the call
+ * again, its token recorded before the pins go; else the exception. */
+static PyObject *enter_rare(ScopeObject *self, int64_t token)
 {
-    return PyLong_FromVoidPtr(&self->scope);
+    int error = errno;
+    PyObject *held = NULL;
+    while (token == PK_E_NEED_PINS) {
+        uint64_t nonce;
+        pk_pins_release(held);
+        held = NULL;
+        if (pk_pins_prepare(&nonce, &held) < 0)
+            return NULL;  /* no grant taken */
+        /* prepare_pins ran Python code, which may have entered this scope */
+        if (reserve_token(self) < 0) {
+            pk_pins_release(held);
+            return NULL;
+        }
+        token = scope_enter(&self->scope, nonce);
+        error = errno;
+    }
+    if (token >= 0)
+        self->tokens[self->count++] = token;
+    pk_pins_release(held);
+    if (token < 0)
+        return pk_raise_failed(raise_failed, (int)token, error);
+    return Py_NewRef((PyObject *)self);
 }
 
 static PyObject *scope_enter_method(PyObject *op, PyObject *unused)
 {
     ScopeObject *self = (ScopeObject *)op;
-    int64_t token = scope_enter(&self->scope, 0);
+    int64_t token;
     (void)unused;
-    if (token < 0) {
-        /* The rare path, in Python: pins then retry, or the exception. */
-        int error = errno;
-        PyObject *result = PyObject_CallFunction(enter_failed, "NLi", scope_address(self),
-                                                 (long long)token, error);
-        if (!result)
-            return NULL;
-        token = PyLong_AsLongLong(result);
-        Py_DECREF(result);
-        if (token < 0) {
-            if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_SystemError, "pkeys: a failed scope entry gave no token");
-            return NULL;
-        }
-    }
-    if (push_token(self, token) < 0) {
-        /* Never leave a grant without its token: end it again. */
-        PyObject *type, *value, *traceback;
-        PyErr_Fetch(&type, &value, &traceback);
-        scope_exit(&self->scope, token, 0);
-        PyErr_Restore(type, value, traceback);
+    if (reserve_token(self) < 0)
         return NULL;
-    }
+    token = scope_enter(&self->scope, 0);
+    if (token < 0)
+        return enter_rare(self, token);
+    self->tokens[self->count++] = token;
     Py_INCREF(op);
     return op;
 }
 
-/* The token this exit ends: the only one, or this thread's latest entry,
- * or (another thread's) the latest, which the shim then refuses. */
-static int take_token(ScopeObject *self, int64_t *token)
+/* The index of the token an exit ends: the only one, or this thread's
+ * latest entry, or (another thread's) the latest, which the shim then
+ * refuses.  It stays in the list until the exit's outcome is known. */
+static int find_token(ScopeObject *self, Py_ssize_t *index)
 {
-    Py_ssize_t index;
     if (self->count == 0) {
         raise_for(PK_E_UNBALANCED);
         return -1;
     }
-    index = self->count - 1;
+    *index = self->count - 1;
     if (self->count > 1) {
         uint32_t serial = thread_serial();
         Py_ssize_t i;
         for (i = self->count - 1; i >= 0; i--)
             if ((uint32_t)((uint64_t)self->tokens[i] >> 32) == serial) {
-                index = i;
+                *index = i;
                 break;
             }
     }
-    *token = self->tokens[index];
+    return 0;
+}
+
+static Py_ssize_t token_index(ScopeObject *self, int64_t token)
+{
+    Py_ssize_t i;
+    for (i = self->count - 1; i >= 0; i--)
+        if (self->tokens[i] == token)
+            return i;
+    return -1;
+}
+
+static void remove_token(ScopeObject *self, Py_ssize_t index)
+{
     memmove(&self->tokens[index], &self->tokens[index + 1],
             (size_t)(self->count - index - 1) * sizeof *self->tokens);
     self->count--;
-    return 0;
+}
+
+/* The rare path of an exit: the software backend's pins, then the call
+ * again, its outcome recorded before the pins go; else the exception. */
+static PyObject *exit_rare(ScopeObject *self, int64_t token, int status)
+{
+    int error = errno;
+    PyObject *held = NULL;
+    Py_ssize_t index;
+    while (status == PK_E_NEED_PINS) {
+        uint64_t nonce;
+        pk_pins_release(held);
+        held = NULL;
+        if (pk_pins_prepare(&nonce, &held) < 0)
+            return NULL;  /* the grant and its token stay: the scope is still active */
+        /* prepare_pins ran Python code: a finalizer exiting this scope may
+         * have ended this very entry; this exit then ends the one it would
+         * take now. */
+        if (token_index(self, token) < 0) {
+            if (find_token(self, &index) < 0) {
+                pk_pins_release(held);
+                return NULL;
+            }
+            token = self->tokens[index];
+        }
+        status = scope_exit(&self->scope, token, nonce);
+        error = errno;
+    }
+    /* On hardware a grant refused for the wrong thread stays active in the
+     * thread that entered it (its register), and so does its token. */
+    if (status != PK_E_WRONG_THREAD || grants_per_process())
+        remove_token(self, token_index(self, token));
+    pk_pins_release(held);
+    if (status)
+        return pk_raise_failed(raise_failed, status, error);
+    Py_RETURN_NONE;
 }
 
 static PyObject *scope_exit_method(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
 {
     ScopeObject *self = (ScopeObject *)op;
+    Py_ssize_t index;
     int64_t token;
     int status;
     (void)args;
     (void)nargs;
-    if (take_token(self, &token) < 0)
+    if (find_token(self, &index) < 0)
         return NULL;
+    token = self->tokens[index];
     status = scope_exit(&self->scope, token, 0);
-    if (status) {
-        int error = errno;
-        PyObject *result = PyObject_CallFunction(exit_failed, "NiLi", scope_address(self), status,
-                                                 (long long)token, error);
-        if (!result)
-            return NULL;
-        status = (int)PyLong_AsLong(result);
-        Py_DECREF(result);
-        if (PyErr_Occurred())
-            return NULL;
-        /* On hardware the grant stays active in the thread that entered
-         * it (its register), and so does its token. */
-        if (status == PK_E_WRONG_THREAD && !grants_per_process() &&
-            push_token(self, token) < 0)
-            return NULL;
-        if (status)
-            return raise_for(status);
-    }
+    if (status)
+        return exit_rare(self, token, status);
+    remove_token(self, index);
     Py_RETURN_NONE;
 }
 
@@ -524,8 +608,8 @@ static PyObject *allow_keys(PyObject *module, PyObject *const *args, Py_ssize_t 
 
 static PyObject *configure(PyObject *module, PyObject *args, PyObject *kwargs)
 {
-    static char *names[] = {"scope_enter", "scope_exit", "thread_serial", "enter_failed",
-                            "exit_failed", "raise_status", "key_closed", "allow_any",
+    static char *names[] = {"scope_enter", "scope_exit", "thread_serial", "prepare_pins",
+                            "raise_failed", "raise_status", "key_closed", "allow_any",
                             "grants_per_process", "key_class", NULL};
     unsigned long long enter, exit, serial, per_process;
     PyObject *callbacks[5], *key_class;
@@ -554,7 +638,7 @@ static PyObject *configure(PyObject *module, PyObject *args, PyObject *kwargs)
         Py_INCREF(callbacks[i]);
     }
     {
-        PyObject **slots[5] = {&enter_failed, &exit_failed, &raise_status, &key_closed,
+        PyObject **slots[5] = {&prepare_pins, &raise_failed, &raise_status, &key_closed,
                                &allow_any};
         for (i = 0; i < 5; i++) {
             PyObject *old = *slots[i];

@@ -47,6 +47,23 @@ uint32_t pk_scope_thread_serial(void);
 /* Calls raiser(status), a Python function that raises the package's
  * exception for it; returns NULL with that exception set. */
 PyObject *pk_raise_with(PyObject *raiser, int status);
+/* Calls raiser(status, errno), which raises with ffi.errno set to the
+ * errno of the failed call (cffi's is what its own calls saved, and the
+ * shim's entry points called from here are not cffi's). */
+PyObject *pk_raise_failed(PyObject *raiser, int status, int error);
+/* The software backend's pins, for a call that answered PK_E_NEED_PINS in
+ * this thread: pkeys/_state.py's prepare_pins (the one place that knows
+ * how) gives *nonce, to call again with, and *held, to keep until that call
+ * returned and its outcome is recorded.  Its exception (a signal's, a
+ * MemoryError) leaves all as it was: no grant changed.  Released by
+ * dropping the reference: the exports are cffi buffers, which release at
+ * deallocation, so no Python code runs, and nothing can interrupt, between
+ * the call and the end of the path that records it.  Unsafe assumption,
+ * written down: nothing else keeps `held` (a profiler that kept
+ * prepare_pins' frame would keep the pins longer, which only makes the
+ * owner's close() wait or raise BufferError meanwhile). */
+int pk_pins_prepare(uint64_t *nonce, PyObject **held);
+void pk_pins_release(PyObject *held);
 /* Raises RuntimeError: each configure function runs once, at import. */
 PyObject *pk_configured_already(const char *function);
 int pk_write_argument(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,

@@ -853,23 +853,18 @@ def _check_seal() -> None:
         raise UnsupportedError(f"seal=True, but mseal is unavailable: {reason}")
 
 
-def _block_enter_failed(mapping: _Mapping, kind: int, status: int, error: int) -> int:
+def _block_enter_failed(status: int, error: int) -> None:
     """An unlocked() entry refused by C (``pkeys.Unlocked``,
-    csrc/scope_block.c), ``errno`` as the call left it: the software
-    backend's pins, then again; else the exception.  Returns the token."""
+    csrc/scope_block.c, which takes the software backend's pins itself),
+    ``errno`` as the call left it: the exception."""
     ffi.errno = error
-    status = _state.retry_pinned(status, _enter, mapping.vbuf, kind)
-    if status < 0:
-        _raise(status)
-    return int(status)
+    _raise(status)
 
 
-def _block_exit_failed(mapping: _Mapping, kind: int, token: int, status: int,
-                       error: int) -> None:
-    """An unlocked() exit refused by C: the pins, then again; a block
+def _block_exit_failed(mapping: _Mapping, status: int, error: int) -> None:
+    """An unlocked() exit refused by C, its outcome recorded there: a block
     ended in another thread; else the exception."""
     ffi.errno = error
-    status = _state.retry_pinned(status, _exit, mapping.vbuf, kind, token)
     if status == _WRONG_THREAD:
         # Software: state.c ended the process-wide grant already.
         status = _end_elsewhere(mapping) if chosen().backend.MODE == lib.PK_MODE_HARDWARE else 0
@@ -911,10 +906,6 @@ def _use_ended(mapping: _Mapping) -> None:
     if mapping.orphaned and not lib.pk_vbuf_users(mapping.vbuf):
         mapping.orphaned = False
         mapping.close_when_released()
-
-
-_enter = lib.pk_vbuf_enter
-_exit = lib.pk_vbuf_exit
 
 
 def _address_of(function: str) -> int:

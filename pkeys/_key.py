@@ -20,8 +20,6 @@ from ._select import chosen
 from ._types import KeyLike, MemoryTarget
 from ._validate import check_key_range, raise_status
 
-_enter = lib.pk_scope_enter
-_exit = lib.pk_scope_exit
 _NULL = ffi.NULL
 READ_WRITE = lib.PK_GRANT_READ_WRITE
 READ_ONLY = lib.PK_GRANT_READ_ONLY
@@ -29,28 +27,12 @@ READ_ONLY = lib.PK_GRANT_READ_ONLY
 __all__ = ["Key", "Scope", "allow"]
 
 
-_SCOPE = ffi.typeof("struct pk_scope *")  # parsed once: finalizers end scopes too
-
-
-def _enter_failed(address: int, status: int, error: int) -> int:
-    """A scope's entry refused by C (``pkeys.Scope``, csrc/scope_type.c):
-    the software backend's pins, then again; else the exception (with the
-    call's ``errno``).  Returns the token."""
+def _raise_failed(status: int, error: int) -> NoReturn:
+    """A scope's entry or exit refused by C (``pkeys.Scope``,
+    csrc/scope_type.c, which takes the software backend's pins itself):
+    the exception, with the call's ``errno``."""
     ffi.errno = error
-    status = _state.retry_pinned(status, _enter, ffi.cast(_SCOPE, address))
-    if status < 0:
-        raise_status(status)
-    return status
-
-
-def _exit_failed(address: int, status: int, token: int, error: int) -> int:
-    """A scope's exit refused by C: the software backend's pins, then
-    again.  Returns the status left (0: the grant ended), which the C type
-    raises (with the call's ``errno``), keeping the token where the grant
-    is still active."""
-    ffi.errno = error
-    status = _state.retry_pinned(status, _exit, ffi.cast(_SCOPE, address), token)
-    return int(status)
+    raise_status(status)
 
 
 def _key_closed() -> NoReturn:
@@ -207,8 +189,8 @@ _scope.configure(
     scope_enter=_address("pk_scope_enter"),
     scope_exit=_address("pk_scope_exit"),
     thread_serial=_address("pk_thread_serial"),
-    enter_failed=_enter_failed,
-    exit_failed=_exit_failed,
+    prepare_pins=_state.prepare_pins,
+    raise_failed=_raise_failed,
     raise_status=raise_status,
     key_closed=_key_closed,
     allow_any=_allow_any,

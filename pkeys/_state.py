@@ -10,10 +10,11 @@ code ever runs under.  What stays here is what only Python can do:
   keeps a weak reference to that exporter; when it is collected the region
   is forgotten.  Whether it is still open and still at the same address can
   only be asked in Python, so a software rights change that would touch
-  such memory gets ``PK_E_NEED_PINS`` from C; :func:`retry_pinned` then pins
+  such memory gets ``PK_E_NEED_PINS`` from C; :func:`prepare_pins` then pins
   every live foreign owner (a buffer export: ``close()`` and collection
-  must wait for it) and calls again.  Pins are taken and released outside
-  the C mutex.
+  must wait for it), and the call is made again: by :func:`retry_pinned`,
+  or by the C types of scopes and blocks, which record a grant's change
+  before the pins go.  Pins are taken and released outside the C mutex.
 * **Orphaned keys.**  A ``Key`` collected while it still guards foreign
   memory cannot be freed then; it is freed as soon as that memory goes.
 * **fork().**  C holds its mutex across the fork; after it, the child
@@ -35,6 +36,8 @@ from ._binding import ffi, lib
 __all__ = [
     "call",
     "retry_pinned",
+    "prepare_pins",
+    "release_pins",
     "REVOCATION_TIMEOUT",
     "register_owner",
     "owner_tagged",
@@ -233,39 +236,67 @@ def call(function: Callable[..., int], *args: object) -> int:
 
 
 def retry_pinned(status: int, function: Callable[..., int], *args: object) -> int:
-    """The one place that answers ``PK_E_NEED_PINS`` (only the software
-    backend asks): ``status`` is what ``function(*args, 0)`` returned.  If
-    it asked for pins, pin the live foreign owners of the regions of the
-    keys it was changing (no others: tagged memory of other keys costs
-    nothing), tell C each export's address and length, and call
-    ``function(*args, nonce)`` until it stops asking.  Any other status is
-    returned as it is."""
-    capacity = 8
+    """The retry of calls made from Python (rights, regions): ``status`` is
+    what ``function(*args, 0)`` returned.  While it asks for pins
+    (``PK_E_NEED_PINS``, only the software backend does), call
+    ``function(*args, nonce)`` with :func:`prepare_pins`' pins held.  Any
+    other status is returned as it is.  Only for calls whose change is
+    complete when C returns: a scope's grant is recorded by its C type
+    before the pins go (csrc/scope_type.c, scope_block.c), so no Python
+    code runs between the two."""
     while status == _NEED_PINS:
+        nonce, held = prepare_pins()
+        try:
+            status = function(*args, nonce)
+        finally:
+            release_pins(held)
+    return status
+
+
+def prepare_pins() -> tuple[int, list[Any]]:
+    """The one place that knows how to pin, for the call that just answered
+    ``PK_E_NEED_PINS`` in this thread: pin the live foreign owners of the
+    regions of the keys it was changing (no others: tagged memory of other
+    keys costs nothing), tell C each export's address and length, and
+    return the nonce to call again with and what it holds (the array C
+    reads and the exports), which must stay alive until that call returns.
+    Changes no grant or rights: an exception here leaves all as it was.
+    The held objects release their exports when released
+    (:func:`release_pins`) or deallocated, as the C types do."""
+    capacity = 8
+    while True:
         tokens = ffi.new(_TOKENS, capacity)
         count = lib.pk_pins_owners(tokens, capacity)
-        if count > capacity:
-            capacity = count
-            continue
-        pins = []
-        try:
-            described = []
-            for token in tokens[0:count]:
-                owner = _owners.get(token)
-                if owner is None:  # not ours to vouch for: C must forget it
-                    lib.pk_owner_gone(token)
-                    continue
-                export = _check_owner(token, owner)  # dead or moved: C's table changed
-                if export is None:
-                    continue
-                pins.append(export)
-                described.append((token, ffi.cast(_UINTPTR, export), len(export)))
-            array = ffi.new(_PINS, described) if described else ffi.NULL
-            status = function(*args, lib.pk_pins_vouch(array, len(described)))
-        finally:
-            for export in pins:
-                ffi.release(export)
-    return status
+        if count <= capacity:
+            break
+        capacity = count
+    held: list[Any] = []
+    try:
+        described = []
+        for token in tokens[0:count]:
+            owner = _owners.get(token)
+            if owner is None:  # not ours to vouch for: C must forget it
+                lib.pk_owner_gone(token)
+                continue
+            export = _check_owner(token, owner)  # dead or moved: C's table changed
+            if export is None:
+                continue
+            held.append(export)
+            described.append((token, ffi.cast(_UINTPTR, export), len(export)))
+        array = ffi.new(_PINS, described) if described else ffi.NULL
+        if described:
+            held.append(array)
+        return lib.pk_pins_vouch(array, len(described)), held
+    except BaseException:
+        release_pins(held)
+        raise
+
+
+def release_pins(held: list[Any]) -> None:
+    """Release what :func:`prepare_pins` held, once the call it was for
+    has returned."""
+    for export in held:
+        ffi.release(export)
 
 
 def _after_fork_in_child() -> None:

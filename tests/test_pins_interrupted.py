@@ -1,0 +1,217 @@
+"""An exception raised asynchronously (a signal handler's KeyboardInterrupt)
+while the software backend's pins are taken for a scope or a block.
+
+A key that also guards a caller's mmap needs its owner pinned, in Python,
+for every grant change (csrc/regions.c).  Whatever Python code runs on the
+way, an exception raised at any point of it must leave either the entry
+recorded with the key open, or nothing changed: never a grant without its
+token (the key open with no scope active) or a token without its grant.
+sys.setprofile stands in for the signal: it raises at the n-th event of
+__enter__ or __exit__ (CPython checks for signals at the same places, and
+after C calls), for every n until the call completes without one."""
+
+from __future__ import annotations
+
+import mmap
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any
+
+import pytest
+
+import pkeys
+from pkeys import PKEY_DISABLE_ACCESS
+
+pytestmark = pytest.mark.software
+
+
+Guarded = tuple[pkeys.Key, mmap.mmap]
+
+
+class Interrupt(BaseException):
+    """What the stand-in signal raises."""
+
+
+@contextmanager
+def interrupt_at(n: int) -> Iterator[list[int]]:
+    """Raise Interrupt at the n-th profile event inside the block; the
+    list yielded gets the number of events seen."""
+    seen = [0]
+
+    def hook(frame: FrameType, event: str, arg: Any) -> None:
+        seen[0] += 1
+        if seen[0] == n:
+            sys.setprofile(None)
+            raise Interrupt
+
+    sys.setprofile(hook)
+    try:
+        yield seen
+    finally:
+        sys.setprofile(None)
+
+
+def at_every_event(step: Callable[[int], bool]) -> int:
+    """step(n) for n = 1, 2, ... until it completes without the interrupt
+    (it returns True then); the number of points tried."""
+    for n in range(1, 500):
+        if step(n):
+            assert n > 2, "no Python code ran: the pins were not needed"
+            return n
+    raise AssertionError("the call never completed")
+
+
+@pytest.fixture
+def guarded() -> Iterator[Guarded]:
+    """A key that guards a caller's mmap: its grants need pins."""
+    memory = mmap.mmap(-1, mmap.PAGESIZE)
+    with pkeys.Key() as key:
+        key.protect(memory)
+        yield key, memory
+        pkeys.pkey_mprotect(memory, mmap.PAGESIZE, pkeys.PROT_READ | pkeys.PROT_WRITE, 0)
+    memory.close()
+
+
+def assert_closed(key: pkeys.Key, memory: mmap.mmap) -> None:
+    assert pkeys.pkey_get(key) == PKEY_DISABLE_ACCESS
+    assert pkeys.probe(memory) is not None
+
+
+def assert_open(key: pkeys.Key, memory: mmap.mmap) -> None:
+    assert pkeys.pkey_get(key) != PKEY_DISABLE_ACCESS
+    assert pkeys.probe(memory, write=True) is None
+
+
+def assert_open_for_reading(key: pkeys.Key, memory: mmap.mmap) -> None:
+    assert pkeys.pkey_get(key) != PKEY_DISABLE_ACCESS
+    assert pkeys.probe(memory) is None
+
+
+def test_a_scope_entry_interrupted_anywhere_is_recorded_or_undone(guarded: Guarded) -> None:
+    key, memory = guarded
+
+    def step(n: int) -> bool:
+        scope = key.allow()
+        interrupted = False
+        try:
+            with interrupt_at(n):
+                scope.__enter__()
+        except Interrupt:
+            interrupted = True
+        if scope.active:
+            # Recorded (the interrupt may come after __enter__ returned):
+            # open until its exit.
+            assert scope.active == 1
+            assert_open(key, memory)
+            scope.__exit__(None, None, None)
+        else:
+            assert interrupted
+        assert_closed(key, memory)
+        with scope:
+            assert_open(key, memory)
+        assert scope.active == 0
+        assert_closed(key, memory)
+        return not interrupted
+
+    at_every_event(step)
+
+
+def test_a_scope_exit_interrupted_anywhere_ends_the_grant_or_keeps_it(guarded: Guarded) -> None:
+    key, memory = guarded
+
+    def step(n: int) -> bool:
+        scope = key.allow()
+        scope.__enter__()
+        interrupted = False
+        try:
+            with interrupt_at(n):
+                scope.__exit__(None, None, None)
+        except Interrupt:
+            interrupted = True
+        if scope.active:
+            assert interrupted
+            assert_open(key, memory)
+            scope.__exit__(None, None, None)  # a later exit ends it
+        assert scope.active == 0
+        assert_closed(key, memory)
+        return not interrupted
+
+    at_every_event(step)
+
+
+def buffer_on(key: pkeys.Key) -> pkeys.ProtectedBuffer:
+    buffer = pkeys.ProtectedBuffer(16, key=key)
+    with buffer.unlocked(write=True) as view:
+        view[:5] = b"hello"
+    return buffer
+
+
+def test_a_block_entry_interrupted_anywhere_is_recorded_or_undone(guarded: Guarded) -> None:
+    key, memory = guarded
+    buffer = buffer_on(key)
+    block = buffer.unlocked()
+
+    def step(n: int) -> bool:
+        view = None
+        interrupted = False
+        try:
+            with interrupt_at(n):
+                view = block.__enter__()
+        except Interrupt:
+            interrupted = True
+        if view is not None:
+            assert bytes(view[:5]) == b"hello"
+        view = None
+        if pkeys.pkey_get(key) != PKEY_DISABLE_ACCESS:
+            # Recorded (the interrupt may come after __enter__ returned,
+            # the view lost): open until its exit.
+            assert pkeys.probe(buffer) is None
+            assert_open_for_reading(key, memory)
+            block.__exit__(None, None, None)
+        else:
+            assert interrupted
+            with pytest.raises(pkeys.PkeysError):
+                block.__exit__(None, None, None)  # nothing to end
+        assert_closed(key, memory)
+        assert pkeys.probe(buffer) is not None
+        with block as again:
+            assert bytes(again[:5]) == b"hello"
+        del again
+        assert_closed(key, memory)
+        return not interrupted
+
+    at_every_event(step)
+    buffer.close()
+
+
+def test_a_block_exit_interrupted_anywhere_ends_the_grant_or_keeps_it(guarded: Guarded) -> None:
+    key, memory = guarded
+    buffer = buffer_on(key)
+    block = buffer.unlocked()
+
+    def step(n: int) -> bool:
+        view = block.__enter__()
+        del view
+        interrupted = False
+        try:
+            with interrupt_at(n):
+                block.__exit__(None, None, None)
+        except Interrupt:
+            interrupted = True
+        if pkeys.pkey_get(key) == PKEY_DISABLE_ACCESS:
+            # Ended: nothing left to end.
+            with pytest.raises(pkeys.PkeysError):
+                block.__exit__(None, None, None)
+        else:
+            # Kept, with its entry: the next exit ends it.
+            assert interrupted
+            assert_open_for_reading(key, memory)
+            block.__exit__(None, None, None)
+        assert_closed(key, memory)
+        assert pkeys.probe(buffer) is not None
+        return not interrupted
+
+    at_every_event(step)
+    buffer.close()
