@@ -262,20 +262,8 @@ PyObject *pk_block_new(PyObject *owner, PyObject *mapping, int write)
  * nothing may fail before its entry is recorded. */
 static int reserve_entry(UnlockedObject *self)
 {
-    if (self->count == self->capacity) {
-        Py_ssize_t capacity = self->capacity * 2;
-        Entry *entries = PyMem_Malloc((size_t)capacity * sizeof *entries);
-        if (!entries) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        memcpy(entries, self->entries, (size_t)self->count * sizeof *entries);
-        if (self->entries != self->inline_entries)
-            PyMem_Free(self->entries);
-        self->entries = entries;
-        self->capacity = capacity;
-    }
-    return 0;
+    return pk_reserve_one((void **)&self->entries, self->inline_entries, self->count,
+                          &self->capacity, sizeof *self->entries);
 }
 
 /* An entry made for a grant that was not taken: its view never left. */

@@ -113,24 +113,30 @@ static ScopeObject *new_scope(const struct pk_scope *scope)
     return self;
 }
 
+int pk_reserve_one(void **items, const void *inline_items, Py_ssize_t count,
+                   Py_ssize_t *capacity, size_t item_size)
+{
+    void *grown;
+    if (count < *capacity)
+        return 0;
+    if (!(grown = PyMem_Malloc((size_t)*capacity * 2 * item_size))) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(grown, *items, (size_t)count * item_size);
+    if (*items != inline_items)
+        PyMem_Free(*items);
+    *items = grown;
+    *capacity *= 2;
+    return 0;
+}
+
 /* Room for one more token, made before the grant is taken: once it is,
  * nothing may fail before its token is recorded. */
 static int reserve_token(ScopeObject *self)
 {
-    if (self->count == self->capacity) {
-        Py_ssize_t capacity = self->capacity * 2;
-        int64_t *tokens = PyMem_Malloc((size_t)capacity * sizeof *tokens);
-        if (!tokens) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        memcpy(tokens, self->tokens, (size_t)self->count * sizeof *tokens);
-        if (self->tokens != self->inline_tokens)
-            PyMem_Free(self->tokens);
-        self->tokens = tokens;
-        self->capacity = capacity;
-    }
-    return 0;
+    return pk_reserve_one((void **)&self->tokens, self->inline_tokens, self->count,
+                          &self->capacity, sizeof *self->tokens);
 }
 
 /* ---- the software backend's pins --------------------------------------- */

@@ -70,6 +70,10 @@ int pk_write_argument(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames
                       Py_ssize_t first, const char *function, int *write);
 
 /* scope_block.c: pkeys.Unlocked, its exporter, and ProtectedBuffer's base. */
+/* Room for one more item in an array that starts inline (`inline_items`)
+ * and doubles on the heap: 0, or -1 with MemoryError set. */
+int pk_reserve_one(void **items, const void *inline_items, Py_ssize_t count,
+                   Py_ssize_t *capacity, size_t item_size);
 PyObject *pk_block_new(PyObject *owner, PyObject *mapping, int write);
 PyObject *pk_block_configure(PyObject *module, PyObject *args, PyObject *kwargs);
 PyObject *pk_block_guard_seen(PyObject *module, PyObject *args);

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import _scope, _state
-from ._binding import ffi, lib
+from ._binding import entry_point, ffi, lib
 from ._collect import collect_garbage
 from ._memory import check_prot, resolve
 from ._rights import NUM_KEYS, RIGHTS_BY_VALUE, PkeyRights
@@ -219,8 +219,8 @@ def _set_failed(pkey: int, access_rights: int, status: int, error: int) -> None:
 pkey_get = _scope.pkey_get
 pkey_set = _scope.pkey_set
 _scope.configure_rights(
-    key_get=int(ffi.cast("uintptr_t", ffi.addressof(lib, "pk_key_get"))),
-    key_set=int(ffi.cast("uintptr_t", ffi.addressof(lib, "pk_key_set"))),
+    key_get=entry_point("pk_key_get"),
+    key_set=entry_point("pk_key_set"),
     get_any=_pkey_get_any,
     set_any=_pkey_set_any,
     set_failed=_set_failed,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["ffi", "lib"]
+__all__ = ["ffi", "lib", "entry_point"]
 
 _EXTENSION = f"{__package__}._pkeys_cffi"
 
@@ -51,3 +51,9 @@ def _realize_every_type() -> None:
 
 
 _realize_every_type()
+
+
+def entry_point(function: str) -> int:
+    """The address of one of the shim's C functions, for the scope types
+    (``pkeys._scope``), which call it directly: one copy of the state."""
+    return int(ffi.cast("uintptr_t", ffi.addressof(lib, function)))

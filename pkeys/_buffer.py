@@ -88,7 +88,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Unpack
 
 from . import _api, _guard, _scope, _secretmem, _share, _state
-from ._binding import ffi, lib
+from ._binding import entry_point, ffi, lib
 from ._revocation import revocation_error
 from ._errors import (
     ArgumentError,
@@ -908,13 +908,9 @@ def _use_ended(mapping: _Mapping) -> None:
         mapping.close_when_released()
 
 
-def _address_of(function: str) -> int:
-    return int(ffi.cast(_UINTPTR, ffi.addressof(lib, function)))
-
-
 _scope.configure_blocks(
-    vbuf_enter=_address_of("pk_vbuf_enter"),
-    vbuf_exit=_address_of("pk_vbuf_exit"),
+    vbuf_enter=entry_point("pk_vbuf_enter"),
+    vbuf_exit=entry_point("pk_vbuf_exit"),
     enter_failed=_block_enter_failed,
     exit_failed=_block_exit_failed,
     view_escaped=_view_escaped,

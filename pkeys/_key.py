@@ -12,7 +12,7 @@ import warnings
 from typing import NoReturn
 
 from . import _api, _scope, _state
-from ._binding import ffi, lib
+from ._binding import entry_point, ffi, lib
 from ._scope import Scope
 from ._errors import InvalidKeyError
 from ._rights import PKEY_DISABLE_ACCESS, PROT_READ, PROT_WRITE, PkeyRights
@@ -178,22 +178,18 @@ def _allow_any(keys: tuple[KeyLike, ...], write: bool) -> Scope:
     return Scope(identities, READ_WRITE if write else READ_ONLY)
 
 
-def _address(function: str) -> int:
-    return int(ffi.cast("uintptr_t", ffi.addressof(lib, function)))
-
-
 # One scope, one register write, for several keys at once (in C).
 allow = _scope.allow
 
 _scope.configure(
-    scope_enter=_address("pk_scope_enter"),
-    scope_exit=_address("pk_scope_exit"),
-    thread_serial=_address("pk_thread_serial"),
+    scope_enter=entry_point("pk_scope_enter"),
+    scope_exit=entry_point("pk_scope_exit"),
+    thread_serial=entry_point("pk_thread_serial"),
     prepare_pins=_state.prepare_pins,
     raise_failed=_raise_failed,
     raise_status=raise_status,
     key_closed=_key_closed,
     allow_any=_allow_any,
-    grants_per_process=_address("pk_grants_per_process"),
+    grants_per_process=entry_point("pk_grants_per_process"),
     key_class=Key,
 )
