@@ -62,6 +62,7 @@
 
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -69,6 +70,7 @@
 #include <sys/syscall.h>
 #include <time.h>
 #include <ucontext.h>
+#include <unistd.h>
 #include <unistd.h>
 
 #if PK_X86
@@ -429,16 +431,40 @@ static int add_waiting(pid_t tid, uint32_t keys, uint32_t pkru_bits)
     return 0;
 }
 
-/* Signal every thread not signalled yet; returns how many were new, or -1. */
-static int signal_new_threads(pid_t self, pid_t pid, int signo, uint32_t keys, uint32_t bits)
+/* How many threads the process has ("Threads:" in /proc/self/status), or
+ * 0 if that cannot be read. */
+static int process_threads(void)
+{
+    char text[4096];
+    const char *field;
+    ssize_t length;
+    int fd = open("/proc/self/status", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    length = read(fd, text, sizeof text - 1);
+    close(fd);
+    if (length <= 0)
+        return 0;
+    text[length] = 0;
+    field = strstr(text, "\nThreads:");
+    return field ? atoi(field + sizeof "\nThreads:" - 1) : 0;
+}
+
+/* Signal every thread not signalled yet; returns how many were new, or -1.
+ * `listed`: how many threads the scan saw, this one included. */
+static int signal_new_threads(pid_t self, pid_t pid, int signo, uint32_t keys, uint32_t bits,
+                              int *listed)
 {
     DIR *tasks = opendir("/proc/self/task");
     struct dirent *entry;
     int added = 0;
+    *listed = 0;
     if (!tasks)
         return -1;
     while ((entry = readdir(tasks)) != NULL) {
         pid_t tid = (pid_t)atoi(entry->d_name);
+        if (tid > 0)
+            ++*listed;
         if (tid <= 0 || tid == self || is_target(tid))
             continue;
         if (target_count == MAX_TARGETS || add_waiting(tid, keys, bits) != 0)
@@ -557,6 +583,7 @@ int pk_broadcast(uint32_t keys, uint32_t bits, double timeout, struct pk_broadca
     double started = now_seconds(), deadline = started + (timeout > 0 ? timeout : 0);
     double resignal_at = started;
     struct pk_broadcast summary;
+    int unlisted = 0;
 
     if (result)
         memset(result, 0, sizeof *result);
@@ -573,9 +600,22 @@ int pk_broadcast(uint32_t keys, uint32_t bits, double timeout, struct pk_broadca
     __atomic_store_n(&target_count, 0, __ATOMIC_RELEASE);
     clear_gone(pid);
     do {
-        added = signal_new_threads(self, pid, signo, keys, bits);
+        /* A thread exiting while the kernel lists /proc/self/task can end
+         * the listing early and hide the threads after it (seen: a thread
+         * born after an exiting one was never signalled, and the call
+         * reported success).  So the process's own count is read first,
+         * and a scan that saw fewer threads is made again; threads that
+         * exited meanwhile lower the next count.  Still short at the
+         * deadline: the call fails. */
+        int counted = process_threads(), listed;
+        added = signal_new_threads(self, pid, signo, keys, bits, &listed);
         if (added < 0)
             return PK_E_ERRNO;
+        unlisted = counted > listed ? counted - listed : 0;
+        if (unlisted && !added) {
+            struct timespec pause = {0, 100000};
+            nanosleep(&pause, NULL);
+        }
         for (;;) {
             double now = now_seconds();
             struct timespec pause = {0, 20000};
@@ -588,9 +628,11 @@ int pk_broadcast(uint32_t keys, uint32_t bits, double timeout, struct pk_broadca
         }
         /* Threads created meanwhile: their creators may have copied the
          * old register into them before answering. */
-    } while (added > 0 && all_answered(pid, signo, 0));
+    } while ((added > 0 || unlisted) && all_answered(pid, signo, 0) &&
+             (!unlisted || now_seconds() < deadline));
 
     summarise(&summary, started);
+    summary.unanswered += unlisted; /* never seen, so never reached */
     status = summary.unanswered || summary.refused || summary.in_handler ? PK_E_BROADCAST : PK_OK;
     if (status != PK_OK)
         last_failure = summary;
