@@ -554,18 +554,11 @@ PyObject *pk_block_configure(PyObject *module, PyObject *args, PyObject *kwargs)
             PyErr_SetString(PyExc_TypeError, "configure_blocks: the paths must be callables");
             return NULL;
         }
-    {
-        PyObject *signal_args = Py_BuildValue("(i)", sigsegv), *old = sigsegv_args;
-        if (!signal_args)
-            return NULL;
-        sigsegv_args = signal_args;
-        Py_XDECREF(old);
-    }
-    for (i = 0; i < 8; i++) {
-        PyObject *old = *slots[i];
+    /* Configured once (above): every slot is still empty. */
+    if (!(sigsegv_args = Py_BuildValue("(i)", sigsegv)))
+        return NULL;
+    for (i = 0; i < 8; i++)
         *slots[i] = Py_NewRef(given[i]);
-        Py_XDECREF(old);
-    }
     vbuf_enter = (__typeof__(vbuf_enter))(uintptr_t)enter;
     vbuf_exit = (__typeof__(vbuf_exit))(uintptr_t)exit;
     Py_RETURN_NONE;

@@ -111,11 +111,9 @@ PyObject *pk_fast_configure_rights(PyObject *module, PyObject *args, PyObject *k
             PyErr_SetString(PyExc_TypeError, "configure_rights: the general paths are callables");
             return NULL;
         }
-    for (i = 0; i < 4; i++) {
-        PyObject *old = *slots[i];
+    /* Configured once (above): every slot is still empty. */
+    for (i = 0; i < 4; i++)
         *slots[i] = Py_NewRef(i < 3 ? general[i] : rights);
-        Py_XDECREF(old);
-    }
     key_get = (__typeof__(key_get))(uintptr_t)get;
     key_set = (__typeof__(key_set))(uintptr_t)set;
     Py_RETURN_NONE;

@@ -641,24 +641,19 @@ static PyObject *configure(PyObject *module, PyObject *args, PyObject *kwargs)
             PyErr_SetString(PyExc_TypeError, "configure: the error paths must be callable");
             return NULL;
         }
-        Py_INCREF(callbacks[i]);
     }
     {
+        /* Configured once (above): every slot is still empty. */
         PyObject **slots[5] = {&prepare_pins, &raise_failed, &raise_status, &key_closed,
                                &allow_any};
-        for (i = 0; i < 5; i++) {
-            PyObject *old = *slots[i];
-            *slots[i] = callbacks[i];
-            Py_XDECREF(old);
-        }
+        for (i = 0; i < 5; i++)
+            *slots[i] = Py_NewRef(callbacks[i]);
     }
     scope_enter = (__typeof__(scope_enter))(uintptr_t)enter;
     scope_exit = (__typeof__(scope_exit))(uintptr_t)exit;
     thread_serial = (__typeof__(thread_serial))(uintptr_t)serial;
     grants_per_process = (__typeof__(grants_per_process))(uintptr_t)per_process;
-    Py_INCREF(key_class);
-    Py_XDECREF((PyObject *)pk_key_class);
-    pk_key_class = (PyTypeObject *)key_class;
+    pk_key_class = (PyTypeObject *)Py_NewRef(key_class);
     Py_RETURN_NONE;
 }
 
