@@ -34,8 +34,12 @@ def test_quick_run_executes_every_case(tmp_path):
         else:
             assert name not in ran
             assert f"{name}" in result.stdout and "n/a (no PKU)" in result.stdout
-    contention_runs = [n for n in ran if n.startswith("contention/")]
-    assert len(contention_runs) == len(contention.worker_counts()) * (3 if hardware else 2)
+    contention_runs = {n for n in ran if n.startswith("contention/")}
+    # With PKU the flips also go through WRPKRU and Key.revoke; without, only
+    # the two that need no key (none, and pkey_mprotect as a plain mprotect).
+    modes = ["none", "pkey_mprotect"] + (["wrpkru", "revoke"] if hardware else [])
+    assert contention_runs == {f"contention/fault/{mode}-{workers}workers"
+                               for mode in modes for workers in contention.worker_counts()}
     assert "targets" in result.stdout and "syscall / instruction" in result.stdout
     assert "every verdict is indicative only" in result.stdout
     verdicts = [line for line in result.stdout.splitlines() if line.rstrip().endswith(" met")
