@@ -12,8 +12,8 @@
 #include <string.h>
 
 /* This thread's PKRU as the package last wrote it. */
-static __thread uint32_t shadow;
-static __thread int shadow_valid;
+static PK_TLS uint32_t shadow;
+static PK_TLS int shadow_valid;
 
 static inline void hw_write(uint32_t old, uint32_t value)
 {
@@ -95,7 +95,7 @@ static int hw_get(int pkey) { return (int)pk_bits_of(pk_rdpkru_unchecked(), pkey
  * rights take over when the last one ends. */
 static int hw_set(int pkey, int rights, uint64_t pins)
 {
-    struct grants *g = &pk_thread_grants;
+    struct grants *g = pk_my_grants();
     uint32_t mark = pk_revocations_mark();
     uint32_t old;
     (void)pins;
@@ -123,7 +123,7 @@ static int64_t hw_pkru_read(void) { return pk_rdpkru_unchecked(); }
 /* Keys with active grants keep them; the value becomes their base. */
 static int hw_pkru_write(uint32_t value, uint64_t pins)
 {
-    struct grants *g = &pk_thread_grants;
+    struct grants *g = pk_my_grants();
     uint32_t mark = pk_revocations_mark();
     uint32_t old, next = value;
     int k;
@@ -149,7 +149,7 @@ static int64_t hw_shadow(void) { return shadow_valid ? (int64_t)shadow : -1; }
 
 static int64_t hw_scope_enter(uint32_t keys, int kind, const uint32_t *identities, uint64_t pins)
 {
-    struct grants *g = &pk_thread_grants;
+    struct grants *g = pk_my_grants();
     uint32_t mark = pk_revocations_mark(), old;
     int64_t token;
     (void)pins;
@@ -174,7 +174,7 @@ static int64_t hw_scope_enter(uint32_t keys, int kind, const uint32_t *identitie
 static int hw_scope_exit(uint32_t keys, int kind, const uint32_t *identities, int64_t token,
                          uint64_t pins)
 {
-    struct grants *g = &pk_thread_grants;
+    struct grants *g = pk_my_grants();
     uint32_t old, live, next, mark = pk_revocations_mark();
     (void)pins;
     /* Another thread's register cannot be touched from here: refuse, and
@@ -210,7 +210,7 @@ static int hw_after_fork_in_child(uint64_t pins)
  * thread it starts now must have instead of the register it copies. */
 static int hw_birth_snapshot(struct pk_birth *out)
 {
-    const struct grants *g = &pk_thread_grants;
+    const struct grants *g = pk_my_grants();
     int k;
     for (k = 1; k < PK_NKEYS; k++) {
         uint32_t identity = PK_LOAD(pk_key_identities[k]);

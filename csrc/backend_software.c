@@ -166,7 +166,7 @@ static int64_t sw_scope_enter(uint32_t keys, int kind, const uint32_t *identitie
         pk_grants_count(&process_grants, keys, kind, identities, +1, base_pkru);
         status = commit(pins);
         if (status == PK_OK)
-            pk_grants_count(&pk_thread_grants, keys, kind, identities, +1, 0);
+            pk_grants_count(pk_my_grants(), keys, kind, identities, +1, 0);
         else
             pk_grants_count(&process_grants, keys, kind, identities, -1, 0);
     }
@@ -195,7 +195,7 @@ static int sw_scope_exit(uint32_t keys, int kind, const uint32_t *identities, in
             if (status != PK_OK) {
                 process_grants = saved;
             } else if (own_thread) {
-                pk_grants_count(&pk_thread_grants, live, kind, identities, -1, 0);
+                pk_grants_count(pk_my_grants(), live, kind, identities, -1, 0);
             } else {
                 int k;
                 for (k = 1; k < PK_NKEYS; k++)
@@ -223,7 +223,7 @@ static int sw_after_fork_in_child(uint64_t pins)
     pk_state_lock();
     saved = process_grants;
     for (k = 1; k < PK_NKEYS; k++) {
-        const struct grants *own = &pk_thread_grants;
+        const struct grants *own = pk_my_grants();
         /* This thread's counts are its own grants only if no revocation
          * voided them since and no scope of the key ever ended in a thread
          * other than its own; otherwise drop them all (fail closed). */

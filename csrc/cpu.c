@@ -12,7 +12,7 @@
 int pk_ospke_enabled = PK_SIMULATED_PKU;
 static int pku_present = PK_SIMULATED_PKU;
 #if PK_SIMULATED_PKU
-__thread __attribute__((tls_model("initial-exec"))) volatile uint32_t pk_simulated_pkru =
+PK_TLS volatile uint32_t pk_simulated_pkru =
     0x55555554u;
 #endif
 

@@ -19,7 +19,7 @@ uint32_t pk_revoked_at[PK_NKEYS];
 uint32_t pk_revoked_bits[PK_NKEYS];
 
 __thread struct grants pk_thread_grants;
-static __thread uint32_t thread_serial;
+static PK_TLS uint32_t thread_serial;
 static uint32_t last_serial;
 
 /* ---- identities --------------------------------------------------------- */
@@ -56,19 +56,6 @@ int pk_identity_check_number(int pkey)
     return PK_OK;
 }
 
-int pk_identity_check(uint32_t keys, const uint32_t *identities)
-{
-    int k;
-    if (keys & 1u)
-        return PK_E_KEY_ZERO;
-    if (!keys || keys >> PK_NKEYS)
-        return PK_E_KEY_RANGE;
-    for (k = 1; k < PK_NKEYS; k++)
-        if ((keys & (1u << k)) &&
-            (!identities[k] || PK_LOAD(pk_key_identities[k]) != identities[k]))
-            return PK_E_KEY_CLOSED;
-    return PK_OK;
-}
 
 /* ---- revocations -------------------------------------------------------- */
 
@@ -82,10 +69,6 @@ uint32_t pk_revocation_stamp(int pkey, unsigned rights)
     return epoch;
 }
 
-int pk_revoked_since(int k, uint32_t epoch)
-{
-    return (int32_t)(PK_LOAD(pk_revoked_at[k]) - epoch) > 0;
-}
 
 /* ---- tokens ------------------------------------------------------------- */
 
@@ -98,112 +81,13 @@ uint32_t pk_thread_serial(void)
 
 int64_t pk_make_token(uint32_t epoch) { return ((int64_t)pk_thread_serial() << 32) | epoch; }
 
-/*
- * The epoch a hardware grant's token carries: the latest of the stamps its
- * keys were counted under (pk_grants_adopt() recorded them).  Not the
- * global epoch read after counting: a revocation could bump that between
- * the counting and the read, and the token would then claim a grant voided
- * by that very revocation; once a nested scope had re-adopted the key under
- * the new stamp, the old scope's exit withdrew the new scope's grant (found
- * by tests/model/grants_model.c).  Any later stamp is a larger epoch than
- * every stamp before it, so the exit sees it as revoked since.
- */
-uint32_t pk_grants_counted_under(const struct grants *g, uint32_t keys)
-{
-    uint32_t latest = 0;
-    int k;
-    for (k = 1; k < PK_NKEYS; k++)
-        if ((keys & (1u << k)) && (int32_t)(g->epoch[k] - latest) > 0)
-            latest = g->epoch[k];
-    return latest;
-}
 
 /* ---- the algebra -------------------------------------------------------- */
 
-/*
- * The grants of `g` for key k, cleared if they belonged to a freed key or
- * were voided by a revocation since.
- *
- * After a revocation the base is the rights the revocation gives every
- * thread, not what this thread's register holds: the register may not have
- * received the revocation yet (its signal is on its way).  Taking the base
- * from the register there was issue 15's item 2: a scope that began after
- * the stamp and before the signal recorded the old open rights as its
- * base, the signal closed the key inside the scope, and the scope's end
- * opened it again for good.  A thread that never looked at the key cannot
- * tell whether its register predates the revocation (a thread born during
- * the broadcast): its base is the stricter of the two (pk_grants_count).
- */
-int pk_grants_adopt(struct grants *g, int k, uint32_t identity)
-{
-    uint32_t stamp = PK_LOAD(pk_revoked_at[k]);
-    int same_key = g->identity[k] == identity;
-    if (same_key && g->epoch[k] == stamp)
-        return PK_ADOPT_SAME;
-    memset(g->count[k], 0, sizeof g->count[k]);
-    g->identity[k] = identity;
-    g->epoch[k] = stamp;
-    if (!stamp)
-        return PK_ADOPT_FRESH;
-    /* Read after the stamp: a later revocation's rights, if one came in
-     * between, are what this thread is about to get anyway. */
-    g->base[k] = (uint8_t)(PK_LOAD(pk_revoked_bits[k]) & 3u);
-    return same_key ? PK_ADOPT_REVOKED : PK_ADOPT_FIRST;
-}
 
-void pk_grants_count(struct grants *g, uint32_t keys, int kind, const uint32_t *identities,
-                     int delta, uint32_t pkru)
-{
-    int k, found;
-    for (k = 1; k < PK_NKEYS; k++) {
-        if (!(keys & (1u << k)))
-            continue;
-        found = pk_grants_adopt(g, k, identities[k]);
-        if (delta > 0) {
-            if (found == PK_ADOPT_FIRST) /* both bits are restrictions: OR is the stricter */
-                g->base[k] = (uint8_t)(g->base[k] | pk_bits_of(pkru, k));
-            else if (found != PK_ADOPT_REVOKED && !pk_grants_active(g, k))
-                g->base[k] = (uint8_t)pk_bits_of(pkru, k);
-            g->count[k][kind]++;
-        } else if (g->count[k][kind]) {
-            g->count[k][kind]--;
-        }
-    }
-}
 
-uint32_t pk_grants_compose(const struct grants *g, uint32_t keys, uint32_t pkru)
-{
-    int k;
-    for (k = 1; k < PK_NKEYS; k++)
-        if (keys & (1u << k))
-            pkru = pk_with_bits(pkru, k, pk_grants_composed(g, k));
-    return pkru;
-}
 
-/* Not freed, not revoked since the grant began (the token's epoch), and
- * counted under the key's latest revocation stamp (a revocation voids the
- * counts). */
-uint32_t pk_grants_live(const struct grants *g, uint32_t keys, const uint32_t *identities,
-                        uint32_t epoch)
-{
-    int k;
-    for (k = 1; k < PK_NKEYS; k++)
-        if ((keys & (1u << k)) &&
-            (PK_LOAD(pk_key_identities[k]) != identities[k] || pk_revoked_since(k, epoch) ||
-             g->epoch[k] != PK_LOAD(pk_revoked_at[k])))
-            keys &= ~(1u << k);
-    return keys;
-}
 
-int pk_grants_balanced(const struct grants *g, uint32_t keys, int kind,
-                       const uint32_t *identities)
-{
-    int k;
-    for (k = 1; k < PK_NKEYS; k++)
-        if ((keys & (1u << k)) && (g->identity[k] != identities[k] || !g->count[k][kind]))
-            return 0;
-    return 1;
-}
 
 /* Keys freed while this thread held a grant on them: the freeing thread
  * could deny only its own register, so this one closes the number here
@@ -213,9 +97,8 @@ uint32_t pk_grants_close_freed(struct grants *g, uint32_t keys, int kind,
                                const uint32_t *identities, uint32_t pkru)
 {
     int k;
-    for (k = 1; k < PK_NKEYS; k++) {
-        if (!(keys & (1u << k)) || g->identity[k] != identities[k] ||
-            PK_LOAD(pk_key_identities[k]) == identities[k])
+    PK_FOR_EACH_KEY(k, keys) {
+        if (g->identity[k] != identities[k] || PK_LOAD(pk_key_identities[k]) == identities[k])
             continue;
         if (g->count[k][kind])
             g->count[k][kind]--;
@@ -236,8 +119,8 @@ uint32_t pk_grants_close_revoked(struct grants *g, uint32_t keys, const uint32_t
                                  uint32_t pkru)
 {
     int k;
-    for (k = 1; k < PK_NKEYS; k++) {
-        if (!(keys & (1u << k)) || PK_LOAD(pk_key_identities[k]) != identities[k])
+    PK_FOR_EACH_KEY(k, keys) {
+        if (PK_LOAD(pk_key_identities[k]) != identities[k])
             continue;
         pk_grants_adopt(g, k, identities[k]);
         pkru = pk_with_bits(pkru, k,

@@ -1,6 +1,7 @@
 /*
- * The grants core (grants.c): key identities, revocation stamps, tokens
- * and the counted-grant algebra.  No lock, no register, no mprotect: every
+ * The grants core (grants.c, and the hot algebra inline here, so that a
+ * scope's entry and exit make no calls for it): key identities,
+ * revocation stamps, tokens and the counted-grant algebra.  No lock, no register, no mprotect: every
  * function works on the `struct grants` it is given and on the identity
  * and stamp tables below, so the exhaustive model
  * (tests/model/grants_model.c) drives exactly this code.  The callers
@@ -37,6 +38,8 @@
 
 #include "pkeys_internal.h"
 
+#include <string.h>
+
 #define PK_LOAD(x) __atomic_load_n(&(x), __ATOMIC_SEQ_CST)
 #define PK_STORE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_SEQ_CST)
 
@@ -53,6 +56,23 @@ struct grants {
 /* This thread's grants: the ones in force on hardware, and on the software
  * backend the record of which grants a forked child keeps. */
 extern __thread struct grants pk_thread_grants;
+
+/* Its address, computed once per call: GCC otherwise recomputes a
+ * general-dynamic TLS address (a __tls_get_addr call) at each use in a
+ * loop with atomics, which was a third of a four-key scope's C time. */
+static inline struct grants *pk_my_grants(void)
+{
+    struct grants *g = &pk_thread_grants;
+    __asm__("" : "+r"(g));  /* opaque from here: not rematerialised */
+    return g;
+}
+
+/* Each key number of `keys` but 0, lowest first.  Scopes name one key or
+ * a few: visiting only those keeps the hot paths' cost per key named, not
+ * per key the register has (these loops were most of a scope's C time). */
+#define PK_FOR_EACH_KEY(k, keys)                                                   \
+    for (uint32_t pk_rest_ = (uint32_t)(keys) & ((1u << PK_NKEYS) - 2u);          \
+         pk_rest_ && ((k) = __builtin_ctz(pk_rest_), 1); pk_rest_ &= pk_rest_ - 1)
 
 static inline unsigned pk_bits_of(uint32_t pkru, int k) { return (pkru >> PK_KEY_SHIFT(k)) & 3u; }
 
@@ -90,7 +110,18 @@ void pk_identity_retire(int pkey);
 int pk_identity_check_number(int pkey);
 /* Each key of `keys` still has the identity in `identities`: PK_OK,
  * PK_E_KEY_ZERO, PK_E_KEY_RANGE or PK_E_KEY_CLOSED. */
-int pk_identity_check(uint32_t keys, const uint32_t *identities);
+static inline int pk_identity_check(uint32_t keys, const uint32_t *identities)
+{
+    int k;
+    if (keys & 1u)
+        return PK_E_KEY_ZERO;
+    if (!keys || keys >> PK_NKEYS)
+        return PK_E_KEY_RANGE;
+    PK_FOR_EACH_KEY(k, keys)
+        if (!identities[k] || PK_LOAD(pk_key_identities[k]) != identities[k])
+            return PK_E_KEY_CLOSED;
+    return PK_OK;
+}
 
 /* ---- revocations -------------------------------------------------------- */
 
@@ -99,13 +130,33 @@ int pk_identity_check(uint32_t keys, const uint32_t *identities);
  * Returns the new epoch. */
 uint32_t pk_revocation_stamp(int pkey, unsigned rights);
 /* `pkey` was revoked after `epoch`. */
-int pk_revoked_since(int pkey, uint32_t epoch);
+static inline int pk_revoked_since(int k, uint32_t epoch)
+{
+    return (int32_t)(PK_LOAD(pk_revoked_at[k]) - epoch) > 0;
+}
 
 /* ---- tokens ------------------------------------------------------------- */
 
 int64_t pk_make_token(uint32_t epoch);
-/* The epoch a hardware grant's token carries (see grants.c). */
-uint32_t pk_grants_counted_under(const struct grants *g, uint32_t keys);
+/*
+ * The epoch a hardware grant's token carries: the latest of the stamps its
+ * keys were counted under (pk_grants_adopt() recorded them).  Not the
+ * global epoch read after counting: a revocation could bump that between
+ * the counting and the read, and the token would then claim a grant voided
+ * by that very revocation; once a nested scope had re-adopted the key under
+ * the new stamp, the old scope's exit withdrew the new scope's grant (found
+ * by tests/model/grants_model.c).  Any later stamp is a larger epoch than
+ * every stamp before it, so the exit sees it as revoked since.
+ */
+static inline uint32_t pk_grants_counted_under(const struct grants *g, uint32_t keys)
+{
+    uint32_t latest = 0;
+    int k;
+    PK_FOR_EACH_KEY(k, keys)
+        if ((int32_t)(g->epoch[k] - latest) > 0)
+            latest = g->epoch[k];
+    return latest;
+}
 
 /* ---- the algebra -------------------------------------------------------- */
 
@@ -115,19 +166,93 @@ uint32_t pk_grants_counted_under(const struct grants *g, uint32_t keys);
 #define PK_ADOPT_FIRST 2     /* this thread's first look at this key, revoked before */
 #define PK_ADOPT_FRESH 3     /* first look (or a freed key's counts), never revoked */
 
-int pk_grants_adopt(struct grants *g, int k, uint32_t identity);
+/*
+ * The grants of `g` for key k, cleared if they belonged to a freed key or
+ * were voided by a revocation since.
+ *
+ * After a revocation the base is the rights the revocation gives every
+ * thread, not what this thread's register holds: the register may not have
+ * received the revocation yet (its signal is on its way).  Taking the base
+ * from the register there was issue 15's item 2: a scope that began after
+ * the stamp and before the signal recorded the old open rights as its
+ * base, the signal closed the key inside the scope, and the scope's end
+ * opened it again for good.  A thread that never looked at the key cannot
+ * tell whether its register predates the revocation (a thread born during
+ * the broadcast): its base is the stricter of the two (pk_grants_count).
+ */
+static inline int pk_grants_adopt(struct grants *g, int k, uint32_t identity)
+{
+    uint32_t stamp = PK_LOAD(pk_revoked_at[k]);
+    int same_key = g->identity[k] == identity;
+    if (same_key && g->epoch[k] == stamp)
+        return PK_ADOPT_SAME;
+    memset(g->count[k], 0, sizeof g->count[k]);
+    g->identity[k] = identity;
+    g->epoch[k] = stamp;
+    if (!stamp)
+        return PK_ADOPT_FRESH;
+    /* Read after the stamp: a later revocation's rights, if one came in
+     * between, are what this thread is about to get anyway. */
+    g->base[k] = (uint8_t)(PK_LOAD(pk_revoked_bits[k]) & 3u);
+    return same_key ? PK_ADOPT_REVOKED : PK_ADOPT_FIRST;
+}
+
 /* Add (+1) or withdraw (-1) one grant of `kind` in `g`.  Entering a key's
  * first grant records its base from `pkru`. */
-void pk_grants_count(struct grants *g, uint32_t keys, int kind, const uint32_t *identities,
-                     int delta, uint32_t pkru);
+static inline void pk_grants_count(struct grants *g, uint32_t keys, int kind,
+                                   const uint32_t *identities, int delta, uint32_t pkru)
+{
+    int k, found;
+    PK_FOR_EACH_KEY(k, keys) {
+        found = pk_grants_adopt(g, k, identities[k]);
+        if (delta > 0) {
+            if (found == PK_ADOPT_FIRST) /* both bits are restrictions: OR is the stricter */
+                g->base[k] = (uint8_t)(g->base[k] | pk_bits_of(pkru, k));
+            else if (found != PK_ADOPT_REVOKED && !pk_grants_active(g, k))
+                g->base[k] = (uint8_t)pk_bits_of(pkru, k);
+            g->count[k][kind]++;
+        } else if (g->count[k][kind]) {
+            g->count[k][kind]--;
+        }
+    }
+}
+
 /* `pkru` with each key of `keys` given what its grants compose to. */
-uint32_t pk_grants_compose(const struct grants *g, uint32_t keys, uint32_t pkru);
-/* The keys whose grant from a token of `epoch` is still counted in `g`. */
-uint32_t pk_grants_live(const struct grants *g, uint32_t keys, const uint32_t *identities,
-                        uint32_t epoch);
+static inline uint32_t pk_grants_compose(const struct grants *g, uint32_t keys, uint32_t pkru)
+{
+    int k;
+    PK_FOR_EACH_KEY(k, keys)
+        pkru = pk_with_bits(pkru, k, pk_grants_composed(g, k));
+    return pkru;
+}
+
+/* The keys whose grant from a token of `epoch` is still counted in `g`:
+ * not freed, not revoked since the grant began (the token's epoch), and
+ * counted under the key's latest revocation stamp (a revocation voids the
+ * counts). */
+static inline uint32_t pk_grants_live(const struct grants *g, uint32_t keys,
+                                      const uint32_t *identities, uint32_t epoch)
+{
+    uint32_t live = keys;
+    int k;
+    PK_FOR_EACH_KEY(k, keys)
+        if (PK_LOAD(pk_key_identities[k]) != identities[k] || pk_revoked_since(k, epoch) ||
+            g->epoch[k] != PK_LOAD(pk_revoked_at[k]))
+            live &= ~(1u << k);
+    return live;
+}
+
 /* Every key of `keys` has a grant of `kind` to withdraw in `g`. */
-int pk_grants_balanced(const struct grants *g, uint32_t keys, int kind,
-                       const uint32_t *identities);
+static inline int pk_grants_balanced(const struct grants *g, uint32_t keys, int kind,
+                                     const uint32_t *identities)
+{
+    int k;
+    PK_FOR_EACH_KEY(k, keys)
+        if (g->identity[k] != identities[k] || !g->count[k][kind])
+            return 0;
+    return 1;
+}
+
 /* At a scope's end, for keys freed (close_freed) or revoked (close_revoked)
  * while it was open: `pkru` with what those keys must have now. */
 uint32_t pk_grants_close_freed(struct grants *g, uint32_t keys, int kind,

@@ -40,9 +40,6 @@
 #define SEGV_PKUERR 4
 #endif
 
-/* Initial-exec TLS: a general-dynamic access from a signal handler could
- * allocate in a thread that never touched these variables before. */
-#define PK_TLS __thread __attribute__((tls_model("initial-exec")))
 
 /* volatile: the handler reads them, so the stores around the guarded access
  * must happen when written, not be merged away as dead. */

@@ -49,6 +49,12 @@ extern int pk_ospke_enabled;
  * the instruction that opens or closes access to them.  The CPU itself
  * does not execute WRPKRU speculatively, so no fence is needed.
  */
+/* Initial-exec TLS: a fixed offset from the thread pointer, no call.  For
+ * what a signal handler reads (a general-dynamic access there could
+ * allocate in a thread that never touched the variable before) and for
+ * the few bytes the hot paths touch on every scope. */
+#define PK_TLS __thread __attribute__((tls_model("initial-exec")))
+
 #if PK_SIMULATED_PKU
 /* The simulated register: one per thread, initial-exec TLS so that a
  * signal handler can touch it (the revocation handler edits it, in the
@@ -58,7 +64,7 @@ extern int pk_ospke_enabled;
  * because the shim never sees a thread being created (CPython starts its
  * threads from libpython, which a dlopened module cannot interpose).
  * Both accessors are compiler barriers, like the instructions. */
-extern __thread __attribute__((tls_model("initial-exec"))) volatile uint32_t pk_simulated_pkru;
+extern PK_TLS volatile uint32_t pk_simulated_pkru;
 
 static inline uint32_t pk_rdpkru_unchecked(void)
 {

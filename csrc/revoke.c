@@ -126,8 +126,6 @@ static int xsave_pkru_offset = -1;
 
 static pid_t current_tid(void) { return (pid_t)syscall(SYS_gettid); }
 
-#define PK_TLS __thread __attribute__((tls_model("initial-exec")))
-
 /* Per thread, written by the handler: how many times it ran, and what it
  * applied since the thread's last pk_revocations_mark(). */
 static PK_TLS volatile uint32_t handled_count;
