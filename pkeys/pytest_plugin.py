@@ -18,6 +18,9 @@ Loaded whenever pkeys is installed (entry point ``pytest11``).
   any.  Missing kernels are set up first (``pkeys vm setup``).
 * The ini option ``pkeys_vm_also`` names markers of tests that run here
   natively *and* again in the VM; a failure in either fails the test.
+  ``pkeys_vm_also_kernels`` (kernel series as given to
+  ``--pkeys-vm-kernel``) runs them again on those kernels only, to keep a
+  many-kernel run short; marked tests always run on every kernel.
 
 Fixtures: ``expect_fault`` (call a function in a forked child and return
 the :class:`pkeys.Fault` it died of) and ``pkey`` (a fresh :class:`pkeys.Key`,
@@ -50,6 +53,8 @@ if TYPE_CHECKING:
 MARK = "pku"
 #: Set in the guest's environment: the shared folder for node ids and results.
 EXCHANGE_ENV = "PKEYS_VM_PLUGIN_EXCHANGE"
+#: Set in the guest's environment: the file there listing its node ids.
+NODEIDS_ENV = "PKEYS_VM_PLUGIN_NODEIDS"
 REQUIRE_ENV = "PKEYS_REQUIRE_PKU"
 #: How often, at most, the count of finished VM items is printed.
 PROGRESS_SECONDS = 10.0
@@ -65,6 +70,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "repeat to run the tests on each")
     parser.addini("pkeys_vm_also", type="linelist", default=[],
                   help="markers of tests that --pkeys-vm runs natively and again in the VM")
+    parser.addini("pkeys_vm_also_kernels", type="linelist", default=[],
+                  help="kernel series (as given to --pkeys-vm-kernel) on which the pkeys_vm_also "
+                       "tests run again (default: every kernel)")
     parser.addini("pkeys_vm_timeout", default="1800",
                   help="seconds one VM session may take (default 1800)")
     parser.addini("pkeys_vm_smp", default="1",
@@ -83,8 +91,9 @@ def pytest_configure(config: pytest.Config) -> None:
     # Taken out of the environment: a pytest that a test starts in the guest
     # is a user's own session, and must not write into this one's results.
     exchange = os.environ.pop(EXCHANGE_ENV, None)
+    nodeids = os.environ.pop(NODEIDS_ENV, "nodeids-0.txt")
     if exchange:
-        config.pluginmanager.register(_Guest(config, Path(exchange)), "pkeys-vm-guest")
+        config.pluginmanager.register(_Guest(config, Path(exchange), nodeids), "pkeys-vm-guest")
     elif config.getoption("pkeys_vm") and not _hardware():
         config.pluginmanager.register(_Host(config), "pkeys-vm-host")
     else:
@@ -125,15 +134,16 @@ class _Native:
 class _Guest:
     """Inside the VM: run only the host's node ids and write every report."""
 
-    def __init__(self, config: pytest.Config, exchange: Path) -> None:
+    def __init__(self, config: pytest.Config, exchange: Path, nodeids: str) -> None:
         self.config = config
         self.exchange = exchange
+        self.nodeids = nodeids
         self.results = open(exchange / f"results-{os.uname().release}.jsonl", "w")  # noqa: SIM115
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
         _require_hardware("the pkeys vm guest expects real protection keys")
-        wanted = set((self.exchange / "nodeids.txt").read_text().splitlines())
+        wanted = set((self.exchange / self.nodeids).read_text().splitlines())
         keep = [item for item in items if item.nodeid in wanted]
         dropped = [item for item in items if item.nodeid not in wanted]
         if dropped:
@@ -155,6 +165,10 @@ class _Session:
 
     kernel: str | None
     log: Path
+    #: Whether the pkeys_vm_also tests run here too, not only the marked ones.
+    runs_also: bool = True
+    #: How many items it runs.
+    items: int = 0
     process: subprocess.Popen[bytes] | None = None
     status: int | None = None
     error: str | None = None
@@ -188,6 +202,12 @@ class _Host:
         self.config = config
         self.also = set(config.getini("pkeys_vm_also"))
         self.kernels: list[str | None] = list(config.getoption("pkeys_vm_kernel") or [None])
+        self.also_kernels = set(config.getini("pkeys_vm_also_kernels"))
+        if self.also_kernels - set(self.kernels):
+            # Those tests would then run on no kernel at all, silently.
+            raise pytest.UsageError(
+                f"pkeys_vm_also_kernels names {sorted(self.also_kernels - set(self.kernels))}, "
+                f"which no --pkeys-vm-kernel gives")
         self.only_vm: set[str] = set()  # node ids run in the VM only
         self.twice: set[str] = set()  # node ids run here and in the VM
         self.items: list[pytest.Item] = []
@@ -213,18 +233,31 @@ class _Host:
             return
         base = Path(self.config.invocation_params.dir)
         self.exchange = Path(tempfile.mkdtemp(prefix=".pkeys-vm-pytest-", dir=base))
-        (self.exchange / "nodeids.txt").write_text("".join(f"{i.nodeid}\n" for i in self.items))
-        self.sessions = [_Session(k, self.exchange / f"output-{n}.log") for n, k in enumerate(self.kernels)]
+        self._plan_sessions()
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
-            names = ", ".join(k or "the default kernel" for k in self.kernels)
+            names = ", ".join(f"{s.kernel or 'the default kernel'}: {s.items}" for s in self.sessions)
             reporter.write_line(f"pkeys vm: {len(self.items)} tests start on an emulated PKU CPU "
                                 f"({names}) in the background")
         self.thread = threading.Thread(target=self._run_all, daemon=True)
         self.thread.start()
 
-    def _guest_argv(self) -> list[str]:
-        files = sorted({str(item.path) for item in self.items})
+    def _plan_sessions(self) -> None:
+        """One session per kernel, and the node ids each runs (in the
+        exchange folder): every marked test, and the pkeys_vm_also ones
+        where pkeys_vm_also_kernels lets them."""
+        assert self.exchange is not None
+        self.sessions = [_Session(k, self.exchange / f"output-{n}.log",
+                                  runs_also=not self.also_kernels or k in self.also_kernels)
+                         for n, k in enumerate(self.kernels)]
+        for n, session in enumerate(self.sessions):
+            mine = [i.nodeid for i in self.items if session.runs_also or i.nodeid in self.only_vm]
+            (self.exchange / f"nodeids-{n}.txt").write_text("".join(f"{i}\n" for i in mine))
+            session.items = len(mine)
+
+    def _guest_argv(self, session: _Session) -> list[str]:
+        files = sorted({str(item.path) for item in self.items
+                        if session.runs_also or item.nodeid in self.only_vm})
         argv = [sys.executable, "-m", "pytest", "-p", "pkeys.pytest_plugin", "-p", "no:cacheprovider",
                 "--rootdir", str(self.config.rootpath)]
         if self.config.inipath:
@@ -239,7 +272,8 @@ class _Host:
                 session.error = f"setup failed: {exc}"
             self.done.set()
             return
-        threads = [threading.Thread(target=self._run_one, args=(s,)) for s in self.sessions]
+        threads = [threading.Thread(target=self._run_one, args=(n, s))
+                   for n, s in enumerate(self.sessions)]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -254,19 +288,20 @@ class _Host:
             found = kernels.find(session.kernel)
             session.release = found.release if found else None
 
-    def _run_one(self, session: _Session) -> None:
+    def _run_one(self, index: int, session: _Session) -> None:
         assert self.exchange is not None
         command = [sys.executable, "-m", "pkeys", "vm", "--timeout", self.config.getini("pkeys_vm_timeout"),
                    "--smp", self.config.getini("pkeys_vm_smp")]
         if session.kernel:
             command += ["--kernel", session.kernel]
         env = dict(os.environ, **{EXCHANGE_ENV: str(self.exchange), REQUIRE_ENV: "1",
+                                  NODEIDS_ENV: f"nodeids-{index}.txt",
                                   # Entry-point plugins cost seconds to load under emulation.
                                   "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
         started = time.monotonic()
         with open(session.log, "wb") as log:
             session.process = subprocess.Popen(
-                [*command, "--", *self._guest_argv()], stdin=subprocess.DEVNULL, stdout=log,
+                [*command, "--", *self._guest_argv(session)], stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, env=env, cwd=self.config.invocation_params.dir)
             session.status = session.process.wait()
         session.seconds = time.monotonic() - started
@@ -333,7 +368,7 @@ class _Host:
         now = time.monotonic()
         if arrived and (self.done.is_set() or now - self.last_progress >= PROGRESS_SECONDS):
             self.last_progress = now
-            counts = ", ".join(f"{s.name} {s.finished}/{len(self.items)}" for s in self.sessions)
+            counts = ", ".join(f"{s.name} {s.finished}/{s.items}" for s in self.sessions)
             reporter.write_line(f"pkeys vm: items finished: {counts}")
 
     @pytest.hookimpl(tryfirst=True)
@@ -393,6 +428,8 @@ class _Host:
         self._wait()
         failures = []
         for session in self.sessions:
+            if not session.runs_also:
+                continue
             phases = session.reports.get(item.nodeid)
             if not phases:
                 failures.append(f"pkeys vm ({session.name}): "

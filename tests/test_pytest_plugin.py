@@ -142,7 +142,7 @@ def test_progress_while_the_vms_run(tmp_path, verbose):
     host = pytest_plugin._Host(_Config(terminal, verbose))
     host.exchange = tmp_path
     host.items = [object(), object(), object()]
-    old, new = (pytest_plugin._Session(k, tmp_path / f"{k}.log") for k in host.kernels)
+    old, new = (pytest_plugin._Session(k, tmp_path / f"{k}.log", items=3) for k in host.kernels)
     host.sessions = [old, new]
     old.release, new.release = "6.1.0-57-amd64", "6.12.118+deb12-amd64"
     host._progress()
@@ -176,6 +176,48 @@ def test_progress_while_the_vms_run(tmp_path, verbose):
     assert len(terminal.lines) == (3 if verbose else 1)
     host._wait()  # nothing new: nothing printed again
     assert len(terminal.lines) == (3 if verbose else 1)
+
+
+class _Item:
+    def __init__(self, nodeid: str) -> None:
+        self.nodeid = nodeid
+        self.path = nodeid.split("::")[0]
+
+
+def test_also_kernels_run_the_also_tests_on_those_kernels_only(tmp_path):
+    """pkeys_vm_also_kernels: every marked test on each kernel, the
+    pkeys_vm_also ones only where named, in each guest's node-id file and
+    its file arguments, and in the counts the progress line divides by."""
+    from pkeys import pytest_plugin
+
+    class Config(_Config):
+        rootpath, inipath = tmp_path, None
+
+        def getini(self, name: str) -> list[str]:
+            return {"pkeys_vm_also": ["anybackend"], "pkeys_vm_also_kernels": ["6.12"]}.get(name, [])
+
+    host = pytest_plugin._Host(Config(_Terminal(), 0))
+    host.exchange = tmp_path
+    host.items = [_Item("a.py::test_marked"), _Item("b.py::test_also")]
+    host.only_vm, host.twice = {"a.py::test_marked"}, {"b.py::test_also"}
+    host._plan_sessions()
+    old, new = host.sessions
+    assert (old.kernel, old.runs_also, old.items) == ("6.1", False, 1)
+    assert (new.kernel, new.runs_also, new.items) == ("6.12", True, 2)
+    assert (tmp_path / "nodeids-0.txt").read_text() == "a.py::test_marked\n"
+    assert (tmp_path / "nodeids-1.txt").read_text() == "a.py::test_marked\nb.py::test_also\n"
+    assert "b.py" not in host._guest_argv(old) and "b.py" in host._guest_argv(new)
+
+
+def test_also_kernels_must_name_a_kernel_that_runs(tmp_path):
+    from pkeys import pytest_plugin
+
+    class Config(_Config):
+        def getini(self, name: str) -> list[str]:
+            return ["6.6"] if name == "pkeys_vm_also_kernels" else []
+
+    with pytest.raises(pytest.UsageError, match="6.6"):
+        pytest_plugin._Host(Config(_Terminal(), 0))
 
 
 @pytest.mark.anybackend
