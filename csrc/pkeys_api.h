@@ -83,6 +83,9 @@ int pk_grants_per_process(void);
 int pk_key_alloc(unsigned int flags, unsigned int access_rights, uint32_t *identity);
 /* What a revocation reached (revoke.c). */
 #define PK_BROADCAST_LISTED 64
+/* listed_signal of a thread found inside a handler by its frame alone: a
+ * handler installed without SA_SIGINFO leaves no signal number there. */
+#define PK_HANDLER_SIGNAL_UNKNOWN 65
 struct pk_broadcast {
     int threads;              /* other threads signalled */
     int answered;             /* ...that applied the change */
@@ -90,7 +93,7 @@ struct pk_broadcast {
     int refused;              /* ...whose signal frame could not be edited */
     int in_handler;           /* ...found only inside another signal handler */
     int listed[PK_BROADCAST_LISTED]; /* thread ids: unanswered, refused, in a handler */
-    int listed_signal[PK_BROADCAST_LISTED]; /* in a handler: a handled signal it blocked */
+    int listed_signal[PK_BROADCAST_LISTED]; /* in a handler: its signal, or one it blocked */
     double seconds;           /* how long it took */
 };
 #define PK_E_BROADCAST -15    /* some thread did not take the new rights */

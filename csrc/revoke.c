@@ -68,9 +68,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <ucontext.h>
-#include <unistd.h>
 #include <unistd.h>
 
 #if PK_X86
@@ -234,15 +234,129 @@ static uint32_t *editable_pkru(void *ucontext)
  *
  * Unsafe assumptions, written down:
  *  - An outer handler that leaves no signal with a handler blocked is not
- *    seen, and the edit is lost when it returns: SA_NODEFER with an sa_mask
- *    of SIG_DFL/SIG_IGN signals only (faulthandler.register(..., chain=True)
- *    has an empty one), SA_RESETHAND (its signal is SIG_DFL again while it
- *    runs), or a handler whose signal is reset while it runs.
+ *    seen here: SA_NODEFER with an sa_mask of SIG_DFL/SIG_IGN signals only
+ *    (faulthandler.register(..., chain=True) has an empty one), SA_RESETHAND
+ *    (its signal is SIG_DFL again while it runs), or a handler whose signal
+ *    is reset while it runs.  outer_frame_signal() looks for its frame.
  *  - A thread that blocks a handled signal on purpose (SIGINT, which Python
  *    handles, in a worker thread) is taken for one inside a handler: its
  *    revocation fails with RevocationError rather than succeeding.  That
  *    errs on the side that never reports a false success.
  */
+static int handled_signal_blocked(void *ucontext);
+
+#if PK_X86 && defined(__x86_64__) && !PK_SIMULATED_PKU
+/*
+ * The other way to see an outer handler: its signal frame, further up the
+ * stack the interrupted context runs on.  The kernel starts each x86-64
+ * signal frame (struct rt_sigframe) with the handler's return address,
+ * the sa_restorer that glibc gives every handler it installs (__restore_rt),
+ * followed by the kernel's struct ucontext and the siginfo.  A handler
+ * that leaves no handled signal blocked (SA_NODEFER with an empty sa_mask,
+ * as faulthandler.register(..., chain=True) installs, or SA_RESETHAND) is
+ * found this way.
+ *
+ * Only where the interrupted register is the kernel's init value, which
+ * every handler starts with: a context with any key opened since is not
+ * one an undetected handler entered (unless that handler opened a key
+ * itself).  A match counts only if the words after it are a frame: known
+ * uc_flags, an FP state pointer just above it, 64-byte aligned, whose
+ * bytes carry the XSAVE magic, and a saved stack pointer above it.  The stack is read with process_vm_readv(2), which fails
+ * instead of faulting at the end of the mapping.  A false match costs a
+ * retry (the broadcaster signals again), never a false success.
+ *
+ * Unsafe assumptions, written down:
+ *  - The outer frame lies within FRAME_SCAN_BYTES above the interrupted
+ *    stack pointer (a handler blocked deeper than that is not seen).
+ *  - The outer handler was installed through glibc (its restorer is ours);
+ *    a runtime that installs handlers with its own restorer is not seen.
+ *  - process_vm_readv on this process is allowed (a seccomp filter that
+ *    refuses it turns the scan off, and only the mask check remains).
+ */
+#define FRAME_SCAN_BYTES (16 * 1024)
+#define FRAME_SCAN_CHUNK 1024
+#define KERNEL_UCONTEXT_SIZE 304 /* uc_flags, uc_link, uc_stack, sigcontext, 64-bit mask */
+#define UC_FLAGS_KNOWN 0x7u      /* UC_FP_XSTATE | UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS */
+#define KERNEL_INIT_PKRU 0x55555554u
+
+static uintptr_t frame_restorer; /* set where the handler is installed */
+
+/* Bytes of this process at `address` copied into `into`, up to `size`,
+ * without faulting; how many, or -1. */
+static long read_own(uintptr_t address, void *into, size_t size)
+{
+    struct iovec local = {into, size}, remote = {(void *)address, size};
+    return syscall(SYS_process_vm_readv, getpid(), &local, 1, &remote, 1, 0);
+}
+
+/* The signal of the frame whose return address is at `at`: its siginfo's,
+ * which the kernel writes for SA_SIGINFO handlers only, or
+ * PK_HANDLER_SIGNAL_UNKNOWN; 0 if no frame is there. */
+static int frame_at(uintptr_t at)
+{
+    unsigned char frame[8 + KERNEL_UCONTEXT_SIZE + sizeof(int)];
+    uint64_t uc_flags, fpstate, saved_sp;
+    uint32_t magic;
+    int signo;
+    if (read_own(at, frame, sizeof frame) != (long)sizeof frame)
+        return 0;
+    memcpy(&uc_flags, frame + 8 + offsetof(ucontext_t, uc_flags), sizeof uc_flags);
+    memcpy(&fpstate, frame + 8 + offsetof(ucontext_t, uc_mcontext.fpregs), sizeof fpstate);
+    memcpy(&saved_sp, frame + 8 + offsetof(ucontext_t, uc_mcontext.gregs[REG_RSP]),
+           sizeof saved_sp);
+    memcpy(&signo, frame + 8 + KERNEL_UCONTEXT_SIZE, sizeof signo); /* siginfo.si_signo */
+    if ((uc_flags & ~(uint64_t)UC_FLAGS_KNOWN) || fpstate <= at || fpstate - at > 4096 ||
+        fpstate % 64 || saved_sp <= at)
+        return 0;
+    if (read_own(fpstate + FXSAVE_SW_BYTES, &magic, sizeof magic) != (long)sizeof magic ||
+        magic != FP_XSTATE_MAGIC1)
+        return 0;
+    return signo >= 1 && signo <= KERNEL_SIGNALS ? signo : PK_HANDLER_SIGNAL_UNKNOWN;
+}
+
+static int outer_frame_signal(void *ucontext)
+{
+    const ucontext_t *uc = ucontext;
+    const uint32_t *slot = pk_frame_pkru(ucontext);
+    uint64_t words[FRAME_SCAN_CHUNK / 8];
+    uintptr_t at, end;
+    uint32_t pkru;
+    if (!frame_restorer || !uc || !slot)
+        return 0;
+    memcpy(&pkru, slot, sizeof pkru);
+    if (pkru != KERNEL_INIT_PKRU)
+        return 0;
+    at = (uintptr_t)uc->uc_mcontext.gregs[REG_RSP] & ~(uintptr_t)7;
+    for (end = at + FRAME_SCAN_BYTES; at < end;) {
+        long got = read_own(at, words, sizeof words), i;
+        if (got < 8)
+            return 0; /* the end of the stack's mapping, or no process_vm_readv */
+        for (i = 0; i < got / 8; i++) {
+            int signo;
+            if (words[i] == frame_restorer && (signo = frame_at(at + (uintptr_t)i * 8)) != 0)
+                return signo;
+        }
+        at += (uintptr_t)got & ~(uintptr_t)7;
+    }
+    return 0;
+}
+
+/* From our handler's sigaction as the kernel holds it (glibc fills in
+ * sa_restorer when it installs a handler, and reports it back). */
+static void learn_restorer(const struct sigaction *ours)
+{
+    frame_restorer = (uintptr_t)ours->sa_restorer;
+}
+#else
+static int outer_frame_signal(void *ucontext)
+{
+    (void)ucontext;
+    return 0;
+}
+
+static void learn_restorer(const struct sigaction *ours) { (void)ours; }
+#endif
+
 static int handled_signal_blocked(void *ucontext)
 {
     const ucontext_t *uc = ucontext;
@@ -295,7 +409,8 @@ static void revocation_handler(int signo, siginfo_t *info, void *ucontext)
         errno = saved_errno;
         return; /* a late signal with nothing left to apply */
     }
-    if (!checking_here && (outer = handled_signal_blocked(ucontext)) != 0) {
+    if (!checking_here && ((outer = handled_signal_blocked(ucontext)) != 0 ||
+                           (outer = outer_frame_signal(ucontext)) != 0)) {
         /* Leave what is waiting for a delivery outside that handler: the
          * broadcaster signals again until one comes, or gives up. */
         answer(IN_HANDLER, outer);
@@ -359,8 +474,10 @@ static int own_the_signal(void)
     int signo = pk_revocation_signal();
     if (sigaction(signo, NULL, &current) != 0)
         return PK_E_ERRNO;
-    if ((current.sa_flags & SA_SIGINFO) && current.sa_sigaction == revocation_handler)
+    if ((current.sa_flags & SA_SIGINFO) && current.sa_sigaction == revocation_handler) {
+        learn_restorer(&current);
         return PK_OK;
+    }
     if (handler_installed || (current.sa_flags & SA_SIGINFO) ||
         (current.sa_handler != SIG_DFL && current.sa_handler != SIG_IGN))
         return PK_E_SIGNAL_TAKEN;
@@ -369,8 +486,9 @@ static int own_the_signal(void)
     /* SA_RESTART: a read(2) or futex wait interrupted in another thread goes on. */
     action.sa_flags = SA_SIGINFO | SA_RESTART | SA_ONSTACK;
     sigemptyset(&action.sa_mask);
-    if (sigaction(signo, &action, NULL) != 0)
+    if (sigaction(signo, &action, NULL) != 0 || sigaction(signo, NULL, &current) != 0)
         return PK_E_ERRNO;
+    learn_restorer(&current);
     handler_installed = 1;
     return PK_OK;
 }

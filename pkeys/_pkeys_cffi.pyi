@@ -29,6 +29,7 @@ class _Lib:
     PK_E_SIGNAL_TAKEN: int
     pk_revocation_timeout: float
     PK_BROADCAST_LISTED: int
+    PK_HANDLER_SIGNAL_UNKNOWN: int
     PK_GLIBC_ALLOC: int
     PK_GLIBC_FREE: int
     PK_GLIBC_MPROTECT: int

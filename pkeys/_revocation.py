@@ -22,6 +22,8 @@ WATCHDOG_HINT = (
 
 
 def signal_name(signo: int) -> str:
+    if signo == lib.PK_HANDLER_SIGNAL_UNKNOWN:  # seen by its frame, installed without SA_SIGINFO
+        return "signal"
     try:
         return signal.Signals(signo).name
     except ValueError:
