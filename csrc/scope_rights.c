@@ -1,10 +1,11 @@
 /*
  * pkeys.pkey_get and pkeys.pkey_set in C, for the calls that need no
  * Python: an int or an open Key, rights as an int, this thread.  Anything
- * else -- another type, a value outside a C int, threads=, a refusal or
- * the software backend's PK_E_NEED_PINS -- goes to the Python functions of
- * pkeys/_api.py, which check, pin and raise as they always did.  A refused
- * call changes nothing, so the general path may simply call again.
+ * else -- another type, a value outside a C int, threads=, a refusal --
+ * goes to the Python functions of pkeys/_api.py, which check and raise as
+ * they always did.  The software backend's PK_E_NEED_PINS is answered
+ * here, as the scope types answer it (pk_pins_prepare): going back to
+ * Python for it cost more than the mprotect the call makes.
  *
  * The entry points' addresses come from pkeys._api at import (see
  * scope_type.c for why, and the assumption written down there).
@@ -55,7 +56,7 @@ PyObject *pk_fast_pkey_get(PyObject *module, PyObject *pkey)
 PyObject *pk_fast_pkey_set(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
                            PyObject *kwnames)
 {
-    int number, rights, status;
+    int number, rights, status, error;
     (void)module;
     if (!key_set || kwnames || nargs != 2 || !pk_fast_key_number(args[0], &number) ||
         !PyLong_CheckExact(args[1]) || !pk_fast_key_number(args[1], &rights)) {
@@ -78,8 +79,26 @@ PyObject *pk_fast_pkey_set(PyObject *module, PyObject *const *args, Py_ssize_t n
         return result;
     }
     status = key_set(number, rights, 0);
+    error = errno;
+    if (status == PK_E_NEED_PINS) {
+        /* The software backend, on a key that guards a foreign buffer: the
+         * owners pinned (in C for the common case: scope_type.c), the call
+         * again, the pins released once it returned.  A rights change is
+         * complete when the shim returns, so nothing is left to record
+         * first; an exception while pinning changed nothing. */
+        struct pk_held held = PK_HELD_EMPTY;
+        while (status == PK_E_NEED_PINS) {
+            uint64_t nonce;
+            pk_pins_release(&held);
+            if (pk_pins_prepare(&nonce, &held) < 0)
+                return NULL;
+            status = key_set(number, rights, nonce);
+            error = errno;
+        }
+        pk_pins_release(&held);
+    }
     if (status) {
-        PyObject *result = PyObject_CallFunction(set_failed, "iiii", number, rights, status, errno);
+        PyObject *result = PyObject_CallFunction(set_failed, "iiii", number, rights, status, error);
         if (!result)
             return NULL;
         Py_DECREF(result);

@@ -31,7 +31,8 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from ._binding import ffi, lib
+from . import _scope
+from ._binding import entry_point, ffi, lib
 
 __all__ = [
     "call",
@@ -290,6 +291,19 @@ def prepare_pins() -> tuple[int, list[Any]]:
     except BaseException:
         release_pins(held)
         raise
+
+
+# The common case of prepare_pins -- every owner asked for alive, at the
+# span it had, and few of them -- is pinned in C without calling it
+# (csrc/scope_type.c, pin_in_c), for pkey_set and the scope types; C reads
+# _owners (so it is never rebound) and each _Owner's ref, base and size,
+# and calls prepare_pins for anything else.
+_scope.configure_pins(
+    pins_owners=entry_point("pk_pins_owners"),
+    pins_vouch=entry_point("pk_pins_vouch"),
+    owners=_owners,
+    owner_class=_Owner,
+)
 
 
 def release_pins(held: list[Any]) -> None:
