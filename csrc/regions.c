@@ -177,7 +177,8 @@ int pk_regions_need_pins(uint32_t keys, uint64_t pins)
     int trusted = pins && pins == vouched_nonce;
     for (i = 0; i < used; i++) {
         const struct region *r = &table[i];
-        if (r->owner >= 2 && !r->lost && (keys & (1u << r->pkey)) && (!trusted || !pinned(r))) {
+        /* The key first: most regions are other keys' (issue 16, item 4). */
+        if ((keys & (1u << r->pkey)) && r->owner >= 2 && !r->lost && (!trusted || !pinned(r))) {
             pins_wanted = keys;
             return 1;
         }
@@ -193,7 +194,7 @@ int pk_pins_owners(uint64_t *out, int capacity_out)
     pk_state_lock();
     for (i = 0; i < used; i++) {
         const struct region *r = &table[i];
-        if (r->owner < 2 || r->lost || !(keys & (1u << r->pkey)))
+        if (!(keys & (1u << r->pkey)) || r->owner < 2 || r->lost)
             continue;
         for (seen = 0, j = 0; j < count && j < capacity_out; j++)
             seen |= out[j] == r->owner;
@@ -218,9 +219,21 @@ int pk_regions_count(int pkey)
 
 static unsigned rights_in(uint32_t pkru, int pkey) { return (pkru >> PK_KEY_SHIFT(pkey)) & 3u; }
 
-static int changes(uint32_t old_pkru, uint32_t new_pkru, int pkey)
+/* The keys whose rights differ between two registers, one bit each. */
+static uint32_t changed_keys(uint32_t old_pkru, uint32_t new_pkru)
 {
-    return rights_in(old_pkru, pkey) != rights_in(new_pkru, pkey);
+    uint32_t keys = 0;
+    int k;
+    for (k = 1; k < PK_NKEYS; k++)
+        if (rights_in(old_pkru, k) != rights_in(new_pkru, k))
+            keys |= 1u << k;
+    return keys;
+}
+
+/* A live region of one of `keys` whose pages follow its key's rights. */
+static int follows(const struct region *r, uint32_t keys)
+{
+    return r->pkey >= 0 && (keys & (1u << r->pkey)) && !r->lost;
 }
 
 /* How many mprotect calls the emulation issued for rights changes: the
@@ -239,10 +252,13 @@ static int protect(const struct region *r, uint32_t pkru)
 
 int pk_regions_apply(uint32_t old_pkru, uint32_t new_pkru)
 {
+    /* Once per change, not per region: the table is scanned whole, and
+     * most of it is other keys' regions. */
+    uint32_t keys = changed_keys(old_pkru, new_pkru);
     size_t i, j;
     int err = 0;
     for (i = 0; i < used; i++) {
-        if (table[i].pkey < 0 || table[i].lost || !changes(old_pkru, new_pkru, table[i].pkey))
+        if (!follows(&table[i], keys))
             continue;
         if (protect(&table[i], new_pkru) == 0)
             continue;
@@ -259,7 +275,7 @@ int pk_regions_apply(uint32_t old_pkru, uint32_t new_pkru)
          * open than the rights reported (the old ones); a region that cannot
          * even be put back is shut entirely. */
         for (j = 0; j <= i && j < used; j++) {
-            if (table[j].pkey < 0 || table[j].lost || !changes(old_pkru, new_pkru, table[j].pkey))
+            if (!follows(&table[j], keys))
                 continue;
             if (protect(&table[j], old_pkru) != 0)
                 mprotect((void *)table[j].start, table[j].end - table[j].start, PROT_NONE);
