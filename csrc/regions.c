@@ -18,10 +18,12 @@
  *    can be closed or collected at any moment, and that cannot be checked
  *    from C without Python.  So a software rights change that would touch
  *    such a region returns PK_E_NEED_PINS and records the keys it was
- *    changing; the Python layer (pkeys/_state.py, retry_pinned) pins the
- *    owners of those keys' regions only (a buffer export, which stops
- *    close() and collection), drops the dead ones, and calls again with a
- *    nonce naming the exports it pinned (pk_pins_vouch).  The call checks
+ *    changing; the caller pins the owners of those keys' regions only (a
+ *    buffer export, which stops close() and collection): pkeys._scope in C
+ *    when they are all alive and in place (scope_type.c, pin_in_c), else
+ *    pkeys/_state.py's prepare_pins, which also drops the dead ones; then
+ *    it calls again with a nonce naming the exports it pinned
+ *    (pk_pins_vouch).  The call checks
  *    that each foreign region it touches lies inside its owner's pinned
  *    export, so neither a region added since nor a moved owner can slip
  *    through, and tagged memory of other keys costs nothing.

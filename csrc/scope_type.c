@@ -11,7 +11,8 @@
  * module.  At import, pkeys._key hands configure() the addresses of the
  * shim's entry points (ffi.addressof(lib, ...)) and the Python functions
  * of the rare paths (errors, and the software backend's pins for
- * PK_E_NEED_PINS, which only Python can take).  Errors are raised there,
+ * PK_E_NEED_PINS when they are not the common case pinned here: see
+ * pk_pins_prepare).  Errors are raised there,
  * so both paths raise the same exceptions with the same messages.  The
  * call made again with pins is made here, and its outcome recorded
  * before the pins are released: no Python code runs between a grant

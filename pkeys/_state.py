@@ -10,11 +10,15 @@ code ever runs under.  What stays here is what only Python can do:
   keeps a weak reference to that exporter; when it is collected the region
   is forgotten.  Whether it is still open and still at the same address can
   only be asked in Python, so a software rights change that would touch
-  such memory gets ``PK_E_NEED_PINS`` from C; :func:`prepare_pins` then pins
-  every live foreign owner (a buffer export: ``close()`` and collection
-  must wait for it), and the call is made again: by :func:`retry_pinned`,
-  or by the C types of scopes and blocks, which record a grant's change
-  before the pins go.  Pins are taken and released outside the C mutex.
+  such memory gets ``PK_E_NEED_PINS`` from C; the live foreign owners of
+  the keys it changes are pinned (a buffer export: ``close()`` and
+  collection must wait for it), and the call is made again: by
+  :func:`retry_pinned`, or by ``pkeys._scope`` (``pkey_set``, and the types
+  of scopes and blocks, which record a grant's change before the pins go).
+  ``pkeys._scope`` pins the common case itself, in C, reading
+  :data:`_owners`; :func:`prepare_pins` is the general path, for owners
+  gone, closed, moved or many.  Pins are taken and released outside the C
+  mutex.
 * **Orphaned keys.**  A ``Key`` collected while it still guards foreign
   memory cannot be freed then; it is freed as soon as that memory goes.
 * **fork().**  C holds its mutex across the fork; after it, the child
