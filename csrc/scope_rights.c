@@ -53,6 +53,32 @@ PyObject *pk_fast_pkey_get(PyObject *module, PyObject *pkey)
                : Py_NewRef(PyTuple_GetItem(rights_by_value, rights));
 }
 
+/*
+ * The software backend, on a key that guards a foreign buffer: the owners
+ * pinned (in C for the common case: scope_type.c), the call again, the
+ * pins released once it returned.  A rights change is complete when the
+ * shim returns, so nothing is left to record first.  Returns the final
+ * status and *error its errno, or PK_E_NEED_PINS with the exception set
+ * when the pins could not be taken (nothing changed then).  Out of line:
+ * its pk_held would otherwise widen the frame of every pkey_set.
+ */
+static __attribute__((noinline)) int set_pinned(int number, int rights, int *error)
+{
+    struct pk_held held = PK_HELD_EMPTY;
+    int status = PK_E_NEED_PINS;
+    *error = 0;
+    while (status == PK_E_NEED_PINS) {
+        uint64_t nonce;
+        pk_pins_release(&held);
+        if (pk_pins_prepare(&nonce, &held) < 0)
+            return PK_E_NEED_PINS;
+        status = key_set(number, rights, nonce);
+        *error = errno;
+    }
+    pk_pins_release(&held);
+    return status;
+}
+
 PyObject *pk_fast_pkey_set(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
                            PyObject *kwnames)
 {
@@ -79,23 +105,11 @@ PyObject *pk_fast_pkey_set(PyObject *module, PyObject *const *args, Py_ssize_t n
         return result;
     }
     status = key_set(number, rights, 0);
-    error = errno;
     if (status == PK_E_NEED_PINS) {
-        /* The software backend, on a key that guards a foreign buffer: the
-         * owners pinned (in C for the common case: scope_type.c), the call
-         * again, the pins released once it returned.  A rights change is
-         * complete when the shim returns, so nothing is left to record
-         * first; an exception while pinning changed nothing. */
-        struct pk_held held = PK_HELD_EMPTY;
-        while (status == PK_E_NEED_PINS) {
-            uint64_t nonce;
-            pk_pins_release(&held);
-            if (pk_pins_prepare(&nonce, &held) < 0)
-                return NULL;
-            status = key_set(number, rights, nonce);
-            error = errno;
-        }
-        pk_pins_release(&held);
+        if ((status = set_pinned(number, rights, &error)) == PK_E_NEED_PINS)
+            return NULL;  /* nothing changed */
+    } else {
+        error = status ? errno : 0;  /* read on failure only: a libc call */
     }
     if (status) {
         PyObject *result = PyObject_CallFunction(set_failed, "iiii", number, rights, status, error);
