@@ -6,7 +6,9 @@
  *
  * A change that would re-protect memory owned by a foreign Python buffer
  * answers PK_E_NEED_PINS unless `pins` vouches for the owners (regions.c);
- * the Python layer retries in one place (pkeys/_state.py, call()).
+ * the caller pins and calls again (pk_pins_prepare in pkeys._scope for
+ * pkey_set and the scope types, pkeys/_state.py's retry_pinned for the
+ * rest).
  */
 #include "backend.h"
 

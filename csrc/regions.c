@@ -18,10 +18,12 @@
  *    can be closed or collected at any moment, and that cannot be checked
  *    from C without Python.  So a software rights change that would touch
  *    such a region returns PK_E_NEED_PINS and records the keys it was
- *    changing; the Python layer (pkeys/_state.py, retry_pinned) pins the
- *    owners of those keys' regions only (a buffer export, which stops
- *    close() and collection), drops the dead ones, and calls again with a
- *    nonce naming the exports it pinned (pk_pins_vouch).  The call checks
+ *    changing; the caller pins the owners of those keys' regions only (a
+ *    buffer export, which stops close() and collection): pkeys._scope in C
+ *    when they are all alive and in place (scope_type.c, pin_in_c), else
+ *    pkeys/_state.py's prepare_pins, which also drops the dead ones; then
+ *    it calls again with a nonce naming the exports it pinned
+ *    (pk_pins_vouch).  The call checks
  *    that each foreign region it touches lies inside its owner's pinned
  *    export, so neither a region added since nor a moved owner can slip
  *    through, and tagged memory of other keys costs nothing.
@@ -55,6 +57,15 @@ struct region {
 
 static struct region *table;
 static size_t used, capacity;
+/* key_at[i] is table[i].pkey (KEY_NONE once it is -1): what a change's
+ * scans read to find its keys' regions.  Why a second array: a change
+ * makes a syscall, which leaves little of the table in the L1 cache, and
+ * scanning 40-byte entries then cost a cache line per one or two regions
+ * (issue 16: a change must not cost more with other keys' memory tagged);
+ * one byte per region puts 64 in a line.  Written wherever table[i] is
+ * (put, remove_at, pk_regions_apply's forgetting). */
+static uint8_t *key_at;
+#define KEY_NONE 31u  /* a shift no key mask has a bit for */
 
 /* This thread's pins: the keys its last PK_E_NEED_PINS was for, and the
  * exports it vouched for since (nonce 0 never matches). */
@@ -96,13 +107,37 @@ static int reserve(size_t extra)
     if (!grown)
         return -1;
     table = grown;
+    {
+        /* The table alone grown is still consistent: capacity says how
+         * far both reach, and it grows only once both did. */
+        uint8_t *keys = realloc(key_at, wanted);
+        if (!keys)
+            return -1;
+        key_at = keys;
+    }
     capacity = wanted;
     return 0;
 }
 
+static uint8_t key_byte(int pkey) { return pkey >= 0 ? (uint8_t)pkey : (uint8_t)KEY_NONE; }
+
+/* table[used++] = r, with its key. */
+static void put(struct region r)
+{
+    key_at[used] = key_byte(r.pkey);
+    table[used++] = r;
+}
+
+/* Whether region i is one of `keys`' (a mask of 1u << pkey). */
+static int keyed(size_t i, uint32_t keys) { return (keys >> key_at[i]) & 1u; }
+
 static size_t round_up(size_t len) { return (len + page_size() - 1) & ~(page_size() - 1); }
 
-static void remove_at(size_t i) { table[i] = table[--used]; }
+static void remove_at(size_t i)
+{
+    key_at[i] = key_at[used - 1];
+    table[i] = table[--used];
+}
 
 /* Cut [start, end) out of every region; reserve(2) must have succeeded. */
 static void cut(uintptr_t start, uintptr_t end)
@@ -116,12 +151,14 @@ static void cut(uintptr_t start, uintptr_t end)
         }
         remove_at(i);
         if (r.start < start) {
-            table[used] = r;
-            table[used++].end = start;
+            struct region left = r;
+            left.end = start;
+            put(left);
         }
         if (r.end > end) {
-            table[used] = r;
-            table[used++].start = end;
+            struct region right = r;
+            right.start = end;
+            put(right);
         }
     }
 }
@@ -177,7 +214,8 @@ int pk_regions_need_pins(uint32_t keys, uint64_t pins)
     int trusted = pins && pins == vouched_nonce;
     for (i = 0; i < used; i++) {
         const struct region *r = &table[i];
-        if (r->owner >= 2 && !r->lost && (keys & (1u << r->pkey)) && (!trusted || !pinned(r))) {
+        /* The key first: most regions are other keys' (issue 16, item 4). */
+        if (keyed(i, keys) && r->owner >= 2 && !r->lost && (!trusted || !pinned(r))) {
             pins_wanted = keys;
             return 1;
         }
@@ -193,7 +231,7 @@ int pk_pins_owners(uint64_t *out, int capacity_out)
     pk_state_lock();
     for (i = 0; i < used; i++) {
         const struct region *r = &table[i];
-        if (r->owner < 2 || r->lost || !(keys & (1u << r->pkey)))
+        if (!keyed(i, keys) || r->owner < 2 || r->lost)
             continue;
         for (seen = 0, j = 0; j < count && j < capacity_out; j++)
             seen |= out[j] == r->owner;
@@ -218,10 +256,20 @@ int pk_regions_count(int pkey)
 
 static unsigned rights_in(uint32_t pkru, int pkey) { return (pkru >> PK_KEY_SHIFT(pkey)) & 3u; }
 
-static int changes(uint32_t old_pkru, uint32_t new_pkru, int pkey)
+/* The keys whose rights differ between two registers, one bit each. */
+static uint32_t changed_keys(uint32_t old_pkru, uint32_t new_pkru)
 {
-    return rights_in(old_pkru, pkey) != rights_in(new_pkru, pkey);
+    uint32_t keys = 0;
+    int k;
+    for (k = 1; k < PK_NKEYS; k++)
+        if (rights_in(old_pkru, k) != rights_in(new_pkru, k))
+            keys |= 1u << k;
+    return keys;
 }
+
+/* Region i is of one of `keys` (so not forgotten) and its pages follow
+ * its key's rights. */
+static int follows(size_t i, uint32_t keys) { return keyed(i, keys) && !table[i].lost; }
 
 /* How many mprotect calls the emulation issued for rights changes: the
  * tests check that an unchanged register costs none, and the bench
@@ -239,16 +287,21 @@ static int protect(const struct region *r, uint32_t pkru)
 
 int pk_regions_apply(uint32_t old_pkru, uint32_t new_pkru)
 {
+    /* Once per change, not per region: the table is scanned whole, and
+     * most of it is other keys' regions. */
+    uint32_t keys = changed_keys(old_pkru, new_pkru);
     size_t i, j;
-    int err = 0;
+    int err = 0, forgot = 0;
     for (i = 0; i < used; i++) {
-        if (table[i].pkey < 0 || table[i].lost || !changes(old_pkru, new_pkru, table[i].pkey))
+        if (!follows(i, keys))
             continue;
         if (protect(&table[i], new_pkru) == 0)
             continue;
         err = errno;
         if (err == ENOMEM && wholly_unmapped(&table[i])) {
             table[i].pkey = -1; /* gone with its memory: forgotten below */
+            key_at[i] = KEY_NONE;
+            forgot = 1;
             err = 0;
             continue;
         }
@@ -259,14 +312,14 @@ int pk_regions_apply(uint32_t old_pkru, uint32_t new_pkru)
          * open than the rights reported (the old ones); a region that cannot
          * even be put back is shut entirely. */
         for (j = 0; j <= i && j < used; j++) {
-            if (table[j].pkey < 0 || table[j].lost || !changes(old_pkru, new_pkru, table[j].pkey))
+            if (!follows(j, keys))
                 continue;
             if (protect(&table[j], old_pkru) != 0)
                 mprotect((void *)table[j].start, table[j].end - table[j].start, PROT_NONE);
         }
     }
-    for (i = 0; i < used;) {
-        if (table[i].pkey < 0)
+    for (i = 0; forgot && i < used;) {
+        if (key_at[i] == KEY_NONE)
             remove_at(i);
         else
             i++;
@@ -301,7 +354,7 @@ int pk_region_tag(uintptr_t addr, size_t len, int prot, int pkey, uint32_t ident
     if (status == PK_OK) {
         cut(addr, end);
         if (pkey)
-            table[used++] = (struct region){addr, end, prot, pkey, owner, 0};
+            put((struct region){addr, end, prot, pkey, owner, 0});
     }
     pk_state_unlock();
     return status;

@@ -279,14 +279,13 @@ static void drop_unused(Entry *entry)
 static PyObject *enter_rare(UnlockedObject *self, Entry entry)
 {
     int error = errno;
-    PyObject *held = NULL;
+    struct pk_held held = PK_HELD_EMPTY;
     while (entry.token == PK_E_NEED_PINS) {
         uint64_t nonce;
-        pk_pins_release(held);
-        held = NULL;
+        pk_pins_release(&held);
         /* prepare_pins ran Python code, which may have entered this block */
         if (pk_pins_prepare(&nonce, &held) < 0 || reserve_entry(self) < 0) {
-            pk_pins_release(held);
+            pk_pins_release(&held);
             drop_unused(&entry);  /* no grant taken */
             return NULL;
         }
@@ -295,7 +294,7 @@ static PyObject *enter_rare(UnlockedObject *self, Entry entry)
     }
     if (entry.token >= 0)
         self->entries[self->count++] = entry;
-    pk_pins_release(held);
+    pk_pins_release(&held);
     if (entry.token < 0) {
         drop_unused(&entry);
         return pk_raise_failed(enter_failed, (int)entry.token, error);
@@ -311,12 +310,11 @@ static PyObject *enter_rare(UnlockedObject *self, Entry entry)
  * list's, NULL here) for a later exit to end. */
 static int end_rare(UnlockedObject *self, Entry *entry, int status, int *error)
 {
-    PyObject *held = NULL;
+    struct pk_held held = PK_HELD_EMPTY;
     *error = errno;
     while (status == PK_E_NEED_PINS) {
         uint64_t nonce;
-        pk_pins_release(held);
-        held = NULL;
+        pk_pins_release(&held);
         if (pk_pins_prepare(&nonce, &held) < 0) {
             PyObject *type, *value, *traceback;
             PyErr_Fetch(&type, &value, &traceback);
@@ -334,7 +332,7 @@ static int end_rare(UnlockedObject *self, Entry *entry, int status, int *error)
         status = vbuf_exit(self->vbuf, self->kind, entry->token, nonce);
         *error = errno;
     }
-    pk_pins_release(held);
+    pk_pins_release(&held);
     return status;
 }
 

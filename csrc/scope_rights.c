@@ -1,10 +1,11 @@
 /*
  * pkeys.pkey_get and pkeys.pkey_set in C, for the calls that need no
  * Python: an int or an open Key, rights as an int, this thread.  Anything
- * else -- another type, a value outside a C int, threads=, a refusal or
- * the software backend's PK_E_NEED_PINS -- goes to the Python functions of
- * pkeys/_api.py, which check, pin and raise as they always did.  A refused
- * call changes nothing, so the general path may simply call again.
+ * else -- another type, a value outside a C int, threads=, a refusal --
+ * goes to the Python functions of pkeys/_api.py, which check and raise as
+ * they always did.  The software backend's PK_E_NEED_PINS is answered
+ * here, as the scope types answer it (pk_pins_prepare): going back to
+ * Python for it cost more than the mprotect the call makes.
  *
  * The entry points' addresses come from pkeys._api at import (see
  * scope_type.c for why, and the assumption written down there).
@@ -52,10 +53,36 @@ PyObject *pk_fast_pkey_get(PyObject *module, PyObject *pkey)
                : Py_NewRef(PyTuple_GetItem(rights_by_value, rights));
 }
 
+/*
+ * The software backend, on a key that guards a foreign buffer: the owners
+ * pinned (in C for the common case: scope_type.c), the call again, the
+ * pins released once it returned.  A rights change is complete when the
+ * shim returns, so nothing is left to record first.  Returns the final
+ * status and *error its errno, or PK_E_NEED_PINS with the exception set
+ * when the pins could not be taken (nothing changed then).  Out of line:
+ * its pk_held would otherwise widen the frame of every pkey_set.
+ */
+static __attribute__((noinline)) int set_pinned(int number, int rights, int *error)
+{
+    struct pk_held held = PK_HELD_EMPTY;
+    int status = PK_E_NEED_PINS;
+    *error = 0;
+    while (status == PK_E_NEED_PINS) {
+        uint64_t nonce;
+        pk_pins_release(&held);
+        if (pk_pins_prepare(&nonce, &held) < 0)
+            return PK_E_NEED_PINS;
+        status = key_set(number, rights, nonce);
+        *error = errno;
+    }
+    pk_pins_release(&held);
+    return status;
+}
+
 PyObject *pk_fast_pkey_set(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
                            PyObject *kwnames)
 {
-    int number, rights, status;
+    int number, rights, status, error;
     (void)module;
     if (!key_set || kwnames || nargs != 2 || !pk_fast_key_number(args[0], &number) ||
         !PyLong_CheckExact(args[1]) || !pk_fast_key_number(args[1], &rights)) {
@@ -78,8 +105,14 @@ PyObject *pk_fast_pkey_set(PyObject *module, PyObject *const *args, Py_ssize_t n
         return result;
     }
     status = key_set(number, rights, 0);
+    if (status == PK_E_NEED_PINS) {
+        if ((status = set_pinned(number, rights, &error)) == PK_E_NEED_PINS)
+            return NULL;  /* nothing changed */
+    } else {
+        error = status ? errno : 0;  /* read on failure only: a libc call */
+    }
     if (status) {
-        PyObject *result = PyObject_CallFunction(set_failed, "iiii", number, rights, status, errno);
+        PyObject *result = PyObject_CallFunction(set_failed, "iiii", number, rights, status, error);
         if (!result)
             return NULL;
         Py_DECREF(result);

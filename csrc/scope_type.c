@@ -11,7 +11,8 @@
  * module.  At import, pkeys._key hands configure() the addresses of the
  * shim's entry points (ffi.addressof(lib, ...)) and the Python functions
  * of the rare paths (errors, and the software backend's pins for
- * PK_E_NEED_PINS, which only Python can take).  Errors are raised there,
+ * PK_E_NEED_PINS when they are not the common case pinned here: see
+ * pk_pins_prepare).  Errors are raised there,
  * so both paths raise the same exceptions with the same messages.  The
  * call made again with pins is made here, and its outcome recorded
  * before the pins are released: no Python code runs between a grant
@@ -141,10 +142,128 @@ static int reserve_token(ScopeObject *self)
 
 /* ---- the software backend's pins --------------------------------------- */
 
-int pk_pins_prepare(uint64_t *nonce, PyObject **held)
+/* What the C pinning reads (configure_pins(), from pkeys._state at import):
+ * the shim's pin entry points, the owners by token and their class. */
+static __typeof__(pk_pins_owners) *pins_owners;
+static __typeof__(pk_pins_vouch) *pins_vouch;
+static PyObject *owners;        /* pkeys._state._owners: {token: _Owner}, never rebound */
+static PyObject *owner_class;   /* pkeys._state._Owner: its ref, base and size are read */
+static PyObject *name_ref, *name_base, *name_size;
+
+static void release_exports(struct pk_held *held)
 {
-    PyObject *result = PyObject_CallNoArgs(prepare_pins);
-    if (!result)
+    while (held->count > 0)
+        PyBuffer_Release(&held->exports[--held->count]);
+}
+
+/* Whether the exception set is one of those _Owner.pin takes for "closed"
+ * (cffi's from_buffer raises them for a closed mmap or a non-buffer). */
+static int closed_owner_error(void)
+{
+    return PyErr_ExceptionMatches(PyExc_TypeError) || PyErr_ExceptionMatches(PyExc_ValueError) ||
+           PyErr_ExceptionMatches(PyExc_BufferError);
+}
+
+/* An int attribute of an _Owner, as a uintptr_t (base) or a size. */
+static int owner_number(PyObject *owner, PyObject *name, unsigned long long *value)
+{
+    PyObject *number = PyObject_GetAttr(owner, name);
+    if (!number)
+        return -1;
+    *value = PyLong_AsUnsignedLongLong(number);
+    Py_DECREF(number);
+    return *value == (unsigned long long)-1 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* Pin one owner as _Owner.pin does when nothing has changed: an export
+ * of the live exporter, at the base and of the size it had when tagged.
+ * 1: held->exports[held->count] holds it, and held->pins[held->count]
+ * describes it; 0: the general path must look at it (missing, dead,
+ * closed, moved or resized), nothing taken, no exception; -1: an
+ * exception, nothing taken.  Python code may run here (a weakref's or an
+ * exporter's finalizer, the lambda that holds a non-mmap exporter): it can
+ * change the dict and the C table, which is why the owner is held while
+ * it is read, and why the call checks what it touches against what was
+ * vouched for. */
+static int pin_one(uint64_t token, struct pk_held *held)
+{
+    Py_buffer *view = &held->exports[held->count];
+    PyObject *key, *owner, *ref = NULL, *exporter = NULL;
+    unsigned long long base, size;
+    int result = -1;
+    if (!(key = PyLong_FromUnsignedLongLong(token)))
+        return -1;
+    owner = PyDict_GetItemWithError(owners, key);  /* borrowed */
+    Py_DECREF(key);
+    if (!owner)
+        return PyErr_Occurred() ? -1 : 0;
+    if (Py_TYPE(owner) != (PyTypeObject *)owner_class)
+        return 0;  /* not ours to read: the general path decides */
+    Py_INCREF(owner);
+    if (!(ref = PyObject_GetAttr(owner, name_ref)) || !(exporter = PyObject_CallNoArgs(ref)))
+        goto done;
+    if (exporter == Py_None) {
+        result = 0;  /* collected: the general path forgets it */
+        goto done;
+    }
+    if (PyObject_GetBuffer(exporter, view, PyBUF_SIMPLE) < 0) {
+        if (closed_owner_error()) {
+            PyErr_Clear();  /* closed: the general path asks again and forgets it */
+            result = 0;
+        }
+        goto done;
+    }
+    if (owner_number(owner, name_base, &base) < 0 || owner_number(owner, name_size, &size) < 0) {
+        PyBuffer_Release(view);
+        goto done;
+    }
+    if ((uintptr_t)view->buf != base || (unsigned long long)view->len != size) {
+        PyBuffer_Release(view);  /* moved or resized: the general path follows it */
+        result = 0;
+        goto done;
+    }
+    held->pins[held->count] = (struct pk_pin){token, (uintptr_t)view->buf, (size_t)view->len};
+    held->count++;
+    result = 1;
+done:
+    Py_XDECREF(exporter);
+    Py_XDECREF(ref);
+    Py_DECREF(owner);
+    return result;
+}
+
+/* The common case in C: 1 with every owner asked for pinned and vouched
+ * for, 0 for the general path (nothing held, no exception), -1 on an
+ * exception (nothing held). */
+static int pin_in_c(uint64_t *nonce, struct pk_held *held)
+{
+    uint64_t tokens[PK_PINS_INLINE];
+    int count, i, pinned;
+    if (!owners)
+        return 0;  /* not configured yet: pkeys._state is importing */
+    count = pins_owners(tokens, PK_PINS_INLINE);
+    if (count > PK_PINS_INLINE)
+        return 0;
+    for (i = 0; i < count; i++) {
+        if ((pinned = pin_one(tokens[i], held)) <= 0) {
+            release_exports(held);
+            return pinned;
+        }
+    }
+    /* Last, after every Python code that pinning ran: a nested call's own
+     * vouch (from that code) is replaced, not the other way round. */
+    *nonce = pins_vouch(count ? held->pins : NULL, count);
+    return 1;
+}
+
+int pk_pins_prepare(uint64_t *nonce, struct pk_held *held)
+{
+    PyObject *result;
+    int pinned = pin_in_c(nonce, held);
+    if (pinned != 0)
+        return pinned < 0 ? -1 : 0;
+    /* The general path: pkeys/_state.py's prepare_pins. */
+    if (!(result = PyObject_CallNoArgs(prepare_pins)))
         return -1;
     if (!PyTuple_Check(result) || PyTuple_Size(result) != 2) {
         Py_DECREF(result);
@@ -156,14 +275,44 @@ int pk_pins_prepare(uint64_t *nonce, PyObject **held)
         Py_DECREF(result);
         return -1;
     }
-    *held = Py_NewRef(PyTuple_GetItem(result, 1));
+    held->general = Py_NewRef(PyTuple_GetItem(result, 1));
     Py_DECREF(result);
     return 0;
 }
 
-void pk_pins_release(PyObject *held)
+void pk_pins_release(struct pk_held *held)
 {
-    Py_XDECREF(held);
+    release_exports(held);
+    Py_CLEAR(held->general);
+}
+
+PyObject *pk_pins_configure(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"pins_owners", "pins_vouch", "owners", "owner_class", NULL};
+    unsigned long long listed, vouch;
+    PyObject *dict, *cls;
+    (void)module;
+    if (owners)
+        return pk_configured_already("configure_pins");
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "KKO!O!:configure_pins", names, &listed,
+                                     &vouch, &PyDict_Type, &dict, &PyType_Type, &cls))
+        return NULL;
+    if (!listed || !vouch) {
+        PyErr_SetString(PyExc_ValueError, "configure_pins: an entry point's address is 0");
+        return NULL;
+    }
+    if (!(name_ref = PyUnicode_InternFromString("ref")) ||
+        !(name_base = PyUnicode_InternFromString("base")) ||
+        !(name_size = PyUnicode_InternFromString("size"))) {
+        Py_CLEAR(name_ref);
+        Py_CLEAR(name_base);
+        return NULL;
+    }
+    pins_owners = (__typeof__(pins_owners))(uintptr_t)listed;
+    pins_vouch = (__typeof__(pins_vouch))(uintptr_t)vouch;
+    owner_class = Py_NewRef(cls);
+    owners = Py_NewRef(dict);  /* last: it says the rest is set */
+    Py_RETURN_NONE;
 }
 
 /* ---- Scope -------------------------------------------------------------- */
@@ -224,16 +373,15 @@ static void scope_dealloc(PyObject *op)
 static PyObject *enter_rare(ScopeObject *self, int64_t token)
 {
     int error = errno;
-    PyObject *held = NULL;
+    struct pk_held held = PK_HELD_EMPTY;
     while (token == PK_E_NEED_PINS) {
         uint64_t nonce;
-        pk_pins_release(held);
-        held = NULL;
+        pk_pins_release(&held);
         if (pk_pins_prepare(&nonce, &held) < 0)
             return NULL;  /* no grant taken */
         /* prepare_pins ran Python code, which may have entered this scope */
         if (reserve_token(self) < 0) {
-            pk_pins_release(held);
+            pk_pins_release(&held);
             return NULL;
         }
         token = scope_enter(&self->scope, nonce);
@@ -241,7 +389,7 @@ static PyObject *enter_rare(ScopeObject *self, int64_t token)
     }
     if (token >= 0)
         self->tokens[self->count++] = token;
-    pk_pins_release(held);
+    pk_pins_release(&held);
     if (token < 0)
         return pk_raise_failed(raise_failed, (int)token, error);
     return Py_NewRef((PyObject *)self);
@@ -305,12 +453,11 @@ static void remove_token(ScopeObject *self, Py_ssize_t index)
 static PyObject *exit_rare(ScopeObject *self, int64_t token, int status)
 {
     int error = errno;
-    PyObject *held = NULL;
+    struct pk_held held = PK_HELD_EMPTY;
     Py_ssize_t index;
     while (status == PK_E_NEED_PINS) {
         uint64_t nonce;
-        pk_pins_release(held);
-        held = NULL;
+        pk_pins_release(&held);
         if (pk_pins_prepare(&nonce, &held) < 0)
             return NULL;  /* the grant and its token stay: the scope is still active */
         /* prepare_pins ran Python code: a finalizer exiting this scope may
@@ -318,7 +465,7 @@ static PyObject *exit_rare(ScopeObject *self, int64_t token, int status)
          * take now. */
         if (token_index(self, token) < 0) {
             if (find_token(self, &index) < 0) {
-                pk_pins_release(held);
+                pk_pins_release(&held);
                 return NULL;
             }
             token = self->tokens[index];
@@ -330,7 +477,7 @@ static PyObject *exit_rare(ScopeObject *self, int64_t token, int status)
      * thread that entered it (its register), and so does its token. */
     if (status != PK_E_WRONG_THREAD || grants_per_process())
         remove_token(self, token_index(self, token));
-    pk_pins_release(held);
+    pk_pins_release(&held);
     if (status)
         return pk_raise_failed(raise_failed, status, error);
     Py_RETURN_NONE;
@@ -664,6 +811,10 @@ static PyMethodDef module_methods[] = {
     {"allow", (PyCFunction)(void (*)(void))allow_keys, METH_FASTCALL | METH_KEYWORDS,
      PyDoc_STR("allow(*keys, write=True)\n--\n\n"
                "One scope, one register write, for several keys at once.")},
+    {"configure_pins", (PyCFunction)(void (*)(void))pk_pins_configure,
+     METH_VARARGS | METH_KEYWORDS,
+     PyDoc_STR("Hand this module pk_pins_owners, pk_pins_vouch and pkeys._state's owners, "
+               "for pinning in C (pkeys._state does, once, at import).")},
     {"configure_rights", (PyCFunction)(void (*)(void))pk_fast_configure_rights,
      METH_VARARGS | METH_KEYWORDS,
      PyDoc_STR("Hand this module pk_key_get, pk_key_set and pkeys._api's general paths "

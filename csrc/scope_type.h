@@ -52,18 +52,38 @@ PyObject *pk_raise_with(PyObject *raiser, int status);
  * shim's entry points called from here are not cffi's). */
 PyObject *pk_raise_failed(PyObject *raiser, int status, int error);
 /* The software backend's pins, for a call that answered PK_E_NEED_PINS in
- * this thread: pkeys/_state.py's prepare_pins (the one place that knows
- * how) gives *nonce, to call again with, and *held, to keep until that call
- * returned and its outcome is recorded.  Its exception (a signal's, a
- * MemoryError) leaves all as it was: no grant changed.  Released by
- * dropping the reference: the exports are cffi buffers, which release at
- * deallocation, so no Python code runs, and nothing can interrupt, between
- * the call and the end of the path that records it.  Unsafe assumption,
- * written down: nothing else keeps `held` (a profiler that kept
- * prepare_pins' frame would keep the pins longer, which only makes the
- * owner's close() wait or raise BufferError meanwhile). */
-int pk_pins_prepare(uint64_t *nonce, PyObject **held);
-void pk_pins_release(PyObject *held);
+ * this thread: pk_pins_prepare gives *nonce, to call again with, and fills
+ * *held, to keep until that call returned and its outcome is recorded;
+ * pk_pins_release then releases what it holds and empties it again.  A
+ * pk_held starts empty (PK_HELD_EMPTY) and must not move while it holds
+ * pins: C reads its pk_pin array during the call (pk_pins_vouch).
+ *
+ * The common case is pinned here in C (scope_type.c, pin_in_c): every
+ * owner asked for is in pkeys._state._owners, alive, and exports exactly
+ * the span it had, and there are at most PK_PINS_INLINE of them.  Anything
+ * else -- an owner missing, dead, moved or shrunk, more owners -- goes to
+ * pkeys/_state.py's prepare_pins, the one place that knows how to handle
+ * those, whose held objects are then kept in `general`.
+ *
+ * An exception (a signal's, a MemoryError) leaves all as it was: no grant
+ * changed, nothing held.  Releasing runs no Python code for an mmap or any
+ * other exporter written in C (an export's release only counts down), so
+ * nothing can interrupt between the call and the end of the path that
+ * records it.  Unsafe assumption, written down: nothing else keeps
+ * `general` (a profiler that kept prepare_pins' frame would keep the pins
+ * longer, which only makes the owner's close() wait or raise BufferError
+ * meanwhile). */
+#define PK_PINS_INLINE 4
+struct pk_held {
+    PyObject *general;                      /* prepare_pins' held, or NULL */
+    int count;                              /* exports[0..count) are held */
+    Py_buffer exports[PK_PINS_INLINE];
+    struct pk_pin pins[PK_PINS_INLINE];     /* what was vouched for */
+};
+#define PK_HELD_EMPTY {.general = NULL, .count = 0}
+int pk_pins_prepare(uint64_t *nonce, struct pk_held *held);
+void pk_pins_release(struct pk_held *held);
+PyObject *pk_pins_configure(PyObject *module, PyObject *args, PyObject *kwargs);
 /* Raises RuntimeError: each configure function runs once, at import. */
 PyObject *pk_configured_already(const char *function);
 int pk_write_argument(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,

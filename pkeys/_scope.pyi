@@ -114,6 +114,13 @@ def configure(
     grants_per_process: int,
     key_class: type[KeyBase],
 ) -> None: ...
+def configure_pins(
+    *,
+    pins_owners: int,
+    pins_vouch: int,
+    owners: dict[int, Any],
+    owner_class: type,
+) -> None: ...
 def configure_rights(
     *,
     key_get: int,

@@ -10,11 +10,15 @@ code ever runs under.  What stays here is what only Python can do:
   keeps a weak reference to that exporter; when it is collected the region
   is forgotten.  Whether it is still open and still at the same address can
   only be asked in Python, so a software rights change that would touch
-  such memory gets ``PK_E_NEED_PINS`` from C; :func:`prepare_pins` then pins
-  every live foreign owner (a buffer export: ``close()`` and collection
-  must wait for it), and the call is made again: by :func:`retry_pinned`,
-  or by the C types of scopes and blocks, which record a grant's change
-  before the pins go.  Pins are taken and released outside the C mutex.
+  such memory gets ``PK_E_NEED_PINS`` from C; the live foreign owners of
+  the keys it changes are pinned (a buffer export: ``close()`` and
+  collection must wait for it), and the call is made again: by
+  :func:`retry_pinned`, or by ``pkeys._scope`` (``pkey_set``, and the types
+  of scopes and blocks, which record a grant's change before the pins go).
+  ``pkeys._scope`` pins the common case itself, in C, reading
+  :data:`_owners`; :func:`prepare_pins` is the general path, for owners
+  gone, closed, moved or many.  Pins are taken and released outside the C
+  mutex.
 * **Orphaned keys.**  A ``Key`` collected while it still guards foreign
   memory cannot be freed then; it is freed as soon as that memory goes.
 * **fork().**  C holds its mutex across the fork; after it, the child
@@ -31,7 +35,8 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from ._binding import ffi, lib
+from . import _scope
+from ._binding import entry_point, ffi, lib
 
 __all__ = [
     "call",
@@ -290,6 +295,19 @@ def prepare_pins() -> tuple[int, list[Any]]:
     except BaseException:
         release_pins(held)
         raise
+
+
+# The common case of prepare_pins -- every owner asked for alive, at the
+# span it had, and few of them -- is pinned in C without calling it
+# (csrc/scope_type.c, pin_in_c), for pkey_set and the scope types; C reads
+# _owners (so it is never rebound) and each _Owner's ref, base and size,
+# and calls prepare_pins for anything else.
+_scope.configure_pins(
+    pins_owners=entry_point("pk_pins_owners"),
+    pins_vouch=entry_point("pk_pins_vouch"),
+    owners=_owners,
+    owner_class=_Owner,
+)
 
 
 def release_pins(held: list[Any]) -> None:

@@ -1,6 +1,7 @@
-"""Counting the syscalls a hot ``unlocked()`` loop makes: the loop of
-tests/simulated/unlocked_loop.py, between its two marker syscalls, under
-``strace -f``.  strace is installed by ``pkeys vm setup`` (as QEMU is), and
+"""Counting the syscalls a hot loop makes: the loop of
+tests/simulated/unlocked_loop.py (an ``unlocked()`` block), or of another
+script that marks its loop the same way (software_set_loop.py: a software
+``pkey_set``), between its two marker syscalls, under ``strace -f``.  strace is installed by ``pkeys vm setup`` (as QEMU is), and
 the emulated guest sees the host's /usr over 9p, so a missing strace fails
 the test instead of skipping it."""
 
@@ -19,7 +20,8 @@ BEGIN, END = "pkeys-loop-begin", "pkeys-loop-end"
 
 
 def loop_syscalls(tmp_path: pathlib.Path, rounds: int = 1000, env: dict[str, str] | None = None,
-                  cwd: pathlib.Path | None = None) -> tuple[str, collections.Counter[str]]:
+                  cwd: pathlib.Path | None = None,
+                  script: pathlib.Path = LOOP) -> tuple[str, collections.Counter[str]]:
     """The backend the loop ran on, and its syscalls by name."""
     strace = shutil.which("strace")
     if strace is None:
@@ -27,7 +29,7 @@ def loop_syscalls(tmp_path: pathlib.Path, rounds: int = 1000, env: dict[str, str
                     "(or: apt-get install strace)")
     trace = tmp_path / "trace.txt"
     # -f: every thread; -qq: no attach/exit notes; one line per call.
-    result = subprocess.run([strace, "-f", "-qq", "-o", str(trace), sys.executable, str(LOOP),
+    result = subprocess.run([strace, "-f", "-qq", "-o", str(trace), sys.executable, str(script),
                              str(rounds)], cwd=cwd or tmp_path, env=env, check=False,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -8,10 +8,17 @@ recorded with the key open, or nothing changed: never a grant without its
 token (the key open with no scope active) or a token without its grant.
 sys.setprofile stands in for the signal: it raises at the n-th event of
 __enter__ or __exit__ (CPython checks for signals at the same places, and
-after C calls), for every n until the call completes without one."""
+after C calls), for every n until the call completes without one.
+
+pkey_set and the scope types pin in C when every owner is alive and in
+place (csrc/scope_type.c, pin_in_c); Python code still runs there when an
+owner's ``ref`` is a Python function (any exporter but an mmap), so each
+test runs with both kinds of owner.  pkey_set must leave, when
+interrupted, the rights it found and no export held."""
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import sys
 from collections.abc import Callable, Iterator
@@ -63,12 +70,27 @@ def at_every_event(step: Callable[[int], bool]) -> int:
     raise AssertionError("the call never completed")
 
 
-@pytest.fixture
-def guarded() -> Iterator[Guarded]:
-    """A key that guards a caller's mmap: its grants need pins."""
+def foreign_view(memory: mmap.mmap) -> ctypes.Array[ctypes.c_char]:
+    """A ctypes array over the mmap's memory that is its own exporter (made
+    from the address, it keeps no view of the mmap)."""
+    through = (ctypes.c_char * len(memory)).from_buffer(memory)
+    address = ctypes.addressof(through)
+    del through  # its export of the mmap goes with it
+    return (ctypes.c_char * len(memory)).from_address(address)
+
+
+@pytest.fixture(params=["mmap", "ctypes"])
+def guarded(request: pytest.FixtureRequest) -> Iterator[Guarded]:
+    """A key that guards a caller's mmap: its grants need pins.  Tagged
+    as the mmap itself (C pins it without Python code), or through a
+    ctypes array over its memory (the owner is that array, held by a
+    Python function that C calls while pinning)."""
     memory = mmap.mmap(-1, mmap.PAGESIZE)
     with pkeys.Key() as key:
-        key.protect(memory)
+        if request.param == "mmap":
+            key.protect(memory)
+        else:
+            key.protect(foreign_view(memory))
         yield key, memory
         pkeys.pkey_mprotect(memory, mmap.PAGESIZE, pkeys.PROT_READ | pkeys.PROT_WRITE, 0)
     memory.close()
@@ -215,3 +237,48 @@ def test_a_block_exit_interrupted_anywhere_ends_the_grant_or_keeps_it(guarded: G
 
     at_every_event(step)
     buffer.close()
+
+
+def no_export(memory: mmap.mmap) -> bool:
+    """Whether nothing holds an export of the mmap (resize refuses then)."""
+    try:
+        memory.resize(len(memory))
+    except BufferError:
+        return False
+    return True
+
+
+def test_a_pkey_set_interrupted_anywhere_changes_nothing_or_completes(guarded: Guarded) -> None:
+    key, memory = guarded
+    # Two more owners, pinned in this order after the first: an mmap, then
+    # an exporter held by a Python function, where the interrupt can come
+    # with the mmap's export taken already; it must be released.
+    other = mmap.mmap(-1, mmap.PAGESIZE)
+    key.protect(other)
+    third = mmap.mmap(-1, mmap.PAGESIZE)
+    key.protect(foreign_view(third))
+
+    def step(n: int) -> bool:
+        interrupted = False
+        try:
+            with interrupt_at(n):
+                pkeys.pkey_set(key, 0)
+        except Interrupt:
+            interrupted = True
+        assert no_export(memory) and no_export(other) and no_export(third)
+        if pkeys.pkey_get(key) == PKEY_DISABLE_ACCESS:
+            assert interrupted
+            assert_closed(key, memory)
+            assert pkeys.probe(other) is not None and pkeys.probe(third) is not None
+        else:
+            assert_open(key, memory)
+            assert pkeys.probe(other, write=True) is None
+            assert pkeys.probe(third, write=True) is None
+            pkeys.pkey_set(key, PKEY_DISABLE_ACCESS)
+        assert_closed(key, memory)
+        return not interrupted
+
+    at_every_event(step)
+    for memory in (other, third):
+        pkeys.pkey_mprotect(memory, mmap.PAGESIZE, pkeys.PROT_READ | pkeys.PROT_WRITE, 0)
+        memory.close()

@@ -157,12 +157,20 @@ def test_a_change_pins_only_the_owners_of_the_keys_it_changes(key, pages, monkey
         other.protect(memory)
     mine = pages()
     key.protect(mine)
+    # pkey_set pins in C (csrc/scope_type.c, pin_in_c): the owners it asks
+    # C for are the ones it pins.
+    pkeys.pkey_set(key, 0)
+    mine[0] = 1  # applied
+    assert lib.pk_pins_wanted() == 1 << key.pkey
+    owners = ffi.new("uint64_t[]", 16)
+    assert lib.pk_pins_owners(owners, 16) == 1 and owners[0] == owner_token(mine)
+    # The general path, prepare_pins, pins the same ones.
     pinned = []
     pin = _state._Owner.pin
     monkeypatch.setattr(_state._Owner, "pin", lambda owner: pinned.append(owner.token)
                         or pin(owner))
-    pkeys.pkey_set(key, 0)
-    mine[0] = 1  # applied
+    status = _state.call(lib.pk_key_set, key.pkey, pkeys.PKEY_DISABLE_WRITE)
+    assert status == 0 and pkeys.probe(mine) is None and pkeys.probe(mine, write=True) is not None
     assert len(set(pinned)) == 1 and pinned[0] == owner_token(mine)
     assert lib.pk_pins_wanted() == 1 << key.pkey
     pkeys.pkey_set(key, pkeys.PKEY_DISABLE_ACCESS)
