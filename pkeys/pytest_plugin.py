@@ -288,16 +288,26 @@ class _Host:
             found = kernels.find(session.kernel)
             session.release = found.release if found else None
 
+    def _guest_env(self, index: int) -> dict[str, str]:
+        """The environment of session `index`'s guest: this one's, less
+        PKEYS_BACKEND, plus where to find its node ids and report."""
+        # The guest is there for hardware keys: a PKEYS_BACKEND=software that
+        # made this session delegate (a PKU machine running the suite as one
+        # without PKU would) must not follow the tests into it.
+        env = {name: value for name, value in os.environ.items() if name != "PKEYS_BACKEND"}
+        env.update({EXCHANGE_ENV: str(self.exchange), REQUIRE_ENV: "1",
+                    NODEIDS_ENV: f"nodeids-{index}.txt",
+                    # Entry-point plugins cost seconds to load under emulation.
+                    "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
+        return env
+
     def _run_one(self, index: int, session: _Session) -> None:
         assert self.exchange is not None
         command = [sys.executable, "-m", "pkeys", "vm", "--timeout", self.config.getini("pkeys_vm_timeout"),
                    "--smp", self.config.getini("pkeys_vm_smp")]
         if session.kernel:
             command += ["--kernel", session.kernel]
-        env = dict(os.environ, **{EXCHANGE_ENV: str(self.exchange), REQUIRE_ENV: "1",
-                                  NODEIDS_ENV: f"nodeids-{index}.txt",
-                                  # Entry-point plugins cost seconds to load under emulation.
-                                  "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
+        env = self._guest_env(index)
         started = time.monotonic()
         with open(session.log, "wb") as log:
             session.process = subprocess.Popen(

@@ -209,6 +209,20 @@ def test_also_kernels_run_the_also_tests_on_those_kernels_only(tmp_path):
     assert "b.py" not in host._guest_argv(old) and "b.py" in host._guest_argv(new)
 
 
+def test_the_guest_never_inherits_pkeys_backend(tmp_path, monkeypatch):
+    """PKEYS_BACKEND=software makes a PKU machine delegate like one without
+    PKU; the guests must still run the hardware backend they exist for."""
+    from pkeys import pytest_plugin
+
+    monkeypatch.setenv("PKEYS_BACKEND", "software")
+    host = pytest_plugin._Host(_Config(_Terminal(), 0))
+    host.exchange = tmp_path
+    env = host._guest_env(1)
+    assert "PKEYS_BACKEND" not in env
+    assert env[pytest_plugin.NODEIDS_ENV] == "nodeids-1.txt"
+    assert env[pytest_plugin.REQUIRE_ENV] == "1"
+
+
 def test_also_kernels_must_name_a_kernel_that_runs(tmp_path):
     from pkeys import pytest_plugin
 
