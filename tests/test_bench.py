@@ -4,6 +4,7 @@ and the report's arithmetic on known numbers."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -15,6 +16,22 @@ import pkeys._binding
 from pkeys.bench import contention, report
 from pkeys.bench.contention import Sample
 from pkeys.bench.suite import CASES
+
+
+@pytest.mark.skipif(not pkeys.hardware_supported(), reason="no PKU: the software backend is the only one")
+def test_a_software_run_on_a_pku_machine_measures_the_software_backend(tmp_path):
+    # pyperf's workers start with a clean environment: PKEYS_BACKEND must
+    # reach them, or they measure the hardware backend.
+    output = tmp_path / "software.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "pkeys", "bench", "--quick", "-o", str(output), "--allow-emulated"],
+        check=False, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PKEYS_BACKEND": "software"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ran = set(pyperf.BenchmarkSuite.load(str(output)).get_benchmark_names())
+    assert "software/pkey_set/1region" in ran
+    assert not {name for name, (needs_pku, _) in CASES.items() if needs_pku} & ran
 
 
 def test_quick_run_executes_every_case(tmp_path):

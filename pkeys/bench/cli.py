@@ -82,7 +82,11 @@ def main(args: argparse.Namespace) -> int:
         mode = ["--debug-single-value"] if args.quick else (["--rigorous"] if args.rigorous else ["--fast"])
         if args.processes and not args.quick:
             mode += ["--processes", str(args.processes)]
-        command = [sys.executable, "-m", "pkeys.bench.suite", "--quiet", "-o", raw, *mode]
+        # pyperf's workers get a clean environment: without these, a
+        # PKEYS_BACKEND=software run on a PKU machine measured the hardware
+        # backend in its workers and the software cases nowhere.
+        command = [sys.executable, "-m", "pkeys.bench.suite", "--quiet", "-o", raw, *mode,
+                   "--inherit-environ", "PKEYS_BACKEND,PKEYS_REVOKE_SIGNAL"]
         print("running the pyperf suite (" + ("quick" if args.quick else mode[0].lstrip("-")) + ")...",
               file=sys.stderr, flush=True)
         # pyperf prints a line per case on stdout; keep stdout for the table.
