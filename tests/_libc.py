@@ -4,6 +4,7 @@ of this process's memory (smaps, /proc/self/mem)."""
 
 from __future__ import annotations
 
+import mmap
 import os
 
 import cffi
@@ -135,3 +136,12 @@ def proc_self_mem(address: int, length: int) -> bytes | int:
         return exc.errno
     finally:
         os.close(fd)
+
+
+def no_export(memory: mmap.mmap) -> bool:
+    """Whether nothing holds an export of the mmap (resize refuses then)."""
+    try:
+        memory.resize(len(memory))
+    except BufferError:
+        return False
+    return True

@@ -24,7 +24,7 @@ import pkeys
 from pkeys import PKEY_DISABLE_ACCESS, _api, _state
 from pkeys._binding import ffi, lib
 
-from ._libc import address_of
+from ._libc import address_of, no_export
 from ._strace import loop_syscalls
 
 pytestmark = pytest.mark.software
@@ -66,15 +66,6 @@ def untag(*memories: mmap.mmap) -> None:
 def tracked(pkey: int) -> int:
     """How many regions C tracks for the key (without pruning first)."""
     return lib.pk_regions_list(pkey, ffi.NULL, 0)
-
-
-def no_export(memory: mmap.mmap) -> bool:
-    """Whether nothing holds an export of the mmap (resize refuses then)."""
-    try:
-        memory.resize(len(memory))
-    except BufferError:
-        return False
-    return True
 
 
 def test_a_change_pins_in_c_and_applies(key, pages) -> None:

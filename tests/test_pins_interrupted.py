@@ -31,6 +31,8 @@ import pytest
 import pkeys
 from pkeys import PKEY_DISABLE_ACCESS
 
+from ._libc import no_export
+
 pytestmark = pytest.mark.software
 
 
@@ -237,15 +239,6 @@ def test_a_block_exit_interrupted_anywhere_ends_the_grant_or_keeps_it(guarded: G
 
     at_every_event(step)
     buffer.close()
-
-
-def no_export(memory: mmap.mmap) -> bool:
-    """Whether nothing holds an export of the mmap (resize refuses then)."""
-    try:
-        memory.resize(len(memory))
-    except BufferError:
-        return False
-    return True
 
 
 def test_a_pkey_set_interrupted_anywhere_changes_nothing_or_completes(guarded: Guarded) -> None:
