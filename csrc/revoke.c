@@ -64,6 +64,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -256,14 +257,20 @@ static int handled_signal_blocked(void *ucontext);
  * as faulthandler.register(..., chain=True) installs, or SA_RESETHAND) is
  * found this way.
  *
- * Only where the interrupted register is the kernel's init value, which
- * every handler starts with: a context with any key opened since is not
- * one an undetected handler entered (unless that handler opened a key
- * itself).  A match counts only if the words after it are a frame: known
- * uc_flags, an FP state pointer just above it, 64-byte aligned, whose
- * bytes carry the XSAVE magic, and a saved stack pointer above it.  The stack is read with process_vm_readv(2), which fails
- * instead of faulting at the end of the mapping.  A false match costs a
- * retry (the broadcaster signals again), never a false success.
+ * Every delivery scans, whatever the interrupted register holds: a handler
+ * may have opened a key itself.  A match counts only if the words after
+ * it are a frame: known uc_flags, an FP state pointer just above it,
+ * 64-byte aligned, whose bytes carry the XSAVE magic, and a saved stack
+ * pointer above it.  The stack is read with process_vm_readv(2), which
+ * fails instead of faulting at the end of the mapping and ignores PKRU,
+ * into one of a few static buffers: this handler may run on a small
+ * alternate stack, which a buffer of its own would overflow (a 4 KiB one
+ * did).  A false match costs a retry (the broadcaster signals again) and
+ * at worst a RevocationError, never a false success: a frame left above
+ * the stack pointer by a handler that siglongjmp'd out, in a buffer not
+ * written since, is such a match.  Cost: one read per FRAME_SCAN_CHUNK of
+ * stack per thread and revocation (about 16 syscalls for a thread deep in
+ * its stack).
  *
  * Unsafe assumptions, written down:
  *  - The outer frame lies within FRAME_SCAN_BYTES above the interrupted
@@ -273,13 +280,29 @@ static int handled_signal_blocked(void *ucontext);
  *  - process_vm_readv on this process is allowed (a seccomp filter that
  *    refuses it turns the scan off, and only the mask check remains).
  */
-#define FRAME_SCAN_BYTES (16 * 1024)
-#define FRAME_SCAN_CHUNK 1024
+#define FRAME_SCAN_BYTES (64 * 1024)
+#define FRAME_SCAN_CHUNK 4096
+#define SCAN_BUFFERS 8
 #define KERNEL_UCONTEXT_SIZE 304 /* uc_flags, uc_link, uc_stack, sigcontext, 64-bit mask */
 #define UC_FLAGS_KNOWN 0x7u      /* UC_FP_XSTATE | UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS */
-#define KERNEL_INIT_PKRU 0x55555554u
 
 static uintptr_t frame_restorer; /* set where the handler is installed */
+
+/* The scans' buffers, each taken by one handler at a time (a thread's own
+ * handler never nests: the signal is blocked while it runs). */
+static uint64_t scan_buffer[SCAN_BUFFERS][FRAME_SCAN_CHUNK / 8];
+static int scan_buffer_taken[SCAN_BUFFERS];
+
+static int take_scan_buffer(void)
+{
+    for (;;) {
+        int i;
+        for (i = 0; i < SCAN_BUFFERS; i++)
+            if (!__atomic_exchange_n(&scan_buffer_taken[i], 1, __ATOMIC_ACQUIRE))
+                return i;
+        sched_yield(); /* all taken by other threads' handlers: they finish */
+    }
+}
 
 /* Bytes of this process at `address` copied into `into`, up to `size`,
  * without faulting; how many, or -1. */
@@ -291,8 +314,9 @@ static long read_own(uintptr_t address, void *into, size_t size)
 
 /* The signal of the frame whose return address is at `at`: its siginfo's,
  * which the kernel writes for SA_SIGINFO handlers only, or
- * PK_HANDLER_SIGNAL_UNKNOWN; 0 if no frame is there. */
-static int frame_at(uintptr_t at)
+ * PK_HANDLER_SIGNAL_UNKNOWN; 0 if no frame is there.  Out of line: its
+ * buffer is on the stack only while a candidate is checked. */
+__attribute__((noinline)) static int frame_at(uintptr_t at)
 {
     unsigned char frame[8 + KERNEL_UCONTEXT_SIZE + sizeof(int)];
     uint64_t uc_flags, fpstate, saved_sp;
@@ -314,21 +338,12 @@ static int frame_at(uintptr_t at)
     return signo >= 1 && signo <= KERNEL_SIGNALS ? signo : PK_HANDLER_SIGNAL_UNKNOWN;
 }
 
-static int outer_frame_signal(void *ucontext)
+/* `words`: a static buffer of FRAME_SCAN_CHUNK bytes. */
+static int scan_for_frame(uintptr_t at, uint64_t *words)
 {
-    const ucontext_t *uc = ucontext;
-    const uint32_t *slot = pk_frame_pkru(ucontext);
-    uint64_t words[FRAME_SCAN_CHUNK / 8];
-    uintptr_t at, end;
-    uint32_t pkru;
-    if (!frame_restorer || !uc || !slot)
-        return 0;
-    memcpy(&pkru, slot, sizeof pkru);
-    if (pkru != KERNEL_INIT_PKRU)
-        return 0;
-    at = (uintptr_t)uc->uc_mcontext.gregs[REG_RSP] & ~(uintptr_t)7;
+    uintptr_t end;
     for (end = at + FRAME_SCAN_BYTES; at < end;) {
-        long got = read_own(at, words, sizeof words), i;
+        long got = read_own(at, words, FRAME_SCAN_CHUNK), i;
         if (got < 8)
             return 0; /* the end of the stack's mapping, or no process_vm_readv */
         for (i = 0; i < got / 8; i++) {
@@ -339,6 +354,21 @@ static int outer_frame_signal(void *ucontext)
         at += (uintptr_t)got & ~(uintptr_t)7;
     }
     return 0;
+}
+
+/* noinline: the handler's own frame stays small for the deliveries that
+ * return before this (our own check's). */
+__attribute__((noinline)) static int outer_frame_signal(void *ucontext)
+{
+    const ucontext_t *uc = ucontext;
+    int buffer, signo;
+    if (!frame_restorer || !uc)
+        return 0;
+    buffer = take_scan_buffer();
+    signo = scan_for_frame((uintptr_t)uc->uc_mcontext.gregs[REG_RSP] & ~(uintptr_t)7,
+                           scan_buffer[buffer]);
+    __atomic_store_n(&scan_buffer_taken[buffer], 0, __ATOMIC_RELEASE);
+    return signo;
 }
 
 /* From our handler's sigaction as the kernel holds it (glibc fills in

@@ -917,3 +917,101 @@ def test_scopes_racing_with_revocations_leave_no_key_open_outside_them(key):
             thread.join(30)
     assert min(scopes) > 0
     assert not violations, f"key open outside every scope after revocations: {violations[:5]}"
+
+
+
+# A trivial SA_ONSTACK handler on a guarded alternate stack of `size` bytes:
+# the smallest size it survives is what the kernel's frame takes here.
+TRIVIAL_ONSTACK_C = r"""
+#include <signal.h>
+#include <string.h>
+#include <sys/mman.h>
+static void trivial(int signo) { (void)signo; }
+int trivial_onstack(unsigned long size)
+{
+    char *base = mmap(0, size + 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    stack_t stack = {.ss_sp = base + 4096, .ss_size = size, .ss_flags = 0};
+    struct sigaction action;
+    mprotect(base, 4096, PROT_NONE);
+    sigaltstack(&stack, 0);
+    memset(&action, 0, sizeof action);
+    action.sa_handler = trivial;
+    action.sa_flags = SA_ONSTACK;
+    sigaction(SIGUSR2, &action, 0);
+    raise(SIGUSR2);
+    return 0;
+}
+"""
+
+SMALL_ALTSTACK_THREAD = """
+import ctypes, mmap, sys, threading, pkeys
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+class StackT(ctypes.Structure):
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+size = int(sys.argv[1])
+area = mmap.mmap(-1, 4096 + size)
+base = ctypes.addressof(ctypes.c_char.from_buffer(area))
+assert libc.mprotect(ctypes.c_void_p(base), 4096, 0) == 0  # a guard page below it
+ready, done = threading.Event(), threading.Event()
+
+
+def parked() -> None:
+    stack = StackT(base + 4096, 0, size)
+    assert libc.sigaltstack(ctypes.byref(stack), None) == 0
+    ready.set()
+    done.wait()
+    assert libc.sigaltstack(ctypes.byref(StackT(None, 2, 0)), None) == 0  # SS_DISABLE
+
+
+thread = threading.Thread(target=parked)
+thread.start()
+ready.wait()
+key = pkeys.Key()
+for _ in range(20):
+    key.revoke()
+done.set()
+thread.join()
+key.close()
+print("survived")
+"""
+
+
+@pytest.mark.pku
+def test_a_thread_on_a_small_alternate_stack_survives_revocations(tmp_path):
+    # The handler runs on the thread's alternate stack (SA_ONSTACK), where
+    # the kernel's frame takes most of the room.  A buffer of the handler's
+    # own (its stack scan's) needed 1.7 KiB there, and with less to spare
+    # the process died of SIGSEGV; it needs about 400 bytes.  Measured
+    # against what a trivial handler needs on this kernel and CPU, each try
+    # in a child, since a failure kills the process.
+    import shutil
+    import subprocess
+    import sys
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler for the reference handler")
+    (tmp_path / "trivial.c").write_text(TRIVIAL_ONSTACK_C)
+    library = tmp_path / "trivial.so"
+    subprocess.run([compiler, "-shared", "-fPIC", "-O1", "-o", str(library),
+                    str(tmp_path / "trivial.c")], check=True)
+
+    def trivial_survives(size: int) -> bool:
+        code = f"import ctypes; ctypes.CDLL({str(library)!r}).trivial_onstack({size})"
+        return subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+    low, high = 1024, 32768  # a trivial handler dies at `low`, survives at `high`
+    assert trivial_survives(high)
+    while high - low > 64:
+        middle = (low + high) // 2 // 16 * 16
+        low, high = (low, middle) if trivial_survives(middle) else (middle, high)
+    size = high + 1024
+    result = subprocess.run([sys.executable, "-c", SMALL_ALTSTACK_THREAD, str(size)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "survived" in result.stdout, (
+        size, result.returncode, result.stderr[-2000:])
