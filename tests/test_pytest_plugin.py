@@ -223,6 +223,17 @@ def test_the_guest_never_inherits_pkeys_backend(tmp_path, monkeypatch):
     assert env[pytest_plugin.REQUIRE_ENV] == "1"
 
 
+def test_a_kernel_named_twice_runs_once(tmp_path):
+    # Two guests of one release wrote into one results file (INTERNALERROR).
+    from pkeys import pytest_plugin
+
+    class Config(_Config):
+        def getoption(self, name: str) -> object:
+            return {"verbose": 0, "pkeys_vm_kernel": ["6.12", "6.1", "6.12"]}[name]
+
+    assert pytest_plugin._Host(Config(_Terminal(), 0)).kernels == ["6.12", "6.1"]
+
+
 def test_also_kernels_must_name_a_kernel_that_runs(tmp_path):
     from pkeys import pytest_plugin
 
