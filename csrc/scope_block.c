@@ -308,14 +308,15 @@ static PyObject *enter_rare(UnlockedObject *self, Entry entry)
  * an exception set, when the pins could not be prepared: then the grant
  * stays, and the entry is back in the list (its view and exporter the
  * list's, NULL here) for a later exit to end. */
-static int end_rare(UnlockedObject *self, Entry *entry, int status, int *error)
+static int end_rare(UnlockedObject *self, Entry *entry, int status, int *error,
+                    struct pk_pending_error *pending)
 {
     struct pk_held held = PK_HELD_EMPTY;
     *error = errno;
     while (status == PK_E_NEED_PINS) {
         uint64_t nonce;
         pk_pins_release(&held);
-        if (pk_pins_prepare(&nonce, &held) < 0) {
+        if (pk_pins_prepare_ending(&nonce, &held, pending) < 0) {
             PyObject *type, *value, *traceback;
             PyErr_Fetch(&type, &value, &traceback);
             /* The room it left, unless Python code took it meanwhile.
@@ -341,15 +342,17 @@ static int end_rare(UnlockedObject *self, Entry *entry, int status, int *error)
 static PyObject *end_after_error(UnlockedObject *self, Entry *entry)
 {
     PyObject *type, *value, *traceback, *result;
+    struct pk_pending_error pending = PK_PENDING_NONE;
     int status, error;
     PyErr_Fetch(&type, &value, &traceback);
     status = vbuf_exit(self->vbuf, self->kind, entry->token, 0);
     if (status)
-        status = end_rare(self, entry, status, &error);
+        status = end_rare(self, entry, status, &error, &pending);
     if (status && status != PK_E_NEED_PINS) {
         result = PyObject_CallFunction(exit_failed, "Oii", self->mapping, status, error);
         Py_XDECREF(result);
     }
+    pk_pins_raise_pending(&pending, NULL);
     PyErr_Clear();  /* the first error is the one raised */
     PyErr_Restore(type, value, traceback);
     Py_XDECREF(entry->view);
@@ -416,7 +419,10 @@ static int take_entry(UnlockedObject *self, Entry *entry)
     return 0;
 }
 
-static PyObject *unlocked_exit(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+/* The exit, but for an interrupt kept while its pins were prepared
+ * (*pending), which unlocked_exit raises once the rest is done. */
+static PyObject *exit_keeping(PyObject *op, PyObject *const *args, Py_ssize_t nargs,
+                              struct pk_pending_error *pending)
 {
     UnlockedObject *self = (UnlockedObject *)op;
     PyObject *released, *orphaned;
@@ -451,7 +457,7 @@ static PyObject *unlocked_exit(PyObject *op, PyObject *const *args, Py_ssize_t n
     }
     status = vbuf_exit(self->vbuf, self->kind, entry.token, 0);
     if (status)
-        status = end_rare(self, &entry, status, &error);
+        status = end_rare(self, &entry, status, &error, pending);
     Py_XDECREF(entry.view);
     Py_XDECREF(entry.exporter);
     if (status == PK_E_NEED_PINS)
@@ -483,6 +489,12 @@ static PyObject *unlocked_exit(PyObject *op, PyObject *const *args, Py_ssize_t n
         return NULL;
     }
     Py_RETURN_NONE;
+}
+
+static PyObject *unlocked_exit(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct pk_pending_error pending = PK_PENDING_NONE;
+    return pk_pins_raise_pending(&pending, exit_keeping(op, args, nargs, &pending));
 }
 
 static PyMethodDef unlocked_methods[] = {

@@ -280,6 +280,34 @@ int pk_pins_prepare(uint64_t *nonce, struct pk_held *held)
     return 0;
 }
 
+int pk_pins_prepare_ending(uint64_t *nonce, struct pk_held *held,
+                           struct pk_pending_error *pending)
+{
+    int tries;
+    for (tries = 0; tries < PK_PINS_ENDING_TRIES; tries++) {
+        if (pk_pins_prepare(nonce, held) == 0)
+            return 0;
+        if (pending->type) {
+            PyErr_Clear();  /* the first one is the one raised */
+        } else {
+            PyErr_Fetch(&pending->type, &pending->value, &pending->traceback);
+        }
+    }
+    PyErr_Restore(pending->type, pending->value, pending->traceback);
+    pending->type = pending->value = pending->traceback = NULL;
+    return -1;
+}
+
+PyObject *pk_pins_raise_pending(struct pk_pending_error *pending, PyObject *result)
+{
+    if (!pending->type)
+        return result;
+    Py_XDECREF(result);
+    PyErr_Restore(pending->type, pending->value, pending->traceback);
+    pending->type = pending->value = pending->traceback = NULL;
+    return NULL;
+}
+
 void pk_pins_release(struct pk_held *held)
 {
     release_exports(held);
@@ -454,11 +482,12 @@ static PyObject *exit_rare(ScopeObject *self, int64_t token, int status)
 {
     int error = errno;
     struct pk_held held = PK_HELD_EMPTY;
+    struct pk_pending_error pending = PK_PENDING_NONE;
     Py_ssize_t index;
     while (status == PK_E_NEED_PINS) {
         uint64_t nonce;
         pk_pins_release(&held);
-        if (pk_pins_prepare(&nonce, &held) < 0)
+        if (pk_pins_prepare_ending(&nonce, &held, &pending) < 0)
             return NULL;  /* the grant and its token stay: the scope is still active */
         /* prepare_pins ran Python code: a finalizer exiting this scope may
          * have ended this very entry; this exit then ends the one it would
@@ -466,7 +495,7 @@ static PyObject *exit_rare(ScopeObject *self, int64_t token, int status)
         if (token_index(self, token) < 0) {
             if (find_token(self, &index) < 0) {
                 pk_pins_release(&held);
-                return NULL;
+                return pk_pins_raise_pending(&pending, NULL);
             }
             token = self->tokens[index];
         }
@@ -478,9 +507,10 @@ static PyObject *exit_rare(ScopeObject *self, int64_t token, int status)
     if (status != PK_E_WRONG_THREAD || grants_per_process())
         remove_token(self, token_index(self, token));
     pk_pins_release(&held);
+    /* An interrupt kept while pinning is raised, whatever else the exit says. */
     if (status)
-        return pk_raise_failed(raise_failed, status, error);
-    Py_RETURN_NONE;
+        return pk_pins_raise_pending(&pending, pk_raise_failed(raise_failed, status, error));
+    return pk_pins_raise_pending(&pending, Py_NewRef(Py_None));
 }
 
 static PyObject *scope_exit_method(PyObject *op, PyObject *const *args, Py_ssize_t nargs)

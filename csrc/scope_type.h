@@ -82,6 +82,24 @@ struct pk_held {
 };
 #define PK_HELD_EMPTY {.general = NULL, .count = 0}
 int pk_pins_prepare(uint64_t *nonce, struct pk_held *held);
+/* The same for a call that ends a grant (a scope's or a block's exit),
+ * which a `with` statement makes once: an exception while pinning (a
+ * signal's KeyboardInterrupt) would leave the grant with nothing left to
+ * end it.  So the exception is kept in *pending (the first one, if several)
+ * and the pins are prepared again, up to PK_PINS_ENDING_TRIES times; the
+ * caller ends the grant, then raises *pending (pk_pins_raise_pending).
+ * Returns -1, with the first exception set again, only once the tries are
+ * spent: the grant then stays, as before. */
+#define PK_PINS_ENDING_TRIES 16
+struct pk_pending_error {
+    PyObject *type, *value, *traceback;
+};
+#define PK_PENDING_NONE {NULL, NULL, NULL}
+int pk_pins_prepare_ending(uint64_t *nonce, struct pk_held *held,
+                           struct pk_pending_error *pending);
+/* NULL with *pending raised (over any exception set), if there is one;
+ * else `result`. */
+PyObject *pk_pins_raise_pending(struct pk_pending_error *pending, PyObject *result);
 void pk_pins_release(struct pk_held *held);
 PyObject *pk_pins_configure(PyObject *module, PyObject *args, PyObject *kwargs);
 /* Raises RuntimeError: each configure function runs once, at import. */
