@@ -8,8 +8,11 @@
 #   4. the simulated-register variant, built once (tools/build-simulated.sh);
 #   5. one pytest session: the native suite here (the software backend, or
 #      the hardware one on PKU machines) while the pkeys pytest plugin runs
-#      the `pku` tier, and the `anybackend` tests again, on an emulated PKU
-#      CPU with each kernel (--pkeys-vm), its results merged into this report.
+#      the `pku` tier on an emulated PKU CPU with each kernel, and the
+#      `anybackend` tests again on 6.12 (pkeys_vm_also_kernels in
+#      pyproject.toml), its results merged into this report (--pkeys-vm).  On
+#      a PKU machine the plugin runs the `pku` tier natively instead;
+#      PKEYS_BACKEND=software makes it delegate as on a machine without PKU.
 # Where the VM cannot be prepared (no root to install QEMU), the native
 # suite still runs and the script says how to get the rest; under CI=true
 # that is a failure.
