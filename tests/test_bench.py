@@ -277,3 +277,35 @@ def test_the_targets_table_gives_every_target_its_ratio_bound_and_verdict():
     text = layers.targets_table(values)
     row = next(line for line in text.splitlines() if line[2:].startswith("with key.allow(): "))
     assert " n/a " in row and row.rstrip().endswith(")")
+
+
+def test_a_contention_run_without_a_fault_runs_again_longer(monkeypatch):
+    # On a loaded machine a 0.2 s run can end before any worker faulted: the
+    # report divided by zero (seen in CI).  A run with no fault is made again.
+    calls = []
+
+    class Lib:
+        def pk_bench_contention(self, workers, mode, pkey, rate, seconds, result):
+            calls.append(seconds)
+            result.seconds = seconds
+            result.faults = 0 if len(calls) < 3 else 1000
+            result.flips = 0
+            return 0
+
+    monkeypatch.setattr(contention, "lib", Lib())
+    sample = contention.measure(1, "none", seconds=0.2)
+    assert calls == [0.2, 0.4, 0.8]
+    assert sample.faults_per_second == 1000 / 0.8
+
+    calls.clear()
+
+    class Never(Lib):
+        def pk_bench_contention(self, workers, mode, pkey, rate, seconds, result):
+            calls.append(seconds)
+            result.seconds, result.faults, result.flips = seconds, 0, 0
+            return 0
+
+    monkeypatch.setattr(contention, "lib", Never())
+    with pytest.raises(RuntimeError, match="no page fault"):
+        contention.measure(1, "none", seconds=0.2)
+    assert len(calls) == 5

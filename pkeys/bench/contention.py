@@ -52,9 +52,20 @@ def measure(
     workers: int, mode: str, *, pkey: int = -1, flips_per_second: int = 10_000, seconds: float = 1.0
 ) -> Sample:
     result = ffi.new("struct pk_contention *")
-    status = lib.pk_bench_contention(workers, MODES[mode], pkey, flips_per_second, seconds, result)
-    if status:
-        raise RuntimeError(f"contention run failed (status {status}, errno {ffi.errno})")
+    # A rate needs at least one fault: on a loaded machine a short run
+    # (--quick's 0.2 s) can end before any worker faulted, and the report
+    # then divided by zero.  Run again, twice as long, up to 5 times.
+    for _ in range(5):
+        status = lib.pk_bench_contention(workers, MODES[mode], pkey, flips_per_second, seconds,
+                                         result)
+        if status:
+            raise RuntimeError(f"contention run failed (status {status}, errno {ffi.errno})")
+        if result.faults:
+            break
+        seconds *= 2
+    else:
+        raise RuntimeError(f"contention run: no page fault in {seconds / 2:.1f} s "
+                           f"({workers} workers, {mode}); is the machine that loaded?")
     return Sample(workers, mode, result.faults / result.seconds, result.flips / result.seconds)
 
 
