@@ -20,7 +20,8 @@
  *     context's XSAVE area, so that sigreturn installs it, and acknowledges.
  *     If the interrupted context is itself a signal handler, it applies
  *     nothing and says so: the outer handler's sigreturn would restore the
- *     register that the outer frame saved (handled_signal_blocked).
+ *     register that the outer frame saved (handled_signal_blocked, or for a
+ *     handler that blocks no handled signal, outer_frame_signal).
  *  4. The broadcaster waits for every acknowledgement (with a timeout),
  *     signalling again every millisecond the threads found in a handler,
  *     scans /proc/self/task again for threads created meanwhile, and
@@ -244,8 +245,6 @@ static uint32_t *editable_pkru(void *ucontext)
  *    revocation fails with RevocationError rather than succeeding.  That
  *    errs on the side that never reports a false success.
  */
-static int handled_signal_blocked(void *ucontext);
-
 #if PK_X86 && defined(__x86_64__) && !PK_SIMULATED_PKU
 /*
  * The other way to see an outer handler: its signal frame, further up the

@@ -252,13 +252,16 @@ class _Host:
                                   runs_also=not self.also_kernels or k in self.also_kernels)
                          for n, k in enumerate(self.kernels)]
         for n, session in enumerate(self.sessions):
-            mine = [i.nodeid for i in self.items if session.runs_also or i.nodeid in self.only_vm]
+            mine = [i.nodeid for i in self.items if self._runs(session, i)]
             (self.exchange / f"nodeids-{n}.txt").write_text("".join(f"{i}\n" for i in mine))
             session.items = len(mine)
 
+    def _runs(self, session: _Session, item: pytest.Item) -> bool:
+        """Whether `session`'s guest runs `item`."""
+        return session.runs_also or item.nodeid in self.only_vm
+
     def _guest_argv(self, session: _Session) -> list[str]:
-        files = sorted({str(item.path) for item in self.items
-                        if session.runs_also or item.nodeid in self.only_vm})
+        files = sorted({str(item.path) for item in self.items if self._runs(session, item)})
         argv = [sys.executable, "-m", "pytest", "-p", "pkeys.pytest_plugin", "-p", "no:cacheprovider",
                 "--rootdir", str(self.config.rootpath)]
         if self.config.inipath:
