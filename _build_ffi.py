@@ -23,6 +23,7 @@ SOURCES = [
     f"{CSRC}/backend_software.c",
     f"{CSRC}/regions.c",
     f"{CSRC}/revoke.c",
+    f"{CSRC}/exposure.c",
     f"{CSRC}/guard.c",
     f"{CSRC}/secret.c",
     f"{CSRC}/bench.c",

@@ -56,6 +56,7 @@ static int revoke(int pkey, unsigned int rights, double timeout, struct pk_broad
 
 static int hw_alloc(unsigned int flags, unsigned int rights, uint32_t identity)
 {
+    uint64_t began = pk_exposure_clock(); /* before: see exposure.c's rule A */
     int pkey = pk_sys_pkey_alloc(flags, rights);
     (void)identity;
     if (pkey < 0)
@@ -65,7 +66,11 @@ static int hw_alloc(unsigned int flags, unsigned int rights, uint32_t identity)
         pk_sys_pkey_free(pkey);
         return PK_E_KEY_RANGE;
     }
-    /* The kernel wrote the initial rights into this thread's PKRU. */
+    /* The kernel wrote the initial rights into this thread's PKRU.  No
+     * revocation of the number can be under way (it was free). */
+    if (!(rights & PK_AD))
+        pk_exposure_note(1u << pkey);
+    pk_exposure_allocated(pkey, began);
     shadow = pk_rdpkru_unchecked();
     shadow_valid = 1;
     return pkey;
@@ -99,6 +104,7 @@ static int hw_set(int pkey, int rights, uint64_t pins)
     uint32_t mark = pk_revocations_mark();
     uint32_t old;
     (void)pins;
+    pk_exposure_note(rights & PK_AD ? 0u : 1u << pkey);
     PK_STEP();
     old = pk_rdpkru_unchecked();
     PK_STEP();
@@ -115,6 +121,8 @@ static int hw_set_all(int pkey, unsigned int rights, double timeout,
                       struct pk_broadcast *result, uint64_t pins)
 {
     (void)pins;
+    if (!(rights & PK_AD))
+        pk_exposure_opened_for_all(pkey);
     return revoke(pkey, rights, timeout, result);
 }
 
@@ -128,6 +136,7 @@ static int hw_pkru_write(uint32_t value, uint64_t pins)
     uint32_t old, next = value;
     int k;
     (void)pins;
+    pk_exposure_note(pk_keys_opened_by(value));
     PK_STEP();
     old = pk_rdpkru_unchecked();
     PK_STEP();
@@ -153,6 +162,7 @@ static int64_t hw_scope_enter(uint32_t keys, int kind, const uint32_t *identitie
     uint32_t mark = pk_revocations_mark(), old;
     int64_t token;
     (void)pins;
+    pk_exposure_note(kind == PK_GRANT_DENY ? 0u : keys);
     PK_STEP();
     old = pk_rdpkru_unchecked();
     PK_STEP();
@@ -232,6 +242,7 @@ static int hw_birth_settle(const struct pk_birth *birth)
     if (!birth->keys)
         return PK_OK;
     mark = pk_revocations_mark();
+    pk_exposure_note(birth->keys & pk_keys_opened_by(birth->bits));
     old = pk_rdpkru_unchecked();
     next = old;
     for (k = 1; k < PK_NKEYS; k++)

@@ -87,11 +87,12 @@ int pk_key_alloc(unsigned int flags, unsigned int access_rights, uint32_t *ident
  * handler installed without SA_SIGINFO leaves no signal number there. */
 #define PK_HANDLER_SIGNAL_UNKNOWN 65
 struct pk_broadcast {
-    int threads;              /* other threads signalled */
+    int threads;              /* other threads found */
     int answered;             /* ...that applied the change */
     int unanswered;           /* ...that did not answer in time (signal blocked?) */
     int refused;              /* ...whose signal frame could not be edited */
     int in_handler;           /* ...found only inside another signal handler */
+    int exempt;               /* ...not signalled: provably never had the key */
     int listed[PK_BROADCAST_LISTED]; /* thread ids: unanswered, refused, in a handler */
     int listed_signal[PK_BROADCAST_LISTED]; /* in a handler: its signal, or one it blocked */
     double seconds;           /* how long it took */
@@ -111,6 +112,12 @@ int pk_revocation_signal(void);
  * before the first broadcast); else PK_E_NO_REVOCATION, PK_E_SIGNAL_TAKEN,
  * PK_E_UNSUPPORTED (no PKU) or PK_E_ERRNO. */
 int pk_revocation_check(void);
+/* exposure.c, for the Python side: a thread that threading starts records
+ * its register before it runs anything (so a revocation can prove it never
+ * had a key), and the raw layers say that the register may change behind
+ * pkeys' back (which ends such proofs for the process). */
+void pk_exposure_birth_record(void);
+void pk_exposure_untracked(void);
 /* The last failed broadcast of the calling thread (PK_E_BROADCAST). */
 void pk_revocation_last_failure(struct pk_broadcast *out);
 /* Test only: the check's verdict (0 fails, 1 works, -1 check again). */

@@ -148,9 +148,52 @@ int pk_broadcast(uint32_t keys, uint32_t bits, double timeout, struct pk_broadca
 uint32_t pk_revocations_mark(void);
 int pk_revocations_moved(uint32_t mark);
 uint32_t pk_revocations_catch_up(uint32_t pkru);
+/* Apply a change for every thread to this thread's register now, as its
+ * handler would (exposure.c, for a thread a broadcast left out that opens
+ * a key meanwhile); the caller's catch-up applies it again. */
+void pk_revocations_apply_here(uint32_t keys, uint32_t pkru_bits);
 /* In a handler: the PKRU saved in its signal frame's XSAVE area, or NULL
  * where the frame has none (revoke.c holds the one lookup of its offset). */
 uint32_t *pk_frame_pkru(void *ucontext);
+
+/* exposure.c: which keys each thread may ever have had open, so that a
+ * revocation need not stall on a thread that provably never had the key.
+ * Every path that may open keys in this thread's register calls
+ * pk_exposure_note() with them first, before it reads the state it acts
+ * on: one thread-local test, and a call once per thread and key. */
+extern PK_TLS uint32_t pk_exposure_published;
+void pk_exposure_publish(uint32_t keys);
+static inline void pk_exposure_note(uint32_t keys)
+{
+    if (__builtin_expect((keys & ~pk_exposure_published & ((1u << PK_NKEYS) - 2u)) != 0, 0))
+        pk_exposure_publish(keys);
+}
+/* The keys a register value allows some access to. */
+static inline uint32_t pk_keys_opened_by(uint32_t pkru)
+{
+    uint32_t keys = 0;
+    int k;
+    for (k = 1; k < PK_NKEYS; k++)
+        if (!((pkru >> PK_KEY_SHIFT(k)) & PK_AD))
+            keys |= 1u << k;
+    return keys;
+}
+void pk_exposure_init(void);
+void pk_exposure_forked_child(void);
+/* Allocation (state mutex held): the clock before pkey_alloc, then the key. */
+uint64_t pk_exposure_clock(void);
+void pk_exposure_allocated(int pkey, uint64_t began_ns);
+/* A change for every thread gives access to the key: none is exempt now. */
+void pk_exposure_opened_for_all(int pkey);
+/* The broadcaster (state mutex held): the keys of a change to `bits`
+ * (PKRU's layout) that a thread can be exempt from (all of them, or 0);
+ * the gate around deciding and waiting; whether `tid` denies `keys`
+ * provably; records of threads that are gone, freed. */
+uint32_t pk_exposure_exemptable(uint32_t keys, uint32_t bits);
+void pk_exposure_gate_open(uint32_t keys, uint32_t bits);
+void pk_exposure_gate_close(void);
+int pk_exposure_thread_denies(pid_t tid, uint32_t keys);
+void pk_exposure_sweep(pid_t pid);
 
 /* read(2) into a protected buffer, through a wiped bounce page where the
  * file system cannot pin secret memory (secretmem.c). */

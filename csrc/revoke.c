@@ -22,6 +22,10 @@
  *     nothing and says so: the outer handler's sigreturn would restore the
  *     register that the outer frame saved (handled_signal_blocked, or for a
  *     handler that blocks no handled signal, outer_frame_signal).
+ *     A thread that provably never had the keys is not signalled at all
+ *     (exposure.c): a thread that blocks every signal, like
+ *     faulthandler's watchdog, then stalls no revocation of a key it never
+ *     had.
  *  4. The broadcaster waits for every acknowledgement (with a timeout),
  *     signalling again every millisecond the threads found in a handler,
  *     scans /proc/self/task again for threads created meanwhile, and
@@ -87,6 +91,7 @@ enum answer {
     REFUSED = 2,    /* its signal frame was not usable */
     GONE = 3,       /* it exited first */
     IN_HANDLER = 4, /* it was running another signal handler: not applied */
+    EXEMPT = 5,     /* not signalled: it provably never had the keys (exposure.c) */
 };
 /* One broadcast at a time (the state mutex): thread ids signalled, their
  * answers, and for those found in a handler, a handled signal their
@@ -166,6 +171,33 @@ static uint32_t apply_waiting(uint32_t pkru, uint64_t waiting)
 }
 
 uint32_t pk_revocations_catch_up(uint32_t pkru) { return apply_waiting(pkru, handled_since_mark); }
+
+/* What a slot says for `keys` given the rights in `pkru_bits`. */
+static uint64_t waiting_of(uint32_t keys, uint32_t pkru_bits)
+{
+    uint64_t waiting = 0;
+    int k;
+    for (k = 1; k < PK_NKEYS; k++)
+        if ((keys >> k) & 1u)
+            waiting |= (1ull << (32 + k)) | (pkru_bits & PK_KEY_MASK(k));
+    return waiting;
+}
+
+void pk_revocations_apply_here(uint32_t keys, uint32_t pkru_bits)
+{
+    uint32_t count;
+    /* Recorded first, as the handler records it: a write of the caller's
+     * that read the register before this sees the count move. */
+    handled_since_mark = merge_waiting(handled_since_mark, waiting_of(keys, pkru_bits));
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    handled_count = handled_count + 1;
+    do { /* a handler between the read and the write: apply its record too */
+        count = handled_count;
+        __atomic_signal_fence(__ATOMIC_SEQ_CST);
+        pk_wrpkru_unchecked(apply_waiting(pk_rdpkru_unchecked(), handled_since_mark));
+        __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    } while (handled_count != count);
+}
 
 static struct pending_slot *slot_of(pid_t tid)
 {
@@ -556,8 +588,7 @@ static void clear_gone(pid_t pid)
 static int add_waiting(pid_t tid, uint32_t keys, uint32_t pkru_bits)
 {
     struct pending_slot *slot = slot_of(tid);
-    uint64_t seen, wanted, mask = 0;
-    int k;
+    uint64_t seen, wanted, mask = waiting_of(keys, 0xffffffffu);
     if (!slot) {
         slot = slot_of(0);
         if (!slot)
@@ -565,9 +596,6 @@ static int add_waiting(pid_t tid, uint32_t keys, uint32_t pkru_bits)
         __atomic_store_n(&slot->waiting, 0, __ATOMIC_RELEASE);
         __atomic_store_n(&slot->tid, tid, __ATOMIC_RELEASE);
     }
-    for (k = 1; k < PK_NKEYS; k++)
-        if (keys & (1u << k))
-            mask |= (1ull << (32 + k)) | PK_KEY_MASK(k);
     seen = __atomic_load_n(&slot->waiting, __ATOMIC_ACQUIRE);
     do {
         wanted = (seen & ~mask) | (mask & ~(uint64_t)0xffffffffu) | (pkru_bits & (uint32_t)mask);
@@ -595,10 +623,11 @@ static int process_threads(void)
     return field ? atoi(field + sizeof "\nThreads:" - 1) : 0;
 }
 
-/* Signal every thread not signalled yet; returns how many were new, or -1.
- * `listed`: how many threads the scan saw, this one included. */
+/* Signal every thread not signalled yet, except those exempt from a change
+ * of `exemptable` keys; returns how many were new, or -1.  `listed`: how
+ * many threads the scan saw, this one included. */
 static int signal_new_threads(pid_t self, pid_t pid, int signo, uint32_t keys, uint32_t bits,
-                              int *listed)
+                              uint32_t exemptable, int *listed)
 {
     DIR *tasks = opendir("/proc/self/task");
     struct dirent *entry;
@@ -612,7 +641,16 @@ static int signal_new_threads(pid_t self, pid_t pid, int signo, uint32_t keys, u
             ++*listed;
         if (tid <= 0 || tid == self || is_target(tid))
             continue;
-        if (target_count == MAX_TARGETS || add_waiting(tid, keys, bits) != 0)
+        if (target_count == MAX_TARGETS)
+            break;
+        if (exemptable && pk_exposure_thread_denies(tid, exemptable)) {
+            __atomic_store_n(&target_answer[target_count], EXEMPT, __ATOMIC_RELEASE);
+            __atomic_store_n(&target_signal[target_count], 0, __ATOMIC_RELEASE);
+            __atomic_store_n(&target_tid[target_count], tid, __ATOMIC_RELEASE);
+            __atomic_store_n(&target_count, target_count + 1, __ATOMIC_RELEASE);
+            continue;
+        }
+        if (add_waiting(tid, keys, bits) != 0)
             break;
         __atomic_store_n(&target_answer[target_count], WAITING, __ATOMIC_RELEASE);
         __atomic_store_n(&target_signal[target_count], 0, __ATOMIC_RELEASE);
@@ -640,7 +678,7 @@ static int all_answered(pid_t pid, int signo, int resignal)
     int i, all = 1;
     for (i = 0; i < target_count; i++) {
         int value = __atomic_load_n(&target_answer[i], __ATOMIC_ACQUIRE);
-        if (value == APPLIED || value == REFUSED || value == GONE)
+        if (value == APPLIED || value == REFUSED || value == GONE || value == EXEMPT)
             continue;
         all = 0;
         if (value == IN_HANDLER && resignal) {
@@ -655,7 +693,7 @@ static int all_answered(pid_t pid, int signo, int resignal)
     if (!all) { /* one more look: the last of them may have just answered */
         for (i = 0; i < target_count; i++) {
             int value = __atomic_load_n(&target_answer[i], __ATOMIC_ACQUIRE);
-            if (value != APPLIED && value != REFUSED && value != GONE)
+            if (value != APPLIED && value != REFUSED && value != GONE && value != EXEMPT)
                 return 0;
         }
     }
@@ -677,6 +715,8 @@ static void summarise(struct pk_broadcast *out, double started)
         int value = __atomic_load_n(&target_answer[i], __ATOMIC_ACQUIRE);
         if (value == APPLIED || value == GONE)
             out->answered++;
+        else if (value == EXEMPT)
+            out->exempt++;
         else if (value == REFUSED)
             out->refused++;
         else if (__atomic_load_n(&target_signal[i], __ATOMIC_ACQUIRE))
@@ -721,15 +761,13 @@ static int only_thread(pid_t self)
     return alone;
 }
 
+static int broadcast_to_others(pid_t self, uint32_t keys, uint32_t bits, double timeout,
+                           struct pk_broadcast *result);
+
 int pk_broadcast(uint32_t keys, uint32_t bits, double timeout, struct pk_broadcast *result)
 {
-    pid_t self = current_tid(), pid = getpid();
-    int signo = pk_revocation_signal(), added, status;
-    double started = now_seconds(), deadline = started + (timeout > 0 ? timeout : 0);
-    double resignal_at = started;
-    struct pk_broadcast summary;
-    int unlisted = 0;
-
+    pid_t self = current_tid();
+    int status;
     if (result)
         memset(result, 0, sizeof *result);
     if (!pk_ospke_enabled)
@@ -742,8 +780,29 @@ int pk_broadcast(uint32_t keys, uint32_t bits, double timeout, struct pk_broadca
         return PK_OK; /* nobody to reach, and nobody to be created meanwhile */
     if (status != PK_OK)
         return status;
+    return broadcast_to_others(self, keys, bits, timeout, result);
+}
+
+static int broadcast_to_others(pid_t self, uint32_t keys, uint32_t bits, double timeout,
+                           struct pk_broadcast *result)
+{
+    pid_t pid = getpid();
+    int signo = pk_revocation_signal(), added, status;
+    double started = now_seconds(), deadline = started + (timeout > 0 ? timeout : 0);
+    double resignal_at = started;
+    struct pk_broadcast summary;
+    uint32_t exemptable;
+    int unlisted = 0;
+
     __atomic_store_n(&target_count, 0, __ATOMIC_RELEASE);
     clear_gone(pid);
+    pk_exposure_sweep(pid);
+    exemptable = pk_exposure_exemptable(keys, bits);
+    /* Open from before any exemption is decided until the last thread has
+     * answered: a thread left out that opens the keys meanwhile applies
+     * the change itself (exposure.c). */
+    if (exemptable)
+        pk_exposure_gate_open(exemptable, bits);
     do {
         /* A thread exiting while the kernel lists /proc/self/task can end
          * the listing early and hide the threads after it (seen: a thread
@@ -753,9 +812,12 @@ int pk_broadcast(uint32_t keys, uint32_t bits, double timeout, struct pk_broadca
          * exited meanwhile lower the next count.  Still short at the
          * deadline: the call fails. */
         int counted = process_threads(), listed;
-        added = signal_new_threads(self, pid, signo, keys, bits, &listed);
-        if (added < 0)
+        added = signal_new_threads(self, pid, signo, keys, bits, exemptable, &listed);
+        if (added < 0) {
+            if (exemptable)
+                pk_exposure_gate_close();
             return PK_E_ERRNO;
+        }
         unlisted = counted > listed ? counted - listed : 0;
         if (unlisted && !added) {
             struct timespec pause = {0, 100000};
@@ -776,6 +838,8 @@ int pk_broadcast(uint32_t keys, uint32_t bits, double timeout, struct pk_broadca
     } while ((added > 0 || unlisted) && all_answered(pid, signo, 0) &&
              (!unlisted || now_seconds() < deadline));
 
+    if (exemptable)
+        pk_exposure_gate_close();
     summarise(&summary, started);
     summary.unanswered += unlisted; /* never seen, so never reached */
     status = summary.unanswered || summary.refused || summary.in_handler ? PK_E_BROADCAST : PK_OK;

@@ -56,6 +56,8 @@ int pk_state_init(int mode)
     if (mode == PK_MODE_HARDWARE && !pk_ospke_enabled)
         return PK_E_UNSUPPORTED;
     pthread_mutex_lock(&state_mutex);
+    if (mode == PK_MODE_HARDWARE)
+        pk_exposure_init();
     __atomic_store_n(&pk_backend, chosen, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&state_mutex);
     pk_fork_hooks_install();
@@ -90,6 +92,7 @@ static void after_fork_in_parent(void)
 static void after_fork_in_child(void)
 {
     after_fork_in_parent();
+    pk_exposure_forked_child();
     pk_secretmem_forked_child();
 }
 

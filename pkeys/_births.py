@@ -15,6 +15,11 @@ would close it again: those are counted in the creator's thread.  So every
   write).  A key revoked or freed between the two is left as the
   revocation made it.
 
+The new thread then records which keys its register denies
+(``pk_exposure_birth_record``): a revocation of such a key need not wait
+for it while it has taken no grant on the key since (csrc/exposure.c), so a
+thread that blocks every signal stalls nothing it never had.
+
 Scopes themselves cost nothing more.  Threads that ``threading`` does not
 start (``_thread.start_new_thread``, threads of C libraries) are not seen:
 the README's "Limits" says so.  On the software backend grants are the
@@ -52,6 +57,7 @@ def install() -> None:
         birth = self.__dict__.pop("_pkeys_birth", None)
         if birth is not None:
             lib.pk_birth_settle(birth)
+        lib.pk_exposure_birth_record()
         original_bootstrap(self)
 
     start.__doc__ = original_start.__doc__

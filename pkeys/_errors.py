@@ -75,17 +75,19 @@ class RevocationError(PkeysError, TimeoutError):
     revocation signal in time (it blocks it, or is stuck outside Python),
     its signal frame could not be edited, or it was running another signal
     handler each time (whose return would undo the change); or the signal
-    itself has another handler.  ``threads`` were signalled, ``answered``
-    applied the change; ``unanswered``, ``refused`` and ``in_handler`` are
-    the thread ids of the others.  The calling thread and every thread that
+    itself has another handler.  ``threads`` other threads were found,
+    ``answered`` applied the change, ``exempt`` needed nothing (they
+    provably never had the key, and were not signalled); ``unanswered``,
+    ``refused`` and ``in_handler`` are the thread ids of the others.  The calling thread and every thread that
     answered have the new rights; an unanswered thread applies them when it
     handles the signal, one in a handler keeps its rights until a later
     revocation reaches it."""
 
     def __init__(self, message: str, *, threads: int = 0, answered: int = 0,
                  unanswered: tuple[int, ...] = (), refused: tuple[int, ...] = (),
-                 in_handler: tuple[int, ...] = ()) -> None:
+                 in_handler: tuple[int, ...] = (), exempt: int = 0) -> None:
         super().__init__(message)
+        self.exempt = exempt
         self.threads = threads
         self.answered = answered
         self.unanswered = unanswered

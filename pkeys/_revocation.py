@@ -17,7 +17,8 @@ __all__ = ["revocation_error", "no_revocation_error", "signal_taken_error", "sig
 WATCHDOG_HINT = (
     "a common cause is faulthandler.dump_traceback_later(), whose watchdog thread "
     "blocks every signal: call faulthandler.cancel_dump_traceback_later() before "
-    "revoking, closing a Key or closing a ProtectedBuffer"
+    "revoking, closing a Key or closing a ProtectedBuffer, or start the watchdog "
+    "before allocating keys (a thread born before a key never had it and is left out)"
 )
 
 
@@ -65,7 +66,9 @@ def revocation_error(pkey: object, consequence: str, result: Any = None) -> Revo
     in_handler = tuple(tid for tid, _ in listed[first_in_handler:])
     signo = lib.pk_revocation_signal()
     parts = [f"pkey {pkey}: the change reached {result.answered} of {result.threads} other "
-             f"thread(s) and this one"]
+             f"thread(s) and this one"
+             + (f" ({result.exempt} more never had the key and needed nothing)"
+                if result.exempt else "")]
     if unanswered:
         blocking = [tid for tid in unanswered if _blocks(tid, signo)]
         names = ", ".join(_thread_name(tid) for tid in unanswered)
@@ -86,7 +89,8 @@ def revocation_error(pkey: object, consequence: str, result: Any = None) -> Revo
     if consequence:
         parts.append(consequence)
     return RevocationError("; ".join(parts), threads=result.threads, answered=result.answered,
-                           unanswered=unanswered, refused=refused, in_handler=in_handler)
+                           unanswered=unanswered, refused=refused, in_handler=in_handler,
+                           exempt=result.exempt)
 
 
 def no_revocation_error() -> UnsupportedError:

@@ -63,6 +63,7 @@ def _require(name: str, needs_register: bool = False) -> None:
 
 def pkey_alloc(flags: int, access_rights: int) -> int:
     _require("pkey_alloc")
+    lib.pk_exposure_untracked()  # a key pkeys does not track may open here
     return call(lib.pk_glibc_pkey_alloc, flags, access_rights)
 
 
@@ -83,4 +84,5 @@ def pkey_get(pkey: int) -> int:
 
 def pkey_set(pkey: int, access_rights: int) -> None:
     _require("pkey_set", needs_register=True)
+    lib.pk_exposure_untracked()  # the register changes behind pkeys' back
     call(lib.pk_glibc_pkey_set, pkey, access_rights)

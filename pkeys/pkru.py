@@ -60,7 +60,9 @@ def write(value: int) -> None:
     interpreter dies at its next memory access.  The safe
     :func:`pkeys.wrpkru` refuses that.
     """
-    if lib.pk_wrpkru(check_pkru(value)) < 0:
+    value = check_pkru(value)
+    lib.pk_exposure_untracked()  # the register changes behind pkeys' back
+    if lib.pk_wrpkru(value) < 0:
         raise UnsupportedError(UNSUPPORTED_MESSAGE)
 
 

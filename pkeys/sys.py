@@ -20,6 +20,7 @@ __all__ = ["pkey_alloc", "pkey_free", "pkey_mprotect", "mprotect"]
 
 def pkey_alloc(flags: int, access_rights: int) -> int:
     """``pkey_alloc(2)``: a new key, with ``access_rights`` in this thread."""
+    lib.pk_exposure_untracked()  # a key pkeys does not track may open here
     return call(lib.pk_sys_pkey_alloc, flags, access_rights)
 
 

@@ -257,6 +257,8 @@ def test_closing_is_refused_while_a_thread_has_not_answered():
     ready, go = threading.Event(), threading.Event()
 
     def blocker() -> None:
+        with key.allow():  # it had the key: it must answer (a thread that
+            pass           # never had it is left out: test_revocation_exemption)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signo})
         ready.set()
         go.wait(30)
@@ -706,6 +708,8 @@ def test_a_pool_eviction_names_a_thread_that_blocks_the_signal(limit_one):
     ready, go = threading.Event(), threading.Event()
 
     def blocker() -> None:
+        with first.unlocked():  # it had the pool key: it must answer
+            pass
         signal.pthread_sigmask(signal.SIG_BLOCK, {signo})
         ready.set()
         go.wait(60)
