@@ -78,17 +78,28 @@ static int hw_alloc(unsigned int flags, unsigned int rights, uint32_t identity)
 
 /* The kernel leaves every thread's rights alone, so a later allocation of
  * the number would inherit them: the key is first revoked in every thread
- * (revoke.c), and the free is refused if some thread did not answer. */
+ * (revoke.c), and the free is refused if some thread did not answer.
+ *
+ * The identity is retired before the broadcast, not after it: a thread
+ * that has already answered and then enters a scope on the key checks the
+ * identity after its register write (hw_scope_enter) and takes its grant
+ * back; one whose check came before the retirement wrote its register
+ * before it too, and is signalled after it.  Retired only after, such a
+ * scope kept the key open in its thread once the free had returned, and a
+ * later key given the number was open there. */
 static int hw_free_key(int pkey, double timeout, struct pk_broadcast *result, uint64_t pins)
 {
-    int status = revoke(pkey, PK_AD, timeout, result);
-    uint32_t old;
+    uint32_t identity = PK_LOAD(pk_key_identities[pkey]), old;
+    int status;
     (void)pins;
-    if (status != PK_OK)
-        return status; /* some thread may still have access: keep the number */
-    if (pk_sys_pkey_free(pkey) != 0)
-        return PK_E_ERRNO;
     pk_identity_retire(pkey);
+    status = revoke(pkey, PK_AD, timeout, result);
+    if (status == PK_OK && pk_sys_pkey_free(pkey) != 0)
+        status = PK_E_ERRNO;
+    if (status != PK_OK) {
+        pk_identity_restore(pkey, identity); /* some thread may still have access: keep it */
+        return status;
+    }
     old = pk_rdpkru_unchecked();
     hw_write(old, pk_with_bits(old, pkey, PK_AD));
     return PK_OK;
@@ -102,18 +113,28 @@ static int hw_set(int pkey, int rights, uint64_t pins)
 {
     struct grants *g = pk_my_grants();
     uint32_t mark = pk_revocations_mark();
-    uint32_t old;
+    uint32_t old, identity = PK_LOAD(pk_key_identities[pkey]);
     (void)pins;
+    if (!identity)
+        return PK_E_NOT_ALLOCATED; /* freed since the caller's check */
     pk_exposure_note(rights & PK_AD ? 0u : 1u << pkey);
     PK_STEP();
     old = pk_rdpkru_unchecked();
     PK_STEP();
-    pk_grants_adopt(g, pkey, PK_LOAD(pk_key_identities[pkey]));
+    pk_grants_adopt(g, pkey, identity);
     PK_STEP();
-    if (pk_grants_active(g, pkey))
+    if (pk_grants_active(g, pkey)) {
         g->base[pkey] = (uint8_t)rights;
-    else
+    } else {
         hw_write_settled(old, pk_with_bits(old, pkey, (unsigned)rights), mark);
+        /* A free in another thread may have raced with this write (see
+         * hw_free_key): once it is written, check again and close the key. */
+        if (!(rights & PK_AD) && PK_LOAD(pk_key_identities[pkey]) != identity) {
+            old = pk_rdpkru_unchecked();
+            hw_write(old, pk_with_bits(old, pkey, PK_AD));
+            return PK_E_NOT_ALLOCATED;
+        }
+    }
     return PK_OK;
 }
 

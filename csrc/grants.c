@@ -40,6 +40,12 @@ void pk_identity_retire(int pkey)
     __atomic_and_fetch(&allocated_keys, ~(1u << pkey), __ATOMIC_SEQ_CST);
 }
 
+void pk_identity_restore(int pkey, uint32_t identity)
+{
+    PK_STORE(pk_key_identities[pkey], identity);
+    __atomic_or_fetch(&allocated_keys, 1u << pkey, __ATOMIC_SEQ_CST);
+}
+
 uint32_t pk_key_identity(int pkey)
 {
     return (pkey > 0 && pkey < PK_NKEYS) ? PK_LOAD(pk_key_identities[pkey]) : 0;

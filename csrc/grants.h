@@ -106,6 +106,9 @@ uint32_t pk_identity_next(void);
 void pk_identity_assign(int pkey, uint32_t identity);
 /* `pkey` is free: scopes and regions naming its identity are stale. */
 void pk_identity_retire(int pkey);
+/* A retirement undone (a free that failed): `pkey` has `identity` again,
+ * and its revocation stamps stand. */
+void pk_identity_restore(int pkey, uint32_t identity);
 /* PK_OK, PK_E_KEY_RANGE or PK_E_NOT_ALLOCATED (key 0 is always allocated). */
 int pk_identity_check_number(int pkey);
 /* Each key of `keys` still has the identity in `identities`: PK_OK,

@@ -1019,3 +1019,65 @@ def test_a_thread_on_a_small_alternate_stack_survives_revocations(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "survived" in result.stdout, (
         size, result.returncode, result.stderr[-2000:])
+
+
+@pytest.mark.pku
+@pytest.mark.parametrize("action", ["scope", "pkey_set"])
+def test_a_thread_that_answered_a_close_cannot_reopen_the_key_before_it_is_freed(action, alarm):
+    """Thread T answers the revocation that ``Key.close()`` makes, then opens
+    the key while the close still waits for another thread.  Once the close
+    returns, T must not have the key open: the number is free, and the next
+    key to get it would be open in T.  (The key's identity used to be
+    retired only after the broadcast, and T's scope kept the key open.)"""
+    from tests._exemption import Blocker, _signalled, _wait_for
+
+    key = pkeys.Key()
+    number = key.pkey
+    go, opened, closed = threading.Event(), threading.Event(), threading.Event()
+    seen: list[object] = []
+
+    def open_it() -> None:
+        if action == "scope":
+            with key.allow():
+                opened.set()
+                assert closed.wait(30)
+                seen.append(pkeys.pkru.rights_of(pkeys.pkru.read(), number))
+        else:
+            pkeys.pkey_set(key, pkeys.PKEY_UNRESTRICTED)
+            opened.set()
+
+    def user() -> None:
+        with key.allow():  # it has had the key: it is signalled, and answers
+            pass
+        assert go.wait(30)
+        try:
+            open_it()
+        except pkeys.PkeysError as error:  # refused: as good
+            seen.append(error)
+            opened.set()
+        assert closed.wait(30)
+        seen.append(pkeys.pkru.rights_of(pkeys.pkru.read(), number))
+
+    def scope() -> None:
+        with key.allow():
+            pass
+
+    thread = threading.Thread(target=user, daemon=True)
+    thread.start()
+    blocker = Blocker(scope)  # had the key too: the close waits for it
+
+    def release() -> None:
+        _wait_for(lambda: _signalled(blocker.tid), "the blocker to be signalled")
+        go.set()  # the close is under way, and waits for the blocker
+        assert opened.wait(30)
+        blocker.finish()  # it exits, and so counts as answered
+
+    releaser = threading.Thread(target=release, daemon=True)
+    releaser.start()
+    key.close()
+    closed.set()
+    releaser.join(30)
+    thread.join(30)
+    assert number not in pkeys.allocated_keys()
+    assert seen and all(isinstance(rights, pkeys.PkeysError)
+                        or rights & pkeys.PkeyRights.DISABLE_ACCESS for rights in seen), seen
