@@ -25,10 +25,10 @@
  *  - a change for every thread that gives access (pkey_set(...,
  *    threads="all") with rights that allow reading): it marks the key, and
  *    no thread is exempt for it until the key is allocated again;
- *  - code outside pkeys writing PKRU: pkeys' raw layers (pkeys.sys,
- *    pkeys.glibc, pkeys.pkru.write) turn exemption off for the rest of the
- *    process (pk_exposure_untracked), and the package already assumes that
- *    no other code writes PKRU;
+ *  - code outside pkeys writing PKRU or allocating and freeing keys:
+ *    pkeys' raw layers (pkeys.sys, pkeys.glibc, pkeys.pkru.write) turn
+ *    exemption off for the rest of the process (pk_exposure_untracked),
+ *    and the package already assumes that no other code does;
  *  - a register that allowed a key before pkeys was loaded: checked in the
  *    loading thread (pk_exposure_init).
  *
@@ -44,17 +44,33 @@
  *
  * A thread's birth time comes from /proc/self/task/TID/stat, in clock
  * ticks (10 ms): a thread counts as born before an allocation only if it
- * started in an earlier tick than the one the allocation began in.
+ * started in an earlier tick than the one the allocation began in.  A
+ * thread with a birth record is judged by the record alone.  A birth
+ * record's claim ends as its thread exits (a pthread key's destructor), so
+ * a thread that reuses the id, even in the same tick, never inherits it.
+ *
+ * Found by an adversary, and why they hold now: a pkey_set racing with
+ * the free of its key left the number open in its thread, and a thread it
+ * started then looked born before the next key of that number
+ * (hw_free_key retires the identity first, hw_set checks it again after
+ * writing, and a birth record overrides the birth time); the gate's keys
+ * and rights read from two broadcasts (one word now); a dead thread's
+ * birth record taken for a thread given its id on purpose (the destructor);
+ * the table filled by 4096 thread births between broadcasts (a full table
+ * frees the records of threads that are gone first).
  *
  * Unsafe assumptions, written down:
- *  - No code outside pkeys writes PKRU (as everywhere in the package).
- *  - A thread id is not reused within one clock tick of its thread's
- *    record: that needs pid_max threads and processes created in 10 ms.
+ *  - No code outside pkeys writes PKRU, or frees a key pkeys allocated
+ *    (as everywhere in the package).
+ *  - The thread's TLS destructors run when it exits (every pthread and
+ *    Python thread; not a thread that ends with a raw exit system call,
+ *    whose id would then have to be reused within its birth tick).
  */
 #include "pkeys_internal.h"
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -64,16 +80,21 @@
 
 #define RECORDS 4096
 
-/* One thread's record.  Written by its thread (atomics), read and swept by
- * the broadcaster under the state mutex. */
+/* One thread's record.  Written by its thread (atomics), read by the
+ * broadcaster under the state mutex; freed when its thread exits (the
+ * pthread key's destructor) or is found gone (sweep). */
 struct exposure_record {
-    pid_t tid;                 /* 0: free */
+    pid_t tid;                 /* 0: free; SWEEPING: being freed */
     uint32_t opened;           /* bit k: the thread may have opened key k since */
     uint32_t denied_at_birth;  /* bit k: its register denied k when the record began */
     uint64_t began_ns;         /* CLOCK_BOOTTIME when the record began (birth records) */
 };
+#define SWEEPING ((pid_t)-1)
 static struct exposure_record records[RECORDS];
 static int records_used; /* high-water mark of claimed slots */
+/* Its destructor runs as a thread that claimed a record exits. */
+static pthread_key_t record_owner;
+static pthread_once_t record_owner_once = PTHREAD_ONCE_INIT;
 
 /* Keys this thread has published, and its record. */
 PK_TLS uint32_t pk_exposure_published;
@@ -87,10 +108,10 @@ static int untracked;
 static uint64_t allocated_ns[PK_NKEYS];
 static int opened_for_all[PK_NKEYS];
 
-/* Odd while a broadcast that may exempt threads decides and waits; the
- * change it makes; and whether it is this thread's. */
-static uint32_t gate;
-static uint32_t gate_keys, gate_bits;
+/* While a broadcast that may exempt threads decides and waits, the change
+ * it makes, as one word that cannot be read torn (keys << 32 | rights in
+ * PKRU's layout); 0 otherwise.  And whether the broadcast is this thread's. */
+static uint64_t gate;
 static PK_TLS int broadcasting_here;
 
 static uint64_t boottime_ns(void)
@@ -102,14 +123,46 @@ static uint64_t boottime_ns(void)
 
 static pid_t current_tid(void) { return (pid_t)syscall(SYS_gettid); }
 
-/* This thread's record, claimed on first use; NULL if the table is full. */
-static struct exposure_record *claim_record(void)
+/* Free a record whose thread was `tid`: marked first, so that a thread
+ * claiming the slot meanwhile (only from 0) cannot have its fields wiped,
+ * and two sweeps cannot both free it. */
+static void free_record(struct exposure_record *record, pid_t tid)
 {
-    pid_t me;
+    if (!__atomic_compare_exchange_n(&record->tid, &tid, SWEEPING, 0, __ATOMIC_SEQ_CST,
+                                     __ATOMIC_RELAXED))
+        return;
+    __atomic_store_n(&record->opened, 0, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&record->denied_at_birth, 0, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&record->began_ns, 0, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&record->tid, 0, __ATOMIC_SEQ_CST);
+}
+
+/*
+ * As its thread exits (after its last Python code): the birth record's
+ * claim goes at once, so a thread that gets the same id (which a
+ * privileged process can choose: ns_last_pid, clone3's set_tid) is never
+ * taken for this one.  A record of keys it opened stays until a sweep finds
+ * the id gone: errs only towards signalling a thread that reuses the id.
+ */
+static void record_owner_exits(void *value)
+{
+    struct exposure_record *record = value;
+    pid_t tid = __atomic_load_n(&record->tid, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&record->denied_at_birth, 0, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&record->began_ns, 0, __ATOMIC_SEQ_CST);
+    if (!__atomic_load_n(&record->opened, __ATOMIC_SEQ_CST))
+        free_record(record, tid);
+}
+
+static void make_record_owner(void)
+{
+    if (pthread_key_create(&record_owner, record_owner_exits) != 0)
+        pk_exposure_untracked(); /* no way to see threads exit: prove nothing */
+}
+
+static struct exposure_record *claim_free_slot(pid_t me)
+{
     int i;
-    if (my_record)
-        return my_record;
-    me = current_tid();
     for (i = 0; i < RECORDS; i++) {
         pid_t free_slot = 0;
         if (__atomic_compare_exchange_n(&records[i].tid, &free_slot, me, 0, __ATOMIC_SEQ_CST,
@@ -119,11 +172,30 @@ static struct exposure_record *claim_record(void)
                                                                 __ATOMIC_SEQ_CST,
                                                                 __ATOMIC_RELAXED))
                 ;
-            my_record = &records[i];
-            return my_record;
+            return &records[i];
         }
     }
     return NULL;
+}
+
+/* This thread's record, claimed on first use; NULL if the table is full
+ * even after freeing the records of threads that are gone. */
+static struct exposure_record *claim_record(void)
+{
+    struct exposure_record *record;
+    pid_t me;
+    if (my_record)
+        return my_record;
+    pthread_once(&record_owner_once, make_record_owner);
+    me = current_tid();
+    if (!(record = claim_free_slot(me))) {
+        pk_exposure_sweep(getpid());
+        record = claim_free_slot(me);
+    }
+    if (record)
+        pthread_setspecific(record_owner, record);
+    my_record = record;
+    return record;
 }
 
 void pk_exposure_publish(uint32_t keys)
@@ -136,10 +208,10 @@ void pk_exposure_publish(uint32_t keys)
         __atomic_or_fetch(&record->opened, keys, __ATOMIC_SEQ_CST);
     pk_exposure_published |= keys;
     /* The other half of the gate: see the header comment. */
-    if (!broadcasting_here && (__atomic_load_n(&gate, __ATOMIC_SEQ_CST) & 1u)) {
-        uint32_t gated = __atomic_load_n(&gate_keys, __ATOMIC_SEQ_CST);
-        if (gated)
-            pk_revocations_apply_here(gated, __atomic_load_n(&gate_bits, __ATOMIC_SEQ_CST));
+    if (!broadcasting_here) {
+        uint64_t change = __atomic_load_n(&gate, __ATOMIC_SEQ_CST);
+        if (change)
+            pk_revocations_apply_here((uint32_t)(change >> 32), (uint32_t)change);
     }
 }
 
@@ -190,11 +262,12 @@ void pk_exposure_opened_for_all(int pkey)
 void pk_exposure_forked_child(void)
 {
     /* The record belongs to the parent's thread id. */
+    if (my_record)
+        pthread_setspecific(record_owner, NULL);
     my_record = NULL;
     pk_exposure_published = 0;
     broadcasting_here = 0;
     __atomic_store_n(&gate, 0, __ATOMIC_SEQ_CST);
-    __atomic_store_n(&gate_keys, 0, __ATOMIC_SEQ_CST);
 }
 
 /* ---- the broadcaster's side (state mutex held) -------------------------- */
@@ -250,21 +323,19 @@ uint32_t pk_exposure_exemptable(uint32_t keys, uint32_t bits)
 void pk_exposure_gate_open(uint32_t keys, uint32_t bits)
 {
     broadcasting_here = 1;
-    __atomic_store_n(&gate_keys, keys, __ATOMIC_SEQ_CST);
-    __atomic_store_n(&gate_bits, bits, __ATOMIC_SEQ_CST);
-    __atomic_add_fetch(&gate, 1, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&gate, (uint64_t)keys << 32 | bits, __ATOMIC_SEQ_CST);
 }
 
 void pk_exposure_gate_close(void)
 {
-    __atomic_add_fetch(&gate, 1, __ATOMIC_SEQ_CST);
-    __atomic_store_n(&gate_keys, 0, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&gate, 0, __ATOMIC_SEQ_CST);
     broadcasting_here = 0;
 }
 
 int pk_exposure_thread_denies(pid_t tid, uint32_t keys)
 {
     uint32_t opened = 0, born_denying = 0;
+    int has_birth_record = 0;
     uint64_t started;
     int used, i, k;
     /* Again here, after the gate opened: a publisher that found the table
@@ -287,30 +358,32 @@ int pk_exposure_thread_denies(pid_t tid, uint32_t keys)
          * thread started. */
         uint64_t began = __atomic_load_n(&records[i].began_ns, __ATOMIC_SEQ_CST);
         if (__atomic_load_n(&records[i].tid, __ATOMIC_SEQ_CST) == tid && began &&
-            started <= began / tick_ns)
+            started <= began / tick_ns) {
             born_denying |= __atomic_load_n(&records[i].denied_at_birth, __ATOMIC_SEQ_CST);
+            has_birth_record = 1;
+        }
     }
+    /* A thread with a birth record is judged by what its register held
+     * (rule B) and never by its birth time (rule A): the record is the
+     * register itself, where rule A infers it. */
+    if (has_birth_record)
+        return (born_denying & keys) == keys;
     for (k = 1; k < PK_NKEYS; k++) {
         uint64_t allocated = __atomic_load_n(&allocated_ns[k], __ATOMIC_SEQ_CST);
-        if (!((keys >> k) & 1u))
-            continue;
-        if (!((born_denying >> k) & 1u) && !(allocated && started < allocated / tick_ns))
+        if (((keys >> k) & 1u) && !(allocated && started < allocated / tick_ns))
             return 0;
     }
     return 1;
 }
 
-/* Records of threads that are gone: free again. */
+/* Records of threads that are gone: free again (the broadcaster, and a
+ * claim that found the table full). */
 void pk_exposure_sweep(pid_t pid)
 {
     int used = __atomic_load_n(&records_used, __ATOMIC_SEQ_CST), i;
     for (i = 0; i < used; i++) {
         pid_t tid = __atomic_load_n(&records[i].tid, __ATOMIC_SEQ_CST);
-        if (tid && syscall(SYS_tgkill, pid, tid, 0) != 0 && errno == ESRCH) {
-            __atomic_store_n(&records[i].opened, 0, __ATOMIC_SEQ_CST);
-            __atomic_store_n(&records[i].denied_at_birth, 0, __ATOMIC_SEQ_CST);
-            __atomic_store_n(&records[i].began_ns, 0, __ATOMIC_SEQ_CST);
-            __atomic_store_n(&records[i].tid, 0, __ATOMIC_SEQ_CST);
-        }
+        if (tid > 0 && syscall(SYS_tgkill, pid, tid, 0) != 0 && errno == ESRCH)
+            free_record(&records[i], tid);
     }
 }

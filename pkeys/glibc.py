@@ -69,6 +69,7 @@ def pkey_alloc(flags: int, access_rights: int) -> int:
 
 def pkey_free(pkey: int) -> None:
     _require("pkey_free")
+    lib.pk_exposure_untracked()  # a number freed behind pkeys' back
     call(lib.pk_glibc_pkey_free, pkey)
 
 

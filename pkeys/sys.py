@@ -26,6 +26,7 @@ def pkey_alloc(flags: int, access_rights: int) -> int:
 
 def pkey_free(pkey: int) -> None:
     """``pkey_free(2)``.  The kernel accepts key 0 here; the safe layer does not."""
+    lib.pk_exposure_untracked()  # a number freed behind pkeys' back
     call(lib.pk_sys_pkey_free, pkey)
 
 

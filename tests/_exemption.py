@@ -150,6 +150,22 @@ def faulthandler_watchdog_started_before_the_key() -> None:
         faulthandler.cancel_dump_traceback_later()
 
 
+def after_more_thread_births_than_records() -> None:
+    """Each threading thread takes a record at birth; the 4096 records must
+    not run out between broadcasts (they did, and exemption ended)."""
+    blocker = Blocker()
+    for _ in range(4200):
+        thread = threading.Thread(target=lambda: None)
+        thread.start()
+        thread.join()
+    _wait_for_a_later_tick(blocker.tid)
+    key = pkeys.Key()
+    with key.allow():
+        pass
+    _revoke_and_close_without_it(key, blocker.tid)
+    blocker.finish()
+
+
 # ---- threads that had, or may have had, the key: they must answer -----------
 
 def _must_answer(key: pkeys.Key, blocker_tid: int) -> None:

@@ -35,6 +35,7 @@ def run_scenario(name: str) -> None:
     "born_after_the_key",
     "born_inside_a_block",
     "faulthandler_watchdog_started_before_the_key",
+    "after_more_thread_births_than_records",
 ])
 def test_a_thread_that_never_had_the_key_is_left_out(scenario):
     run_scenario(scenario)
