@@ -69,7 +69,6 @@
 #include "pkeys_internal.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -279,17 +278,10 @@ static uint64_t start_tick(pid_t tid)
 {
     char path[64], text[1024];
     const char *after_name;
-    ssize_t length;
-    int fd, field;
+    int field;
     snprintf(path, sizeof path, "/proc/self/task/%d/stat", (int)tid);
-    fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
+    if (pk_read_text_file(path, text, sizeof text) < 0)
         return 0;
-    length = read(fd, text, sizeof text - 1);
-    close(fd);
-    if (length <= 0)
-        return 0;
-    text[length] = 0;
     /* The name may hold spaces and parentheses: count from the last ')'. */
     after_name = strrchr(text, ')');
     if (!after_name)

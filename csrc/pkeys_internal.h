@@ -195,6 +195,9 @@ void pk_exposure_gate_close(void);
 int pk_exposure_thread_denies(pid_t tid, uint32_t keys);
 void pk_exposure_sweep(pid_t pid);
 
+/* A small /proc file, NUL-terminated: its length, or -1 (revoke.c). */
+ssize_t pk_read_text_file(const char *path, char *text, size_t size);
+
 /* read(2) into a protected buffer, through a wiped bounce page where the
  * file system cannot pin secret memory (secretmem.c). */
 ssize_t pk_read_unpinned(int fd, void *dst, size_t len);

@@ -604,21 +604,28 @@ static int add_waiting(pid_t tid, uint32_t keys, uint32_t pkru_bits)
     return 0;
 }
 
+ssize_t pk_read_text_file(const char *path, char *text, size_t size)
+{
+    ssize_t length;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    length = read(fd, text, size - 1);
+    close(fd);
+    if (length <= 0)
+        return -1;
+    text[length] = 0;
+    return length;
+}
+
 /* How many threads the process has ("Threads:" in /proc/self/status), or
  * 0 if that cannot be read. */
 static int process_threads(void)
 {
     char text[4096];
     const char *field;
-    ssize_t length;
-    int fd = open("/proc/self/status", O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
+    if (pk_read_text_file("/proc/self/status", text, sizeof text) < 0)
         return 0;
-    length = read(fd, text, sizeof text - 1);
-    close(fd);
-    if (length <= 0)
-        return 0;
-    text[length] = 0;
     field = strstr(text, "\nThreads:");
     return field ? atoi(field + sizeof "\nThreads:" - 1) : 0;
 }
