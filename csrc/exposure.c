@@ -120,8 +120,6 @@ static uint64_t boottime_ns(void)
     return (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
 }
 
-static pid_t current_tid(void) { return (pid_t)syscall(SYS_gettid); }
-
 /* Free a record whose thread was `tid`: marked first, so that a thread
  * claiming the slot meanwhile (only from 0) cannot have its fields wiped,
  * and two sweeps cannot both free it. */
@@ -186,7 +184,7 @@ static struct exposure_record *claim_record(void)
     if (my_record)
         return my_record;
     pthread_once(&record_owner_once, make_record_owner);
-    me = current_tid();
+    me = pk_current_tid();
     if (!(record = claim_free_slot(me))) {
         pk_exposure_sweep(getpid());
         record = claim_free_slot(me);

@@ -195,6 +195,9 @@ void pk_exposure_gate_close(void);
 int pk_exposure_thread_denies(pid_t tid, uint32_t keys);
 void pk_exposure_sweep(pid_t pid);
 
+/* The calling thread's id (gettid(2); async-signal-safe). */
+pid_t pk_current_tid(void);
+
 /* A small /proc file, NUL-terminated: its length, or -1 (revoke.c). */
 ssize_t pk_read_text_file(const char *path, char *text, size_t size);
 

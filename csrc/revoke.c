@@ -131,7 +131,6 @@ static int xsave_pkru_offset = -1;
 /* Signals a kernel sigset holds (the first 64 bits of uc_sigmask). */
 #define KERNEL_SIGNALS 64
 
-static pid_t current_tid(void) { return (pid_t)syscall(SYS_gettid); }
 
 /* Per thread, written by the handler: how many times it ran, and what it
  * applied since the thread's last pk_revocations_mark(). */
@@ -443,7 +442,7 @@ static int handled_signal_blocked(void *ucontext)
 
 static void answer(int value, int signo)
 {
-    pid_t me = current_tid();
+    pid_t me = pk_current_tid();
     int i, count = __atomic_load_n(&target_count, __ATOMIC_ACQUIRE);
     for (i = 0; i < count; i++) {
         if (__atomic_load_n(&target_tid[i], __ATOMIC_ACQUIRE) == me) {
@@ -461,7 +460,7 @@ static PK_TLS volatile int checking_here;
 static void revocation_handler(int signo, siginfo_t *info, void *ucontext)
 {
     int saved_errno = errno, outer;
-    struct pending_slot *mine = slot_of(current_tid());
+    struct pending_slot *mine = slot_of(pk_current_tid());
     uint32_t *slot;
     uint64_t waiting;
     uint32_t value;
@@ -603,6 +602,8 @@ static int add_waiting(pid_t tid, uint32_t keys, uint32_t pkru_bits)
                                           __ATOMIC_ACQUIRE));
     return 0;
 }
+
+pid_t pk_current_tid(void) { return (pid_t)syscall(SYS_gettid); }
 
 ssize_t pk_read_text_file(const char *path, char *text, size_t size)
 {
@@ -773,7 +774,7 @@ static int broadcast_to_others(pid_t self, uint32_t keys, uint32_t bits, double 
 
 int pk_broadcast(uint32_t keys, uint32_t bits, double timeout, struct pk_broadcast *result)
 {
-    pid_t self = current_tid();
+    pid_t self = pk_current_tid();
     int status;
     if (result)
         memset(result, 0, sizeof *result);
@@ -869,7 +870,7 @@ static int broadcast_to_others(pid_t self, uint32_t keys, uint32_t bits, double 
  */
 static int check_locked(void)
 {
-    pid_t self = current_tid();
+    pid_t self = pk_current_tid();
     uint32_t before, flipped, after;
     uint32_t saved_count = handled_count;
     uint64_t saved_since_mark = handled_since_mark;

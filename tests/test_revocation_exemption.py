@@ -16,8 +16,6 @@ import sys
 
 import pytest
 
-import pkeys
-
 pytestmark = pytest.mark.pku
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -58,6 +56,3 @@ def test_a_thread_that_may_have_had_the_key_must_answer(scenario):
 def test_a_grant_racing_with_a_revocation_that_left_its_thread_out_is_revoked_too():
     run_scenario("a_grant_during_the_revocation_is_revoked_too")
 
-
-def test_pkeys_knows_the_backend_these_scenarios_need():
-    assert pkeys.backend() in ("hardware", "simulated")
