@@ -751,39 +751,32 @@ static PyType_Spec key_spec = {
 static PyObject *allow_keys(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
                             PyObject *kwnames)
 {
-    struct pk_scope scope;
     Py_ssize_t i;
     int write = 1;
     ScopeObject *made;
     (void)module;
-    scope.keys = 0;
+    /* Filled in place: identities of keys not in `keys` are never read
+     * (state.c), and the new scope's are zero. */
+    if (!(made = new_scope(NULL)))
+        return NULL;
     for (i = 0; i < nargs; i++) {
         KeyObject *key = (KeyObject *)args[i];
         if (!pk_is_key(args[i]) || key->pkey < 0)
             break;  /* a number, or a closed Key: the general path says which */
-        scope.keys |= 1u << key->pkey;
-        scope.identities[key->pkey] = key->identity;
+        made->scope.keys |= 1u << key->pkey;
+        made->scope.identities[key->pkey] = key->identity;
     }
-    if (kwnames && pk_write_argument(args, nargs, kwnames, nargs, "allow", &write) < 0)
-        return NULL;
-    if (i < nargs || nargs == 0) {
-        PyObject *keys = PyTuple_New(nargs);
-        if (!keys)
+    if ((kwnames && pk_write_argument(args, nargs, kwnames, nargs, "allow", &write) < 0) ||
+        i < nargs || nargs == 0) {
+        PyObject *keys;
+        Py_DECREF(made);
+        if (PyErr_Occurred() || !(keys = PyTuple_New(nargs)))
             return NULL;
         for (i = 0; i < nargs; i++)
             PyTuple_SetItem(keys, i, Py_NewRef(args[i]));
         return PyObject_CallFunction(allow_any, "Ni", keys, write);
     }
-    scope.kind = write ? PK_GRANT_READ_WRITE : PK_GRANT_READ_ONLY;
-    /* Identities of keys not in `keys` are never read (state.c): only
-     * those of the keys given are copied. */
-    if (!(made = new_scope(NULL)))
-        return NULL;
-    made->scope.keys = scope.keys;
-    made->scope.kind = scope.kind;
-    for (i = 0; i < 16; i++)
-        if (scope.keys & (1u << i))
-            made->scope.identities[i] = scope.identities[i];
+    made->scope.kind = write ? PK_GRANT_READ_WRITE : PK_GRANT_READ_ONLY;
     return (PyObject *)made;
 }
 
