@@ -180,17 +180,21 @@ static int64_t hw_shadow(void) { return shadow_valid ? (int64_t)shadow : -1; }
 static int64_t hw_scope_enter(uint32_t keys, int kind, const uint32_t *identities, uint64_t pins)
 {
     struct grants *g = pk_my_grants();
-    uint32_t mark = pk_revocations_mark(), old;
+    uint32_t mark = pk_revocations_mark(), old, next, epoch;
     int64_t token;
     (void)pins;
+    if ((keys & 1u) || !keys || keys >> PK_NKEYS)
+        return pk_identity_check(keys, identities);  /* key 0 or out of range: its status */
     pk_exposure_note(kind == PK_GRANT_DENY ? 0u : keys);
     PK_STEP();
     old = pk_rdpkru_unchecked();
     PK_STEP();
-    pk_grants_count(g, keys, kind, identities, +1, old);
-    token = pk_make_token(pk_grants_counted_under(g, keys));
+    /* Checks each key's identity as it counts it: a closed key counts nothing. */
+    if (pk_grants_enter(g, keys, kind, identities, old, &next, &epoch) != PK_OK)
+        return PK_E_KEY_CLOSED;
+    token = pk_make_token(epoch);
     PK_STEP();
-    hw_write_settled(old, pk_grants_compose(g, keys, old), mark);
+    hw_write_settled(old, next, mark);
     /* A pkey_free in another thread may have raced with this grant: once
      * the register is written, check again and take it back. */
     if (pk_identity_check(keys, identities) != PK_OK) {
@@ -213,16 +217,16 @@ static int hw_scope_exit(uint32_t keys, int kind, const uint32_t *identities, in
     if ((uint32_t)((uint64_t)token >> 32) != pk_thread_serial())
         return PK_E_WRONG_THREAD;
     PK_STEP();
-    live = pk_grants_live(g, keys, identities, (uint32_t)token);
-    if (!pk_grants_balanced(g, live, kind, identities))
+    if (!pk_grants_exit_check(g, keys, kind, identities, (uint32_t)token, &live))
         return PK_E_UNBALANCED;
     PK_STEP();
     old = pk_rdpkru_unchecked();
     PK_STEP();
-    pk_grants_count(g, live, kind, identities, -1, 0);
-    next = pk_grants_compose(g, live, old);
-    next = pk_grants_close_freed(g, keys & ~live, kind, identities, next);
-    next = pk_grants_close_revoked(g, keys & ~live, identities, next);
+    next = pk_grants_withdraw(g, live, kind, identities, old);
+    if (keys & ~live) {  /* freed or revoked while the scope was open: rare */
+        next = pk_grants_close_freed(g, keys & ~live, kind, identities, next);
+        next = pk_grants_close_revoked(g, keys & ~live, identities, next);
+    }
     PK_STEP();
     hw_write_settled(old, next, mark);
     return PK_OK;

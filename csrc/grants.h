@@ -200,24 +200,30 @@ static inline int pk_grants_adopt(struct grants *g, int k, uint32_t identity)
     return same_key ? PK_ADOPT_REVOKED : PK_ADOPT_FIRST;
 }
 
-/* Add (+1) or withdraw (-1) one grant of `kind` in `g`.  Entering a key's
- * first grant records its base from `pkru`. */
+/* Add (+1) or withdraw (-1) one grant of `kind` to key k in `g`.  Entering
+ * a key's first grant records its base from `pkru`. */
+static inline void pk_grants_count_key(struct grants *g, int k, int kind, uint32_t identity,
+                                       int delta, uint32_t pkru)
+{
+    int found = pk_grants_adopt(g, k, identity);
+    if (delta > 0) {
+        if (found == PK_ADOPT_FIRST) /* both bits are restrictions: OR is the stricter */
+            g->base[k] = (uint8_t)(g->base[k] | pk_bits_of(pkru, k));
+        else if (found != PK_ADOPT_REVOKED && !pk_grants_active(g, k))
+            g->base[k] = (uint8_t)pk_bits_of(pkru, k);
+        g->count[k][kind]++;
+    } else if (g->count[k][kind]) {
+        g->count[k][kind]--;
+    }
+}
+
+/* The same for each key of `keys`. */
 static inline void pk_grants_count(struct grants *g, uint32_t keys, int kind,
                                    const uint32_t *identities, int delta, uint32_t pkru)
 {
-    int k, found;
-    PK_FOR_EACH_KEY(k, keys) {
-        found = pk_grants_adopt(g, k, identities[k]);
-        if (delta > 0) {
-            if (found == PK_ADOPT_FIRST) /* both bits are restrictions: OR is the stricter */
-                g->base[k] = (uint8_t)(g->base[k] | pk_bits_of(pkru, k));
-            else if (found != PK_ADOPT_REVOKED && !pk_grants_active(g, k))
-                g->base[k] = (uint8_t)pk_bits_of(pkru, k);
-            g->count[k][kind]++;
-        } else if (g->count[k][kind]) {
-            g->count[k][kind]--;
-        }
-    }
+    int k;
+    PK_FOR_EACH_KEY(k, keys)
+        pk_grants_count_key(g, k, kind, identities[k], delta, pkru);
 }
 
 /* `pkru` with each key of `keys` given what its grants compose to. */
@@ -233,16 +239,30 @@ static inline uint32_t pk_grants_compose(const struct grants *g, uint32_t keys, 
  * not freed, not revoked since the grant began (the token's epoch), and
  * counted under the key's latest revocation stamp (a revocation voids the
  * counts). */
+static inline int pk_grants_live_key(const struct grants *g, int k, uint32_t identity,
+                                     uint32_t epoch)
+{
+    uint32_t stamp = PK_LOAD(pk_revoked_at[k]);  /* once: both tests see one stamp */
+    return PK_LOAD(pk_key_identities[k]) == identity && (int32_t)(stamp - epoch) <= 0 &&
+           g->epoch[k] == stamp;
+}
+
 static inline uint32_t pk_grants_live(const struct grants *g, uint32_t keys,
                                       const uint32_t *identities, uint32_t epoch)
 {
     uint32_t live = keys;
     int k;
     PK_FOR_EACH_KEY(k, keys)
-        if (PK_LOAD(pk_key_identities[k]) != identities[k] || pk_revoked_since(k, epoch) ||
-            g->epoch[k] != PK_LOAD(pk_revoked_at[k]))
+        if (!pk_grants_live_key(g, k, identities[k], epoch))
             live &= ~(1u << k);
     return live;
+}
+
+/* Key k has a grant of `kind` to withdraw in `g`. */
+static inline int pk_grants_balanced_key(const struct grants *g, int k, int kind,
+                                         uint32_t identity)
+{
+    return g->identity[k] == identity && g->count[k][kind];
 }
 
 /* Every key of `keys` has a grant of `kind` to withdraw in `g`. */
@@ -251,9 +271,77 @@ static inline int pk_grants_balanced(const struct grants *g, uint32_t keys, int 
 {
     int k;
     PK_FOR_EACH_KEY(k, keys)
-        if (g->identity[k] != identities[k] || !g->count[k][kind])
+        if (!pk_grants_balanced_key(g, k, kind, identities[k]))
             return 0;
     return 1;
+}
+
+/*
+ * A scope's entry and exit in one pass over their keys each, for the
+ * hardware backend's hot path: a scope of four keys otherwise walks them
+ * five times.  Each is the sequence of the functions above that it names,
+ * and is exactly that sequence because each key's step reads and writes
+ * only that key's counts and that key's bits of the register value: doing
+ * the steps key by key is doing them function by function
+ * (tests/model/grants_fused.c checks the two against each other over every
+ * state of a small domain).
+ */
+
+/* pk_identity_check() of `keys` (in the range 1..15), and only if it
+ * passes: pk_grants_count(+1) with `pkru`, *epoch = pk_grants_counted_under()
+ * and *next = pk_grants_compose() of `pkru`.  A key found closed ends it:
+ * the keys counted before it are withdrawn again (what a failed check after
+ * the register write does too), and it returns PK_E_KEY_CLOSED. */
+static inline int pk_grants_enter(struct grants *g, uint32_t keys, int kind,
+                                  const uint32_t *identities, uint32_t pkru, uint32_t *next,
+                                  uint32_t *epoch)
+{
+    uint32_t value = pkru, latest = 0;
+    int k;
+    PK_FOR_EACH_KEY(k, keys) {
+        if (!identities[k] || PK_LOAD(pk_key_identities[k]) != identities[k]) {
+            pk_grants_count(g, keys & ((1u << k) - 1u), kind, identities, -1, 0);
+            return PK_E_KEY_CLOSED;
+        }
+        pk_grants_count_key(g, k, kind, identities[k], +1, pkru);
+        if ((int32_t)(g->epoch[k] - latest) > 0)
+            latest = g->epoch[k];
+        value = pk_with_bits(value, k, pk_grants_composed(g, k));
+    }
+    *epoch = latest;
+    *next = value;
+    return PK_OK;
+}
+
+/* *live = pk_grants_live(); the return value pk_grants_balanced() of the
+ * live keys.  Changes nothing. */
+static inline int pk_grants_exit_check(const struct grants *g, uint32_t keys, int kind,
+                                       const uint32_t *identities, uint32_t epoch,
+                                       uint32_t *live)
+{
+    int k, balanced = 1;
+    *live = keys;
+    PK_FOR_EACH_KEY(k, keys) {
+        if (!pk_grants_live_key(g, k, identities[k], epoch))
+            *live &= ~(1u << k);
+        else if (!pk_grants_balanced_key(g, k, kind, identities[k]))
+            balanced = 0;
+    }
+    return balanced;
+}
+
+/* pk_grants_count(-1), then the return value pk_grants_compose() of `pkru`. */
+static inline uint32_t pk_grants_withdraw(struct grants *g, uint32_t keys, int kind,
+                                          const uint32_t *identities, uint32_t pkru)
+{
+    uint32_t cleared = 0, composed = 0;
+    int k;
+    PK_FOR_EACH_KEY(k, keys) {
+        pk_grants_count_key(g, k, kind, identities[k], -1, 0);
+        cleared |= PK_KEY_MASK(k);
+        composed |= pk_grants_composed(g, k) << PK_KEY_SHIFT(k);
+    }
+    return (pkru & ~cleared) | composed;
 }
 
 /* At a scope's end, for keys freed (close_freed) or revoked (close_revoked)
