@@ -1081,3 +1081,49 @@ def test_a_thread_that_answered_a_close_cannot_reopen_the_key_before_it_is_freed
     assert number not in pkeys.allocated_keys()
     assert seen and all(isinstance(rights, pkeys.PkeysError)
                         or rights & pkeys.PkeyRights.DISABLE_ACCESS for rights in seen), seen
+
+
+@pytest.mark.pku
+def test_a_close_racing_a_failing_close_leaves_the_key_open_and_closable(monkeypatch, alarm):
+    """Two threads close one Key while a thread that had the key does not
+    answer.  The first close retires the key's identity, then its free fails
+    and keeps the key.  The second close, made while the first waits, used
+    to see the identity gone, take it for a free already done and mark the
+    Key closed: the key stayed allocated with nothing left to free it.  Now
+    the second waits for the first, and each fails; once the thread answers,
+    the Key closes."""
+    import functools
+
+    from tests._exemption import Blocker, _signalled, _wait_for
+
+    monkeypatch.setattr(pkeys._api, "free_key",
+                        functools.partial(pkeys._api.free_key, timeout=0.5))
+    key = pkeys.Key()
+    number = key.pkey
+
+    def scope() -> None:
+        with key.allow():  # it had the key: a close must wait for its answer
+            pass
+
+    blocker = Blocker(scope)
+    errors: list[BaseException] = []
+
+    def first() -> None:
+        try:
+            key.close()
+        except BaseException as error:  # noqa: BLE001 - checked below
+            errors.append(error)
+
+    closer = threading.Thread(target=first, daemon=True)
+    try:
+        closer.start()
+        _wait_for(lambda: _signalled(blocker.tid), "the first close to be under way")
+        with pytest.raises(pkeys.RevocationError, match="stays allocated"):
+            key.close()
+        closer.join(30)
+        assert len(errors) == 1 and isinstance(errors[0], pkeys.RevocationError), errors
+        assert not key.closed and number in pkeys.allocated_keys()
+    finally:
+        blocker.finish()
+    key.close()
+    assert key.closed and number not in pkeys.allocated_keys()
