@@ -182,16 +182,17 @@ static int64_t hw_scope_enter(uint32_t keys, int kind, const uint32_t *identitie
     struct grants *g = pk_my_grants();
     uint32_t mark = pk_revocations_mark(), old, next, epoch;
     int64_t token;
+    int status;
     (void)pins;
-    if ((keys & 1u) || !keys || keys >> PK_NKEYS)
-        return pk_identity_check(keys, identities);  /* key 0 or out of range: its status */
+    /* Every key, before anything is counted: a refused entry changes nothing
+     * (see pk_grants_enter). */
+    if ((status = pk_identity_check(keys, identities)) != PK_OK)
+        return status;
     pk_exposure_note(kind == PK_GRANT_DENY ? 0u : keys);
     PK_STEP();
     old = pk_rdpkru_unchecked();
     PK_STEP();
-    /* Checks each key's identity as it counts it: a closed key counts nothing. */
-    if (pk_grants_enter(g, keys, kind, identities, old, &next, &epoch) != PK_OK)
-        return PK_E_KEY_CLOSED;
+    next = pk_grants_enter(g, keys, kind, identities, old, &epoch);
     token = pk_make_token(epoch);
     PK_STEP();
     hw_write_settled(old, next, mark);

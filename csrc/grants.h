@@ -287,30 +287,25 @@ static inline int pk_grants_balanced(const struct grants *g, uint32_t keys, int 
  * state of a small domain).
  */
 
-/* pk_identity_check() of `keys` (in the range 1..15), and only if it
- * passes: pk_grants_count(+1) with `pkru`, *epoch = pk_grants_counted_under()
- * and *next = pk_grants_compose() of `pkru`.  A key found closed ends it:
- * the keys counted before it are withdrawn again (what a failed check after
- * the register write does too), and it returns PK_E_KEY_CLOSED. */
-static inline int pk_grants_enter(struct grants *g, uint32_t keys, int kind,
-                                  const uint32_t *identities, uint32_t pkru, uint32_t *next,
-                                  uint32_t *epoch)
+/* pk_grants_count(+1) with `pkru`, then *epoch = pk_grants_counted_under()
+ * and the return value pk_grants_compose() of `pkru`.  The caller has
+ * checked every key's identity first: counting adopts a key's revocation
+ * (pk_grants_adopt), so an entry refused after counting one key would leave
+ * that revocation adopted and not applied to the register. */
+static inline uint32_t pk_grants_enter(struct grants *g, uint32_t keys, int kind,
+                                       const uint32_t *identities, uint32_t pkru,
+                                       uint32_t *epoch)
 {
-    uint32_t value = pkru, latest = 0;
+    uint32_t next = pkru, latest = 0;
     int k;
     PK_FOR_EACH_KEY(k, keys) {
-        if (!identities[k] || PK_LOAD(pk_key_identities[k]) != identities[k]) {
-            pk_grants_count(g, keys & ((1u << k) - 1u), kind, identities, -1, 0);
-            return PK_E_KEY_CLOSED;
-        }
         pk_grants_count_key(g, k, kind, identities[k], +1, pkru);
         if ((int32_t)(g->epoch[k] - latest) > 0)
             latest = g->epoch[k];
-        value = pk_with_bits(value, k, pk_grants_composed(g, k));
+        next = pk_with_bits(next, k, pk_grants_composed(g, k));
     }
     *epoch = latest;
-    *next = value;
-    return PK_OK;
+    return next;
 }
 
 /* *live = pk_grants_live(); the return value pk_grants_balanced() of the

@@ -241,9 +241,9 @@ int64_t pk_shadow_pkru(void)
 
 /* ---- scopes ------------------------------------------------------------ */
 
-/* Each backend checks the scope's key identities itself, where it counts
- * them (the software backend under the mutex, the hardware one key by key
- * as it counts, and again after its register write). */
+/* Each backend checks the scope's key identities itself, before it counts
+ * them (the software backend under its mutex; the hardware one again after
+ * its register write). */
 int64_t pk_scope_enter(const struct pk_scope *scope, uint64_t pins)
 {
     REQUIRE_BACKEND();

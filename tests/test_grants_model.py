@@ -86,6 +86,6 @@ def test_the_one_pass_scope_functions_are_the_sequences_they_replace(fused):
     assert counts["mismatches"] == 0, output
 
 
-def test_a_refused_entry_that_kept_its_counts_is_found(fused):
-    counts, output = run_fused(fused, "no-undo")
+def test_a_token_epoch_read_before_counting_is_found(fused):
+    counts, output = run_fused(fused, "epoch-before-count")
     assert counts["mismatches"] > 0, output

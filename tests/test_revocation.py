@@ -1127,3 +1127,55 @@ def test_a_close_racing_a_failing_close_leaves_the_key_open_and_closable(monkeyp
         blocker.finish()
     key.close()
     assert key.closed and number not in pkeys.allocated_keys()
+
+
+@pytest.mark.pku
+def test_a_refused_entry_leaves_a_pending_revocation_to_its_signal(alarm):
+    """A scope on k1 and a closed key, entered while a revocation of k1 is
+    stamped but not yet delivered to this thread, is refused, and must leave
+    this thread's record of k1 as it was.  It used to count k1 before it
+    found the closed key (taking in the revocation, but not applying it to
+    the register) and withdraw it again: the next scope on k1 then took the
+    still open register as k1's base, the signal closed k1 inside that
+    scope, and its exit opened k1 again after revoke() had returned.  The
+    thread blocks the signal only to hold the window open; it unblocks it
+    inside the scope, well before the revocation's timeout."""
+    k1, k2 = pkeys.Key(), pkeys.Key()
+    if k2.pkey < k1.pkey:
+        k1, k2 = k2, k1  # k1 is counted first: the keys go in number order
+    refused = pkeys.allow(k1, k2)
+    k2.close()
+    signo = lib.pk_revocation_signal()
+    # Open in every thread once: no thread is exempt from k1's revocations
+    # after this, so only the signal brings them (csrc/exposure.c).
+    pkeys.pkey_set(k1, pkeys.PKEY_UNRESTRICTED, threads="all")
+    blocked = threading.Event()
+    seen: dict[str, object] = {}
+
+    def user() -> None:
+        try:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signo})
+            blocked.set()
+            deadline = time.monotonic() + 30
+            while signo not in signal.sigpending():  # the revocation is stamped, and sent
+                assert time.monotonic() < deadline, "the revocation never came"
+                time.sleep(0.001)
+            try:
+                refused.__enter__()
+            except pkeys.PkeysError as error:
+                seen["refused"] = error
+            with k1.allow():
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signo})  # it lands in here
+            seen["after"] = pkeys.pkey_get(k1)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            seen["error"] = error
+
+    thread = threading.Thread(target=user)
+    thread.start()
+    assert blocked.wait(30)
+    k1.revoke(timeout=30)
+    thread.join(30)
+    assert "error" not in seen, seen
+    assert isinstance(seen.get("refused"), pkeys.InvalidKeyError), seen
+    assert seen["after"] == pkeys.PKEY_DISABLE_ACCESS, seen
+    k1.close()
