@@ -8,6 +8,7 @@ active: in nested blocks, from several asyncio tasks, or from generators.
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from typing import NoReturn
@@ -48,6 +49,16 @@ def _key_closed() -> NoReturn:
 # serves every Key; reentrant, for a close from a signal handler or a
 # finalizer that runs inside another.
 _closing = threading.RLock()
+
+
+def _closing_after_fork() -> None:
+    # A forked child has only the forking thread: a close that another
+    # thread was making at the fork would hold the lock there for good.
+    global _closing
+    _closing = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_closing_after_fork)
 
 
 class Key(_scope.KeyBase):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import threading
 
 import pytest
@@ -283,3 +284,35 @@ def test_the_c_scope_module_is_configured_once_at_import():
 
     result = run_in_child(child, quiet=False)
     assert result.exitcode == 0, f"{result.describe()}: {result.stderr}"
+
+
+def test_a_child_forked_while_a_key_closes_elsewhere_can_close_its_keys():
+    """Key.close() takes one lock that every Key shares; a child forked
+    while another thread held it must not wait for it for good (only the
+    forking thread exists there)."""
+    key = pkeys.Key()
+    held, release = threading.Event(), threading.Event()
+
+    def closing_elsewhere() -> None:
+        with pkeys._key._closing:  # where a close that waits on threads would be
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=closing_elsewhere)
+    thread.start()
+    assert held.wait(30)
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            signal.alarm(20)  # a wait for good ends in SIGALRM
+            try:
+                key.close()
+                os._exit(0 if key.closed else 1)
+            except BaseException:  # noqa: BLE001 - the exit status says it
+                os._exit(2)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        release.set()
+        thread.join(30)
+    assert os.waitstatus_to_exitcode(status) == 0
+    key.close()
