@@ -1,10 +1,15 @@
 """What this process holds, counted through psutil: for tests that repeat
-create/close cycles and must end where they began."""
+create/close cycles and must end where they began; and a fork made while
+another thread holds a lock."""
 
 from __future__ import annotations
 
 import gc
+import os
+import signal
+import threading
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import psutil
 
@@ -45,3 +50,34 @@ def holdings() -> Holdings:
         locked_bytes=_locked_bytes(),
         threads=process.num_threads(),
     )
+
+
+def fork_while_held(lock: Any, in_child: Callable[[], object]) -> int:
+    """Fork while another thread holds ``lock``, run ``in_child`` in the
+    child (which must not wait for the lock for good: only the forking
+    thread exists there), and return the child's wait status: 0 when it
+    returned, SIGALRM's after 60 s, 1 when it raised."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(30)
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            signal.alarm(60)
+            status = 1
+            try:
+                in_child()
+                status = 0
+            finally:
+                os._exit(status)
+    finally:
+        release.set()
+        holder.join()
+    return os.waitpid(pid, 0)[1]

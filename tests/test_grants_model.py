@@ -24,13 +24,18 @@ MODEL = ROOT / "tests" / "model" / "grants_model.c"
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    binary = tmp_path_factory.mktemp("model") / "grants_model"
+def compile_checker(source: pathlib.Path, directory: pathlib.Path) -> pathlib.Path:
+    """A test-only C program over csrc/grants.c, warning-free as the shim is."""
+    binary = directory / source.stem
     subprocess.run(["cc", "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror",
-                    f"-I{ROOT / 'csrc'}", str(MODEL), "-o", str(binary)],
+                    f"-I{ROOT / 'csrc'}", str(source), "-o", str(binary)],
                    check=True, capture_output=True, text=True)
     return binary
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return compile_checker(MODEL, tmp_path_factory.mktemp("model"))
 
 
 def explore(model, *args: str) -> tuple[dict[str, int], str]:
@@ -63,11 +68,7 @@ FUSED = ROOT / "tests" / "model" / "grants_fused.c"
 
 @pytest.fixture(scope="module")
 def fused(tmp_path_factory):
-    binary = tmp_path_factory.mktemp("fused") / "grants_fused"
-    subprocess.run(["cc", "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror",
-                    f"-I{ROOT / 'csrc'}", str(FUSED), "-o", str(binary)],
-                   check=True, capture_output=True, text=True)
-    return binary
+    return compile_checker(FUSED, tmp_path_factory.mktemp("fused"))
 
 
 def run_fused(binary, *args: str) -> tuple[dict[str, int], str]:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-import signal
 import threading
 
 import pytest
 
 import pkeys
 from pkeys._child import run_in_child
+
+from ._process import fork_while_held
 
 
 def rights_bits(pkey: int) -> int:
@@ -288,31 +289,14 @@ def test_the_c_scope_module_is_configured_once_at_import():
 
 def test_a_child_forked_while_a_key_closes_elsewhere_can_close_its_keys():
     """Key.close() takes one lock that every Key shares; a child forked
-    while another thread held it must not wait for it for good (only the
-    forking thread exists there)."""
+    while another thread held it (as a close waiting on threads does) must
+    not wait for it for good."""
     key = pkeys.Key()
-    held, release = threading.Event(), threading.Event()
 
-    def closing_elsewhere() -> None:
-        with pkeys._key._closing:  # where a close that waits on threads would be
-            held.set()
-            release.wait(30)
+    def close_it() -> None:
+        key.close()
+        assert key.closed
 
-    thread = threading.Thread(target=closing_elsewhere)
-    thread.start()
-    assert held.wait(30)
-    try:
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child
-            signal.alarm(20)  # a wait for good ends in SIGALRM
-            try:
-                key.close()
-                os._exit(0 if key.closed else 1)
-            except BaseException:  # noqa: BLE001 - the exit status says it
-                os._exit(2)
-        _, status = os.waitpid(pid, 0)
-    finally:
-        release.set()
-        thread.join(30)
-    assert os.waitstatus_to_exitcode(status) == 0
+    status = fork_while_held(pkeys._key._closing, close_it)
+    assert status == 0, f"the child's close: wait status {status:#x} (SIGALRM: it hung)"
     key.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
-import signal
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -23,6 +22,7 @@ import pkeys
 from pkeys import _secretmem
 
 from . import _sharing
+from ._process import fork_while_held
 from ._sharing import deadline, fingerprint, holdings
 
 pytestmark = [
@@ -193,23 +193,9 @@ def test_a_fork_while_another_thread_offers_leaves_the_child_able_to_offer(secre
     from pkeys import _share
 
     reduction.ForkingPickler.loads(reduction.ForkingPickler.dumps(secret)).close()
-    held, release = threading.Event(), threading.Event()
 
-    def hold() -> None:
-        with _share._sharer._lock:
-            held.set()
-            release.wait(30)
+    def offer() -> None:
+        reduction.ForkingPickler.loads(reduction.ForkingPickler.dumps(secret)).close()
 
-    holder = threading.Thread(target=hold)
-    holder.start()
-    assert held.wait(30)
-    try:
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child
-            signal.alarm(60)
-            reduction.ForkingPickler.loads(reduction.ForkingPickler.dumps(secret)).close()
-            os._exit(0)
-    finally:
-        release.set()
-        holder.join()
-    assert os.waitpid(pid, 0)[1] == 0  # not SIGALRM: the child's offer did not hang
+    status = fork_while_held(_share._sharer._lock, offer)
+    assert status == 0  # not SIGALRM: the child's offer did not hang
