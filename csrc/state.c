@@ -147,26 +147,37 @@ static int check_settable(int pkey, int access_rights)
     return PK_OK;
 }
 
-/* The key of number `pkey` is still the one of `identity` (0: any). */
+/* The key of number `pkey` is allocated, and still the one of `identity`
+ * (0: any).  Under the state mutex. */
 static int check_same_key(int pkey, uint32_t identity)
 {
-    if (identity && PK_LOAD(pk_key_identities[pkey]) != identity)
-        return PK_E_KEY_CLOSED;
     if (!PK_LOAD(pk_key_identities[pkey]))
         return PK_E_NOT_ALLOCATED;
+    if (identity && PK_LOAD(pk_key_identities[pkey]) != identity)
+        return PK_E_KEY_CLOSED;
     return PK_OK;
 }
 
 /*
  * Free a key: refused for key 0, for a key still guarding tracked memory,
  * and (identity != 0) for a Key object whose key was already freed.
+ *
+ * Whether the key is still allocated is decided under the mutex only: a
+ * free in another thread retires the identity before its broadcast and
+ * restores it if the broadcast fails (hw_free_key), and holds the mutex
+ * throughout.  A look before the mutex could see that free in flight, take
+ * the key for freed, and a Key.close() would then mark its Key closed while
+ * the failed free left the key allocated.
  */
 int pk_key_free(int pkey, uint32_t identity, double timeout, struct pk_broadcast *result,
                 uint64_t pins)
 {
-    int status = check_settable(pkey, 0);
-    if (status != PK_OK)
-        return status;
+    int status;
+    REQUIRE_BACKEND();
+    if (pkey < 0 || pkey >= PK_NKEYS)
+        return PK_E_KEY_RANGE;
+    if (pkey == 0)
+        return PK_E_KEY_ZERO;
     pk_state_lock();
     if ((status = check_same_key(pkey, identity)) != PK_OK)
         ;

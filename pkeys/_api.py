@@ -116,14 +116,19 @@ def alloc_key(flags: object = 0, access_rights: object = 0) -> tuple[int, int]:
     return pkey, identity[0]
 
 
-def free_key(pkey: int, identity: int, timeout: float = REVOCATION_TIMEOUT) -> None:
+def free_key(pkey: int, identity: int, timeout: float = REVOCATION_TIMEOUT,
+             freed_already_ok: bool = False) -> None:
     """Free ``pkey`` if it still has ``identity`` (0: whatever it has),
-    after revoking it in every thread."""
+    after revoking it in every thread.  ``freed_already_ok``: a key of
+    ``identity`` freed already (the number unallocated, or another key's
+    now) is no error."""
     result = ffi.new(_BROADCAST_RESULT)
     status = lib.pk_key_free(pkey, identity, timeout, result, 0)
     if status == _E_IN_USE:
         _state.prune_owners()  # owners collected or closed since they were tagged
         status = lib.pk_key_free(pkey, identity, timeout, result, 0)
+    if freed_already_ok and identity and status in (lib.PK_E_NOT_ALLOCATED, lib.PK_E_KEY_CLOSED):
+        return
     if status == _E_IN_USE:
         raise_in_use(pkey)
     if status == _E_BROADCAST:

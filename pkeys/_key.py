@@ -8,8 +8,6 @@ active: in nested blocks, from several asyncio tasks, or from generators.
 
 from __future__ import annotations
 
-import os
-import threading
 import warnings
 from typing import NoReturn
 
@@ -39,26 +37,6 @@ def _raise_failed(status: int, error: int) -> NoReturn:
 
 def _key_closed() -> NoReturn:
     raise InvalidKeyError("this Key has been closed")
-
-
-# Key.close() is a check, then a free: one thread at a time.  A free retires
-# the key's identity before it revokes the key in every thread, and keeps
-# the key if a thread does not answer; a second close() checking meanwhile
-# would see that identity gone and mark the Key closed while the key stays
-# allocated, with nothing left to free it.  Closes are rare, so one lock
-# serves every Key; reentrant, for a close from a signal handler or a
-# finalizer that runs inside another.
-_closing = threading.RLock()
-
-
-def _closing_after_fork() -> None:
-    # A forked child has only the forking thread: a close that another
-    # thread was making at the fork would hold the lock there for good.
-    global _closing
-    _closing = threading.RLock()
-
-
-os.register_at_fork(after_in_child=_closing_after_fork)
 
 
 class Key(_scope.KeyBase):
@@ -132,13 +110,14 @@ class Key(_scope.KeyBase):
         a later key that gets the same number inherits no thread's rights
         (RevocationError, and the key stays allocated, if a thread did not
         answer)."""
-        with _closing:
-            if self._pkey >= 0:
-                # Freed through its number already (pkey_free(int(key)) or
-                # pkey_free(key)): nothing of this Key is left to free.
-                if lib.pk_key_identity(self._pkey) == self._identity:
-                    _api.free_key(self._pkey, self._identity)
-                self._pkey = -1
+        if self._pkey >= 0:
+            # The shim decides whether the key is still this Key's, under its
+            # mutex and so after any free of the number in flight elsewhere
+            # (another close(), pkey_free(key) or pkey_free(int(key)), a
+            # signal handler's close()).  Freed already: nothing is left to
+            # free.  A failed free raises and leaves the Key open.
+            _api.free_key(self._pkey, self._identity, freed_already_ok=True)
+            self._pkey = -1
 
     def __enter__(self) -> Key:
         return self

@@ -10,8 +10,6 @@ import pytest
 import pkeys
 from pkeys._child import run_in_child
 
-from ._process import fork_while_held
-
 
 def rights_bits(pkey: int) -> int:
     return (pkeys.rdpkru() >> (2 * int(pkey))) & 3
@@ -285,18 +283,3 @@ def test_the_c_scope_module_is_configured_once_at_import():
 
     result = run_in_child(child, quiet=False)
     assert result.exitcode == 0, f"{result.describe()}: {result.stderr}"
-
-
-def test_a_child_forked_while_a_key_closes_elsewhere_can_close_its_keys():
-    """Key.close() takes one lock that every Key shares; a child forked
-    while another thread held it (as a close waiting on threads does) must
-    not wait for it for good."""
-    key = pkeys.Key()
-
-    def close_it() -> None:
-        key.close()
-        assert key.closed
-
-    status = fork_while_held(pkeys._key._closing, close_it)
-    assert status == 0, f"the child's close: wait status {status:#x} (SIGALRM: it hung)"
-    key.close()
