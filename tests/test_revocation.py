@@ -1084,14 +1084,16 @@ def test_a_thread_that_answered_a_close_cannot_reopen_the_key_before_it_is_freed
 
 
 @pytest.mark.pku
-def test_a_close_racing_a_failing_close_leaves_the_key_open_and_closable(monkeypatch, alarm):
-    """Two threads close one Key while a thread that had the key does not
-    answer.  The first close retires the key's identity, then its free fails
-    and keeps the key.  The second close, made while the first waits, used
-    to see the identity gone, take it for a free already done and mark the
-    Key closed: the key stayed allocated with nothing left to free it.  Now
-    the second waits for the first, and each fails; once the thread answers,
-    the Key closes."""
+@pytest.mark.parametrize("first_free", ["close", "pkey_free(key)", "pkey_free(int)"])
+def test_a_close_racing_a_failing_free_leaves_the_key_open_and_closable(first_free, monkeypatch,
+                                                                        alarm):
+    """A thread frees a Key's key while a thread that had the key does not
+    answer, and the main thread closes the Key.  The first free retires the
+    key's identity, then fails and keeps the key.  The close, made while
+    the first waits, used to see the identity gone, take it for a free
+    already done and mark the Key closed: the key stayed allocated with
+    nothing left to free it.  Now the close waits for the first free (the
+    shim's mutex), and each fails; once the thread answers, the Key closes."""
     import functools
 
     from tests._exemption import Blocker, _signalled, _wait_for
@@ -1110,7 +1112,10 @@ def test_a_close_racing_a_failing_close_leaves_the_key_open_and_closable(monkeyp
 
     def first() -> None:
         try:
-            key.close()
+            if first_free == "close":
+                key.close()
+            else:
+                pkeys.pkey_free(key if first_free == "pkey_free(key)" else number)
         except BaseException as error:  # noqa: BLE001 - checked below
             errors.append(error)
 
