@@ -85,7 +85,10 @@ class Blocker:
         except BaseException as error:  # noqa: BLE001 - reported by __init__
             self.errors.append(error)
         self.ready.set()
-        self.leave.wait(60)
+        # Until finish(): a scenario's own work can take minutes on a slow
+        # emulated CPU (4,200 thread births took 75 s), and a blocker gone
+        # early is a scenario that proves nothing.  A daemon: never waited for.
+        self.leave.wait(600)
 
     @property
     def tid(self) -> int:
@@ -212,7 +215,7 @@ def took_a_grant_though_born_before() -> None:
             pass
         signal.pthread_sigmask(signal.SIG_BLOCK, EVERY_SIGNAL)
         ready.set()
-        leave.wait(60)
+        leave.wait(600)  # until the scenario sets it, as Blocker
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
