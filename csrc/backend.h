@@ -31,7 +31,8 @@ struct pk_backend {
      * pk_identity_retire() once nothing can stop the free. */
     int (*free_key)(int pkey, double timeout, struct pk_broadcast *result, uint64_t pins);
     int (*get)(int pkey);
-    int (*set)(int pkey, int rights, uint64_t pins);
+    /* identity: the key's, or 0 for the number's (pk_identity_status) */
+    int (*set)(int pkey, uint32_t identity, int rights, uint64_t pins);
     /* locked: the rights of `pkey` in every thread, every grant voided. */
     int (*set_all)(int pkey, unsigned int rights, double timeout, struct pk_broadcast *result,
                    uint64_t pins);

@@ -109,14 +109,16 @@ static int hw_get(int pkey) { return (int)pk_bits_of(pk_rdpkru_unchecked(), pkey
 
 /* While this thread has grants on the key, they stay in force and the new
  * rights take over when the last one ends. */
-static int hw_set(int pkey, int rights, uint64_t pins)
+static int hw_set(int pkey, uint32_t wanted, int rights, uint64_t pins)
 {
     struct grants *g = pk_my_grants();
     uint32_t mark = pk_revocations_mark();
     uint32_t old, identity = PK_LOAD(pk_key_identities[pkey]);
+    int status;
     (void)pins;
-    if (!identity)
-        return PK_E_NOT_ALLOCATED; /* freed since the caller's check */
+    /* freed since the caller's check, or (wanted) no longer the caller's key */
+    if ((status = pk_identity_status(identity, wanted)) != PK_OK)
+        return status;
     pk_exposure_note(rights & PK_AD ? 0u : 1u << pkey);
     PK_STEP();
     old = pk_rdpkru_unchecked();
@@ -132,7 +134,7 @@ static int hw_set(int pkey, int rights, uint64_t pins)
         if (!(rights & PK_AD) && PK_LOAD(pk_key_identities[pkey]) != identity) {
             old = pk_rdpkru_unchecked();
             hw_write(old, pk_with_bits(old, pkey, PK_AD));
-            return PK_E_NOT_ALLOCATED;
+            return wanted ? PK_E_KEY_CLOSED : PK_E_NOT_ALLOCATED;
         }
     }
     return PK_OK;

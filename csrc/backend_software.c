@@ -106,11 +106,13 @@ static int sw_get(int pkey) { return (int)pk_bits_of(PK_LOAD(pkru), pkey); }
 
 /* While the process has grants on the key, they stay in force and the new
  * rights take over when the last one ends. */
-static int sw_set(int pkey, int rights, uint64_t pins)
+static int sw_set(int pkey, uint32_t wanted, int rights, uint64_t pins)
 {
     int status;
     pk_state_lock();
-    status = set_base(pk_with_bits(base_pkru, pkey, (unsigned)rights), pins);
+    status = pk_identity_status(PK_LOAD(pk_key_identities[pkey]), wanted);
+    if (status == PK_OK)
+        status = set_base(pk_with_bits(base_pkru, pkey, (unsigned)rights), pins);
     pk_state_unlock();
     return status;
 }

@@ -109,6 +109,14 @@ void pk_identity_retire(int pkey);
 /* A retirement undone (a free that failed): `pkey` has `identity` again,
  * and its revocation stamps stand. */
 void pk_identity_restore(int pkey, uint32_t identity);
+/* A number's key, `current` (its pk_key_identities entry), is the one of
+ * `wanted` (0: any key): PK_OK, PK_E_NOT_ALLOCATED or PK_E_KEY_CLOSED. */
+static inline int pk_identity_status(uint32_t current, uint32_t wanted)
+{
+    if (!current)
+        return PK_E_NOT_ALLOCATED;
+    return wanted && current != wanted ? PK_E_KEY_CLOSED : PK_OK;
+}
 /* PK_OK, PK_E_KEY_RANGE or PK_E_NOT_ALLOCATED (key 0 is always allocated). */
 int pk_identity_check_number(int pkey);
 /* Each key of `keys` still has the identity in `identities`: PK_OK,

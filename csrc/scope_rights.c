@@ -19,23 +19,37 @@ static __typeof__(pk_key_get) *key_get;
 static __typeof__(pk_key_set) *key_set;
 static PyObject *get_any;          /* pkeys._api's general pkey_get(pkey) */
 static PyObject *set_any;          /* ...pkey_set(pkey, access_rights, *, threads) */
-static PyObject *set_failed;       /* (pkey, rights, status, errno) -> None, or raises */
+static PyObject *set_failed;       /* (pkey, identity, rights, status, errno) -> None, or raises */
 static PyObject *rights_by_value;  /* the four PkeyRights, by value */
 
-int pk_fast_key_number(PyObject *pkey, int *number)
+/* An int that fits a C int. */
+static int fast_int(PyObject *value, int *out)
 {
-    if (PyLong_CheckExact(pkey)) {
-        int overflow;
-        long value = PyLong_AsLongAndOverflow(pkey, &overflow);
-        if (overflow || value < INT_MIN || value > INT_MAX || (value == -1 && PyErr_Occurred())) {
-            PyErr_Clear();
-            return 0;
-        }
-        *number = (int)value;
+    int overflow;
+    long number;
+    if (!PyLong_CheckExact(value))
+        return 0;
+    number = PyLong_AsLongAndOverflow(value, &overflow);
+    if (overflow || number < INT_MIN || number > INT_MAX || (number == -1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        return 0;
+    }
+    *out = (int)number;
+    return 1;
+}
+
+/* An int (identity 0: whatever key has the number), or an open Key (its
+ * identity: the shim refuses the call once the number is another key's,
+ * as after a pkey_free of the number and a new allocation). */
+int pk_fast_key_number(PyObject *pkey, int *number, uint32_t *identity)
+{
+    if (fast_int(pkey, number)) {
+        *identity = 0;
         return 1;
     }
     if (pk_key_base && pk_is_key(pkey) && ((KeyObject *)pkey)->pkey >= 0) {
         *number = ((KeyObject *)pkey)->pkey;
+        *identity = ((KeyObject *)pkey)->identity;
         return 1;
     }
     return 0;
@@ -44,8 +58,9 @@ int pk_fast_key_number(PyObject *pkey, int *number)
 PyObject *pk_fast_pkey_get(PyObject *module, PyObject *pkey)
 {
     int number, rights;
+    uint32_t identity;
     (void)module;
-    if (!key_get || !pk_fast_key_number(pkey, &number) || (rights = key_get(number)) < 0 ||
+    if (!key_get || !pk_fast_key_number(pkey, &number, &identity) || (rights = key_get(number)) < 0 ||
         rights > 3)
         return PyObject_CallFunctionObjArgs(get_any, pkey, NULL);
     return PyTuple_GetItem(rights_by_value, rights) == NULL
@@ -62,7 +77,8 @@ PyObject *pk_fast_pkey_get(PyObject *module, PyObject *pkey)
  * when the pins could not be taken (nothing changed then).  Out of line:
  * its pk_held would otherwise widen the frame of every pkey_set.
  */
-static __attribute__((noinline)) int set_pinned(int number, int rights, int *error)
+static __attribute__((noinline)) int set_pinned(int number, uint32_t identity, int rights,
+                                                int *error)
 {
     struct pk_held held = PK_HELD_EMPTY;
     int status = PK_E_NEED_PINS;
@@ -72,7 +88,7 @@ static __attribute__((noinline)) int set_pinned(int number, int rights, int *err
         pk_pins_release(&held);
         if (pk_pins_prepare(&nonce, &held) < 0)
             return PK_E_NEED_PINS;
-        status = key_set(number, rights, nonce);
+        status = key_set(number, identity, rights, nonce);
         *error = errno;
     }
     pk_pins_release(&held);
@@ -83,9 +99,10 @@ PyObject *pk_fast_pkey_set(PyObject *module, PyObject *const *args, Py_ssize_t n
                            PyObject *kwnames)
 {
     int number, rights, status, error;
+    uint32_t identity;
     (void)module;
-    if (!key_set || kwnames || nargs != 2 || !pk_fast_key_number(args[0], &number) ||
-        !PyLong_CheckExact(args[1]) || !pk_fast_key_number(args[1], &rights)) {
+    if (!key_set || kwnames || nargs != 2 || !pk_fast_key_number(args[0], &number, &identity) ||
+        !fast_int(args[1], &rights)) {
         /* The general path, with every argument as given. */
         Py_ssize_t names = kwnames ? PyTuple_Size(kwnames) : 0, i;
         PyObject *positional = PyTuple_New(nargs), *named = NULL, *result = NULL;
@@ -104,15 +121,16 @@ PyObject *pk_fast_pkey_set(PyObject *module, PyObject *const *args, Py_ssize_t n
         Py_XDECREF(named);
         return result;
     }
-    status = key_set(number, rights, 0);
+    status = key_set(number, identity, rights, 0);
     if (status == PK_E_NEED_PINS) {
-        if ((status = set_pinned(number, rights, &error)) == PK_E_NEED_PINS)
+        if ((status = set_pinned(number, identity, rights, &error)) == PK_E_NEED_PINS)
             return NULL;  /* nothing changed */
     } else {
         error = status ? errno : 0;  /* read on failure only: a libc call */
     }
     if (status) {
-        PyObject *result = PyObject_CallFunction(set_failed, "iiii", number, rights, status, error);
+        PyObject *result = PyObject_CallFunction(set_failed, "iIiii", number, identity, rights,
+                                                 status, error);
         if (!result)
             return NULL;
         Py_DECREF(result);

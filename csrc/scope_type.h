@@ -118,8 +118,9 @@ PyObject *pk_block_guard_seen(PyObject *module, PyObject *args);
 int pk_block_init(PyObject *module);
 int pk_buffer_base_init(PyObject *module);
 
-/* A C int from a Python int or an open Key, without Python code; 0 when
- * the argument needs the general path (its checks and messages). */
-int pk_fast_key_number(PyObject *pkey, int *number);
+/* A key number from a Python int (*identity 0) or an open Key (*identity
+ * its own), without Python code; 0 when the argument needs the general
+ * path (its checks and messages). */
+int pk_fast_key_number(PyObject *pkey, int *number, uint32_t *identity);
 
 #endif

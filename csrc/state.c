@@ -151,11 +151,7 @@ static int check_settable(int pkey, int access_rights)
  * (0: any).  Under the state mutex. */
 static int check_same_key(int pkey, uint32_t identity)
 {
-    if (!PK_LOAD(pk_key_identities[pkey]))
-        return PK_E_NOT_ALLOCATED;
-    if (identity && PK_LOAD(pk_key_identities[pkey]) != identity)
-        return PK_E_KEY_CLOSED;
-    return PK_OK;
+    return pk_identity_status(PK_LOAD(pk_key_identities[pkey]), identity);
 }
 
 /*
@@ -203,12 +199,15 @@ int pk_key_get(int pkey)
 /* The rights outside scopes.  While this thread (hardware) or the process
  * (software) has grants on the key, they stay in force and the new rights
  * take over when the last one ends. */
-int pk_key_set(int pkey, int access_rights, uint64_t pins)
+int pk_key_set(int pkey, uint32_t identity, int access_rights, uint64_t pins)
 {
     int status = check_settable(pkey, access_rights);
     if (status != PK_OK)
         return status;
-    return backend()->set(pkey, access_rights, pins);
+    /* The identity is checked by the backend, where the change is made:
+     * a Key closed, and its number given to a new key, since the caller
+     * read the number must not have the new key's rights set. */
+    return backend()->set(pkey, identity, access_rights, pins);
 }
 
 /* The rights of `pkey` in every thread at once, and every grant on it

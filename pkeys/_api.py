@@ -196,25 +196,29 @@ def _pkey_set_any(pkey: KeyLike, access_rights: int, *, threads: str = "current"
     checks, errors."""
     if threads != "current":
         return _set_for(pkey, access_rights, threads)
+    # A Key's identity goes with its number: the shim refuses the change
+    # once the number is another key's (an int means whatever key has it).
+    identity = 0
     if type(pkey) is not int:
-        pkey = (pkey._pkey if type(pkey) is key_type and pkey._pkey >= 0  # type: ignore[attr-defined]
-                else key_number(pkey))
+        if isinstance(pkey, key_type):
+            identity = pkey._identity  # type: ignore[attr-defined]
+        pkey = key_number(pkey)
     if type(access_rights) is not int:
         access_rights = check_rights(access_rights)
     try:
-        status = _set(pkey, access_rights, 0)
+        status = _set(pkey, identity, access_rights, 0)
     except OverflowError:
-        status = _set(check_key_range(pkey), check_rights(access_rights), 0)
+        status = _set(check_key_range(pkey), identity, check_rights(access_rights), 0)
     if status:
-        _set_failed(pkey, access_rights, status, ffi.errno)
+        _set_failed(pkey, identity, access_rights, status, ffi.errno)
     return None
 
 
-def _set_failed(pkey: int, access_rights: int, status: int, error: int) -> None:
+def _set_failed(pkey: int, identity: int, access_rights: int, status: int, error: int) -> None:
     """A refused pk_key_set (``errno`` as it left it): the software
     backend's pins, then again; else the exception."""
     ffi.errno = error
-    status = _retry_pinned(status, _set, pkey, access_rights)
+    status = _retry_pinned(status, _set, pkey, identity, access_rights)
     if status:
         raise_status(status, pkey, access_rights)
 

@@ -127,6 +127,6 @@ def configure_rights(
     key_set: int,
     get_any: Callable[[KeyLike], PkeyRights],
     set_any: Callable[..., None],
-    set_failed: Callable[[int, int, int, int], None],
+    set_failed: Callable[[int, int, int, int, int], None],
     rights_by_value: tuple[PkeyRights, ...],
 ) -> None: ...

@@ -130,6 +130,32 @@ def test_a_key_freed_through_its_number_closes_quietly(by_number):
     other.close()
 
 
+@pytest.mark.parametrize("path", ["in C", "general"])
+def test_pkey_set_on_a_freed_key_leaves_the_numbers_next_key_alone(path, shadow):
+    """pkey_set(key) passed only the key's number: with that number freed
+    and given to a new key (here by pkey_free of the number, in a program
+    by a close() in another thread), it set the new key's rights in this
+    thread.  The Key's identity now goes with it, as scopes' do."""
+    with pkeys.Key() as k:
+        number = k.pkey
+        pkeys.pkey_free(number)
+        shadow.set(number, pkeys.PKEY_DISABLE_ACCESS)
+        with pkeys.Key() as other:
+            assert other.pkey == number  # the lowest free number, as the kernel gives it
+            shadow.set(number, 0)  # pkey_alloc(0, 0): open in this thread
+            pkeys.pkey_set(other, pkeys.PKEY_DISABLE_WRITE)
+            shadow.set(number, pkeys.PKEY_DISABLE_WRITE)
+            with pytest.raises(pkeys.InvalidKeyError, match="closed"):
+                if path == "in C":
+                    pkeys.pkey_set(k, pkeys.PKEY_UNRESTRICTED)
+                else:  # a keyword takes pkeys._api's path
+                    pkeys.pkey_set(k, pkeys.PKEY_UNRESTRICTED, threads="current")
+            assert pkeys.pkey_get(other) == pkeys.PKEY_DISABLE_WRITE
+            shadow.check()
+        shadow.set(number, pkeys.PKEY_DISABLE_ACCESS)
+        shadow.check()
+
+
 def test_freeing_a_key_that_guards_memory_is_refused(page):
     k = pkeys.Key()
     k.protect(page)

@@ -169,7 +169,7 @@ def test_a_change_pins_only_the_owners_of_the_keys_it_changes(key, pages, monkey
     pin = _state._Owner.pin
     monkeypatch.setattr(_state._Owner, "pin", lambda owner: pinned.append(owner.token)
                         or pin(owner))
-    status = _state.call(lib.pk_key_set, key.pkey, pkeys.PKEY_DISABLE_WRITE)
+    status = _state.call(lib.pk_key_set, key.pkey, key.identity, pkeys.PKEY_DISABLE_WRITE)
     assert status == 0 and pkeys.probe(mine) is None and pkeys.probe(mine, write=True) is not None
     assert len(set(pinned)) == 1 and pinned[0] == owner_token(mine)
     assert lib.pk_pins_wanted() == 1 << key.pkey
@@ -183,7 +183,7 @@ def test_the_c_call_checks_each_pinned_exports_address_and_length(key, pages):
     mine = pages(2)
     key.protect(mine)
     token = owner_token(mine)
-    assert lib.pk_key_set(key.pkey, 0, 0) == lib.PK_E_NEED_PINS  # nothing vouched
+    assert lib.pk_key_set(key.pkey, key.identity, 0, 0) == lib.PK_E_NEED_PINS  # nothing vouched
     assert lib.pk_pins_wanted() == 1 << key.pkey
     owners = ffi.new("uint64_t[]", 4)
     assert lib.pk_pins_owners(owners, 4) == 1 and owners[0] == token
@@ -195,14 +195,14 @@ def test_the_c_call_checks_each_pinned_exports_address_and_length(key, pages):
                  (token, start, PAGE)]           # too short
         for pin in wrong:
             described = ffi.new("struct pk_pin[]", [pin])
-            status = lib.pk_key_set(key.pkey, 0, lib.pk_pins_vouch(described, 1))
+            status = lib.pk_key_set(key.pkey, key.identity, 0, lib.pk_pins_vouch(described, 1))
             assert status == lib.PK_E_NEED_PINS, pin
             assert pkeys.probe(mine) is not None  # nothing applied
         described = ffi.new("struct pk_pin[]", [(token, start, 2 * PAGE)])
         stale = lib.pk_pins_vouch(described, 1)
         lib.pk_pins_vouch(described, 1)  # a later vouch replaces it
-        assert lib.pk_key_set(key.pkey, 0, stale) == lib.PK_E_NEED_PINS
-        assert lib.pk_key_set(key.pkey, 0, lib.pk_pins_vouch(described, 1)) == 0
+        assert lib.pk_key_set(key.pkey, key.identity, 0, stale) == lib.PK_E_NEED_PINS
+        assert lib.pk_key_set(key.pkey, key.identity, 0, lib.pk_pins_vouch(described, 1)) == 0
         assert pkeys.probe(mine, write=True) is None
     finally:
         ffi.release(export)
