@@ -123,9 +123,9 @@ void pk_revocation_last_failure(struct pk_broadcast *out);
 /* Test only: the check's verdict (0 fails, 1 works, -1 check again). */
 void pk_test_force_revocation_check(int verdict);
 uint32_t pk_key_identity(int pkey);
-int pk_key_get(int pkey);
 /* identity: 0 for whatever key has the number now (an int argument), else
  * the Key's: refused (PK_E_KEY_CLOSED) once the number is another key's. */
+int pk_key_get(int pkey, uint32_t identity);
 int pk_key_set(int pkey, uint32_t identity, int access_rights, uint64_t pins);
 int64_t pk_pkru_read(void);
 int pk_pkru_write(uint32_t value, uint64_t pins);

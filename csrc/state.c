@@ -148,7 +148,8 @@ static int check_settable(int pkey, int access_rights)
 }
 
 /* The key of number `pkey` is allocated, and still the one of `identity`
- * (0: any).  Under the state mutex. */
+ * (0: any).  Under the state mutex where the answer must still hold when
+ * the caller acts on it. */
 static int check_same_key(int pkey, uint32_t identity)
 {
     return pk_identity_status(PK_LOAD(pk_key_identities[pkey]), identity);
@@ -187,11 +188,15 @@ int pk_key_free(int pkey, uint32_t identity, double timeout, struct pk_broadcast
 
 /* ---- rights ------------------------------------------------------------ */
 
-int pk_key_get(int pkey)
+int pk_key_get(int pkey, uint32_t identity)
 {
     int status;
     REQUIRE_BACKEND();
     if ((status = pk_identity_check_number(pkey)) != PK_OK)
+        return status;
+    /* Key 0 has no identity (only an int names it); a read racing a free is
+     * as stale as any read. */
+    if (identity && (status = check_same_key(pkey, identity)) != PK_OK)
         return status;
     return backend()->get(pkey);
 }

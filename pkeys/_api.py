@@ -179,11 +179,13 @@ def pkey_free(pkey: KeyLike) -> None:
 def _pkey_get_any(pkey: KeyLike) -> PkeyRights:
     """pkey_get for what its C fast path (csrc/scope_rights.c: an int or
     an open Key, rights in 0..3) leaves: conversions, checks, errors."""
-    if type(pkey) is not int:  # a Key (a slot read), or the checked conversion
-        pkey = (pkey._pkey if type(pkey) is key_type and pkey._pkey >= 0  # type: ignore[attr-defined]
-                else key_number(pkey))
+    identity = 0  # a Key's goes with its number (see _pkey_set_any)
+    if type(pkey) is not int:
+        if isinstance(pkey, key_type):
+            identity = pkey._identity  # type: ignore[attr-defined]
+        pkey = key_number(pkey)
     try:
-        rights = _get(pkey)
+        rights = _get(pkey, identity)
     except OverflowError:
         rights = check_key_range(pkey)  # raises: outside 0..15
     if rights < 0:

@@ -29,7 +29,7 @@ int main(void) {
     printf("%d %d %d %lld %d\n", pk_arch_is_x86(), pk_cpu_has_pku(), pk_cpu_has_ospke(),
            (long long)pk_rdpkru(), pk_wrpkru(0));
     uint32_t identity = 0;
-    printf("%d %d %d %d\n", pk_key_get(1), pk_key_set(1, 0, 0, 0), pk_key_alloc(0, 0, &identity),
+    printf("%d %d %d %d\n", pk_key_get(1, 0), pk_key_set(1, 0, 0, 0), pk_key_alloc(0, 0, &identity),
            pk_state_init(PK_MODE_HARDWARE));
     int status, status2;
     errno = 0;

@@ -135,7 +135,8 @@ def test_pkey_set_on_a_freed_key_leaves_the_numbers_next_key_alone(path, shadow)
     """pkey_set(key) passed only the key's number: with that number freed
     and given to a new key (here by pkey_free of the number, in a program
     by a close() in another thread), it set the new key's rights in this
-    thread.  The Key's identity now goes with it, as scopes' do."""
+    thread, and pkey_get(key) read them.  The Key's identity now goes with
+    it, as scopes' do."""
     with pkeys.Key() as k:
         number = k.pkey
         pkeys.pkey_free(number)
@@ -150,6 +151,12 @@ def test_pkey_set_on_a_freed_key_leaves_the_numbers_next_key_alone(path, shadow)
                     pkeys.pkey_set(k, pkeys.PKEY_UNRESTRICTED)
                 else:  # a keyword takes pkeys._api's path
                     pkeys.pkey_set(k, pkeys.PKEY_UNRESTRICTED, threads="current")
+            with pytest.raises(pkeys.InvalidKeyError, match="closed"):
+                if path == "in C":
+                    pkeys.pkey_get(k)
+                else:  # the general path, as the C one hands it a Key it declines
+                    from pkeys import _api
+                    _api._pkey_get_any(k)
             assert pkeys.pkey_get(other) == pkeys.PKEY_DISABLE_WRITE
             shadow.check()
         shadow.set(number, pkeys.PKEY_DISABLE_ACCESS)
