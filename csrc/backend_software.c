@@ -226,6 +226,7 @@ static int sw_after_fork_in_child(uint64_t pins)
     int k, g, status;
     pk_state_lock();
     saved = process_grants;
+    uint32_t untrusted = 0;
     for (k = 1; k < PK_NKEYS; k++) {
         const struct grants *own = pk_my_grants();
         /* This thread's counts are its own grants only if no revocation
@@ -234,6 +235,8 @@ static int sw_after_fork_in_child(uint64_t pins)
         int trusted = own->identity[k] == process_grants.identity[k] &&
                       own->epoch[k] == PK_LOAD(pk_revoked_at[k]) &&
                       cross_thread[k] != process_grants.identity[k];
+        if (!trusted && pk_grants_active(&process_grants, k))
+            untrusted |= 1u << k;
         for (g = 0; g < 3; g++) {
             uint32_t mine = trusted ? own->count[k][g] : 0;
             if (process_grants.count[k][g] > mine)
@@ -241,8 +244,16 @@ static int sw_after_fork_in_child(uint64_t pins)
         }
     }
     status = commit(pins);
-    if (status != PK_OK)
+    if (status != PK_OK) {
         process_grants = saved;
+    } else {
+        /* This thread's own scopes were among the grants dropped: in this
+         * child they were revoked, and their ends withdraw nothing (else
+         * each would raise "ended more often than it was entered").  The
+         * rights are the ones just committed. */
+        PK_FOR_EACH_KEY(k, untrusted)
+            pk_revocation_stamp(k, pk_bits_of(base_pkru, k));
+    }
     pk_state_unlock();
     return status;
 }

@@ -264,3 +264,35 @@ def test_denied_exec_memory_is_not_readable(key, page):
     with key.allow():
         assert permissions() == "r-x"
     assert permissions() == "---"
+
+
+def test_a_scope_whose_grant_a_forked_child_dropped_ends_quietly_there(key, page):
+    """Once a scope of the key has ended from another thread, a child forked
+    inside a later scope cannot tell its thread's grants on the key from the
+    others', so it drops them all (fails closed).  The end of that scope in
+    the child then raised ScopeError ("ended more often than it was
+    entered"); the child now counts the drop as a revocation of those
+    grants, which a scope's end withdraws nothing for."""
+    key.protect(page)
+    crossed = key.allow()
+    entering = threading.Thread(target=crossed.__enter__)
+    entering.start()
+    entering.join()
+    with pytest.raises(pkeys.ScopeError):  # ended anyway, and reported
+        crossed.__exit__(None, None, None)
+
+    def in_child() -> None:
+        assert pkeys.probe(page) is not None  # the grant was dropped here
+        inner.__exit__(None, None, None)  # and its scope ends without an error
+        assert pkeys.probe(page) is not None
+        with key.allow():  # a new scope works as always
+            assert pkeys.probe(page) is None
+        assert pkeys.probe(page) is not None
+
+    inner = key.allow()
+    with inner:
+        assert pkeys.probe(page) is None
+        result = run_in_child(in_child)
+        assert result.exitcode == 0, result.stderr
+        assert pkeys.probe(page) is None  # the parent's grant stands
+    assert pkeys.probe(page) is not None
