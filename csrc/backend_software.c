@@ -218,15 +218,18 @@ static int sw_scope_exit(uint32_t keys, int kind, const uint32_t *identities, in
  * In a forked child only the forking thread exists, so only its grants can
  * ever end.  The process-wide grants of the other threads are dropped
  * here, so that the child fails closed rather than keeping their access
- * for good.
+ * for good (as on hardware, where the child has only the forking thread's
+ * register).  Where this thread's own grants cannot be told apart, the
+ * key is never left more open than it was, nor than outside every scope.
  */
 static int sw_after_fork_in_child(uint64_t pins)
 {
     struct grants saved;
+    uint32_t saved_base, untrusted = 0;
     int k, g, status;
     pk_state_lock();
     saved = process_grants;
-    uint32_t untrusted = 0;
+    saved_base = base_pkru;
     for (k = 1; k < PK_NKEYS; k++) {
         const struct grants *own = pk_my_grants();
         /* This thread's counts are its own grants only if no revocation
@@ -235,8 +238,13 @@ static int sw_after_fork_in_child(uint64_t pins)
         int trusted = own->identity[k] == process_grants.identity[k] &&
                       own->epoch[k] == PK_LOAD(pk_revoked_at[k]) &&
                       cross_thread[k] != process_grants.identity[k];
-        if (!trusted && pk_grants_active(&process_grants, k))
+        if (!trusted && pk_grants_active(&process_grants, k)) {
             untrusted |= 1u << k;
+            /* Dropping a deny() or read-only grant would open the key: the
+             * child keeps the stricter of the rights in force now and those
+             * outside every scope (both bits are restrictions: OR). */
+            base_pkru = pk_with_bits(base_pkru, k, pk_bits_of(pkru, k) | pk_bits_of(base_pkru, k));
+        }
         for (g = 0; g < 3; g++) {
             uint32_t mine = trusted ? own->count[k][g] : 0;
             if (process_grants.count[k][g] > mine)
@@ -246,11 +254,11 @@ static int sw_after_fork_in_child(uint64_t pins)
     status = commit(pins);
     if (status != PK_OK) {
         process_grants = saved;
+        base_pkru = saved_base;
     } else {
         /* This thread's own scopes were among the grants dropped: in this
          * child they were revoked, and their ends withdraw nothing (else
-         * each would raise "ended more often than it was entered").  The
-         * rights are the ones just committed. */
+         * each would raise "ended more often than it was entered"). */
         PK_FOR_EACH_KEY(k, untrusted)
             pk_revocation_stamp(k, pk_bits_of(base_pkru, k));
     }

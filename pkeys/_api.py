@@ -65,7 +65,7 @@ _BROADCAST_RESULT = ffi.typeof("struct pk_broadcast *")
 
 def key_number(pkey: object) -> int:
     """The key number of an int or a Key, checked to be in 0..15."""
-    if type(pkey) is key_type:
+    if isinstance(pkey, key_type):  # a subclass too: its identity must be used
         number: int = pkey._pkey  # type: ignore[attr-defined]
         if number < 0:
             raise_status(_E_KEY_CLOSED)
@@ -78,7 +78,7 @@ def caller_key(pkey: object) -> tuple[int, int]:
     free: a Key, key 0, or an allocated number that is not one of the
     virtual-key pool's.  Those belong to protected buffers, which free them
     when they close; memory the caller tagged with one would keep it."""
-    if type(pkey) is key_type:
+    if isinstance(pkey, key_type):
         return key_number(pkey), pkey._identity  # type: ignore[attr-defined]
     number = check_key_range(pkey)
     if number == 0:
@@ -242,7 +242,7 @@ _scope.configure_rights(
 def _set_for(pkey: object, access_rights: object, threads: object) -> None:
     if threads != "all":
         raise ArgumentError(f'threads must be "current" or "all", not {threads!r}')
-    identity = pkey._identity if type(pkey) is key_type else 0  # type: ignore[attr-defined]
+    identity = pkey._identity if isinstance(pkey, key_type) else 0  # type: ignore[attr-defined]
     number = key_number(pkey)
     if number == 0:
         raise_status(lib.PK_E_KEY_ZERO)

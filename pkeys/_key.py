@@ -82,11 +82,14 @@ class Key(_scope.KeyBase):
     @property
     def rights(self) -> PkeyRights:
         """This thread's rights for the key (the process's on the software backend)."""
-        return _api.pkey_get(self.pkey)
+        return _api.pkey_get(self)  # the Key, not its number: see pkey_set
 
     @rights.setter
     def rights(self, value: int) -> None:
-        _api.pkey_set(self.pkey, value)
+        # The Key itself, so that its identity goes with its number: a close
+        # and a new allocation in between (another thread, a signal
+        # handler) must not set the new key's rights.
+        _api.pkey_set(self, value)
 
     def protect(
         self, target: MemoryTarget, length: int | None = None, prot: int = PROT_READ | PROT_WRITE

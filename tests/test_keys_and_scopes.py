@@ -8,6 +8,7 @@ import threading
 import pytest
 
 import pkeys
+from pkeys import _api
 from pkeys._child import run_in_child
 
 
@@ -130,14 +131,40 @@ def test_a_key_freed_through_its_number_closes_quietly(by_number):
     other.close()
 
 
-@pytest.mark.parametrize("path", ["in C", "general"])
-def test_pkey_set_on_a_freed_key_leaves_the_numbers_next_key_alone(path, shadow):
-    """pkey_set(key) passed only the key's number: with that number freed
-    and given to a new key (here by pkey_free of the number, in a program
-    by a close() in another thread), it set the new key's rights in this
-    thread, and pkey_get(key) read them.  The Key's identity now goes with
-    it, as scopes' do."""
-    with pkeys.Key() as k:
+class _SubKey(pkeys.Key):
+    """A Key subclass: the package's paths must treat it as a Key."""
+
+
+def _general_get(key: pkeys.Key) -> object:
+    return _api._pkey_get_any(key)  # the path the C one hands what it declines
+
+
+_CHANGES = {
+    "pkey_set in C": lambda k, page: pkeys.pkey_set(k, pkeys.PKEY_UNRESTRICTED),
+    "pkey_set in Python": lambda k, page: pkeys.pkey_set(k, pkeys.PkeyRights.UNRESTRICTED,
+                                                         threads="current"),
+    "pkey_set for every thread": lambda k, page: pkeys.pkey_set(k, 0, threads="all"),
+    "Key.rights =": lambda k, page: setattr(k, "rights", pkeys.PKEY_UNRESTRICTED),
+    "pkey_get in C": lambda k, page: pkeys.pkey_get(k),
+    "pkey_get in Python": lambda k, page: _general_get(k),
+    "Key.rights": lambda k, page: k.rights,
+    "pkey_free": lambda k, page: pkeys.pkey_free(k),
+    "pkey_mprotect": lambda k, page: pkeys.pkey_mprotect(page, None, pkeys.PROT_READ, k),
+}
+
+
+@pytest.mark.parametrize("key_class", [pkeys.Key, _SubKey], ids=["Key", "subclass"])
+@pytest.mark.parametrize("change", list(_CHANGES))
+def test_a_freed_key_never_reaches_the_key_that_got_its_number(change, key_class, shadow,
+                                                               page):
+    """pkey_set(key), pkey_get(key) and Key.rights passed only the key's
+    number, and threads="all", pkey_free and pkey_mprotect dropped a
+    subclass's identity: with that
+    number freed and given to a new key (here by pkey_free of the number,
+    in a program by a close() in another thread or a signal handler), they
+    set or read the new key's rights.  The Key's identity now goes with it,
+    as scopes' do."""
+    with key_class() as k:
         number = k.pkey
         pkeys.pkey_free(number)
         shadow.set(number, pkeys.PKEY_DISABLE_ACCESS)
@@ -147,17 +174,9 @@ def test_pkey_set_on_a_freed_key_leaves_the_numbers_next_key_alone(path, shadow)
             pkeys.pkey_set(other, pkeys.PKEY_DISABLE_WRITE)
             shadow.set(number, pkeys.PKEY_DISABLE_WRITE)
             with pytest.raises(pkeys.InvalidKeyError, match="closed"):
-                if path == "in C":
-                    pkeys.pkey_set(k, pkeys.PKEY_UNRESTRICTED)
-                else:  # a keyword takes pkeys._api's path
-                    pkeys.pkey_set(k, pkeys.PKEY_UNRESTRICTED, threads="current")
-            with pytest.raises(pkeys.InvalidKeyError, match="closed"):
-                if path == "in C":
-                    pkeys.pkey_get(k)
-                else:  # the general path, as the C one hands it a Key it declines
-                    from pkeys import _api
-                    _api._pkey_get_any(k)
+                _CHANGES[change](k, page)
             assert pkeys.pkey_get(other) == pkeys.PKEY_DISABLE_WRITE
+            assert other.pkey in pkeys.allocated_keys() and not _api.regions(number)
             shadow.check()
         shadow.set(number, pkeys.PKEY_DISABLE_ACCESS)
         shadow.check()

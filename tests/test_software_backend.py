@@ -266,33 +266,55 @@ def test_denied_exec_memory_is_not_readable(key, page):
     assert permissions() == "---"
 
 
-def test_a_scope_whose_grant_a_forked_child_dropped_ends_quietly_there(key, page):
+def _access(page: mmap.mmap) -> tuple[bool, bool]:
+    return pkeys.probe(page) is None, pkeys.probe(page, write=True) is None
+
+
+def _allows(rights: int) -> tuple[bool, bool]:
+    return not rights & pkeys.PKEY_DISABLE_ACCESS, not rights & (pkeys.PKEY_DISABLE_ACCESS
+                                                                  | pkeys.PKEY_DISABLE_WRITE)
+
+
+@pytest.mark.parametrize("kind, base, in_force", [
+    ("allow", pkeys.PKEY_DISABLE_ACCESS, pkeys.PKEY_UNRESTRICTED),
+    ("deny", pkeys.PKEY_UNRESTRICTED, pkeys.PKEY_DISABLE_ACCESS),
+    ("read-only", pkeys.PKEY_UNRESTRICTED, pkeys.PKEY_DISABLE_WRITE),
+])
+def test_a_forked_child_that_drops_its_grants_on_a_key_never_opens_it(kind, base, in_force,
+                                                                      key, page):
     """Once a scope of the key has ended from another thread, a child forked
-    inside a later scope cannot tell its thread's grants on the key from the
-    others', so it drops them all (fails closed).  The end of that scope in
-    the child then raised ScopeError ("ended more often than it was
-    entered"); the child now counts the drop as a revocation of those
-    grants, which a scope's end withdraws nothing for."""
+    inside a later scope cannot tell its thread's grants on the key from
+    the others', so it drops them all.  Two defects there:
+    - dropping a deny() or read-only grant opened the key in the child
+      (found by an adversary): the child now keeps the stricter of the
+      rights in force at the fork and those outside every scope;
+    - the end of that scope in the child raised ScopeError ("ended more
+      often than it was entered"): the child counts the drop as a
+      revocation, which a scope's end withdraws nothing for."""
     key.protect(page)
+    pkeys.pkey_set(key, base)
     crossed = key.allow()
     entering = threading.Thread(target=crossed.__enter__)
     entering.start()
     entering.join()
     with pytest.raises(pkeys.ScopeError):  # ended anyway, and reported
         crossed.__exit__(None, None, None)
+    kept = _allows(in_force | base)  # the stricter of the two
 
     def in_child() -> None:
-        assert pkeys.probe(page) is not None  # the grant was dropped here
-        inner.__exit__(None, None, None)  # and its scope ends without an error
-        assert pkeys.probe(page) is not None
+        assert _access(page) == kept
+        scope.__exit__(None, None, None)  # without an error
+        assert _access(page) == kept
         with key.allow():  # a new scope works as always
-            assert pkeys.probe(page) is None
-        assert pkeys.probe(page) is not None
+            assert _access(page) == (True, True)
+        assert _access(page) == kept
 
-    inner = key.allow()
-    with inner:
-        assert pkeys.probe(page) is None
+    scope = {"allow": key.allow(), "deny": key.deny(),
+             "read-only": key.allow(write=False)}[kind]
+    with scope:
+        assert _access(page) == _allows(in_force)
         result = run_in_child(in_child)
         assert result.exitcode == 0, result.stderr
-        assert pkeys.probe(page) is None  # the parent's grant stands
-    assert pkeys.probe(page) is not None
+        assert _access(page) == _allows(in_force)  # the parent's grant stands
+    assert _access(page) == _allows(base)
+    pkeys.pkey_set(key, pkeys.PKEY_DISABLE_ACCESS)
