@@ -60,8 +60,8 @@ PyObject *pk_fast_pkey_get(PyObject *module, PyObject *pkey)
     int number, rights;
     uint32_t identity;
     (void)module;
-    if (!key_get || !pk_fast_key_number(pkey, &number, &identity) || (rights = key_get(number, identity)) < 0 ||
-        rights > 3)
+    if (!key_get || !pk_fast_key_number(pkey, &number, &identity) ||
+        (rights = key_get(number, identity)) < 0 || rights > 3)
         return PyObject_CallFunctionObjArgs(get_any, pkey, NULL);
     return PyTuple_GetItem(rights_by_value, rights) == NULL
                ? NULL
