@@ -232,21 +232,26 @@ static int sw_after_fork_in_child(uint64_t pins)
     saved_base = base_pkru;
     for (k = 1; k < PK_NKEYS; k++) {
         const struct grants *own = pk_my_grants();
-        /* This thread's counts are its own grants only if no revocation
-         * voided them since and no scope of the key ever ended in a thread
-         * other than its own; otherwise drop them all (fail closed). */
-        int trusted = own->identity[k] == process_grants.identity[k] &&
-                      own->epoch[k] == PK_LOAD(pk_revoked_at[k]) &&
-                      cross_thread[k] != process_grants.identity[k];
-        if (!trusted && pk_grants_active(&process_grants, k)) {
+        /* This thread's record holds its grants on the key if it counted
+         * one since the key's last revocation; else it has none now.  The
+         * record can only over-count: a scope ended from another thread
+         * leaves the entering thread's count as it was.  So once that has
+         * happened on the key, a record that claims grants cannot be told
+         * from one that has them: drop them all. */
+        int current = own->identity[k] == process_grants.identity[k] &&
+                      own->epoch[k] == PK_LOAD(pk_revoked_at[k]);
+        int unknowable = current && cross_thread[k] == process_grants.identity[k] &&
+                         pk_grants_active(own, k);
+        if (unknowable) {
             untrusted |= 1u << k;
             /* Dropping a deny() or read-only grant would open the key: the
              * child keeps the stricter of the rights in force now and those
              * outside every scope (both bits are restrictions: OR). */
-            base_pkru = pk_with_bits(base_pkru, k, pk_bits_of(pkru, k) | pk_bits_of(base_pkru, k));
+            base_pkru = pk_with_bits(base_pkru, k,
+                                     pk_bits_of(pkru, k) | pk_bits_of(base_pkru, k));
         }
         for (g = 0; g < 3; g++) {
-            uint32_t mine = trusted ? own->count[k][g] : 0;
+            uint32_t mine = current && !unknowable ? own->count[k][g] : 0;
             if (process_grants.count[k][g] > mine)
                 process_grants.count[k][g] = mine;
         }

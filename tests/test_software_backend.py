@@ -318,3 +318,35 @@ def test_a_forked_child_that_drops_its_grants_on_a_key_never_opens_it(kind, base
         assert _access(page) == _allows(in_force)  # the parent's grant stands
     assert _access(page) == _allows(base)
     pkeys.pkey_set(key, pkeys.PKEY_DISABLE_ACCESS)
+
+
+def test_a_child_drops_another_threads_deny_on_a_key_its_thread_never_used(key, page):
+    """Another thread's deny() at the fork is dropped in the child, as every
+    other thread's grant is: the child's only thread never had a grant on
+    the key, so it has the rights outside every scope.  A first version of
+    the fork fix above took such a thread's empty record for an unknowable
+    one, and locked the other thread's deny into the child for good (found
+    by an adversary)."""
+    key.protect(page)
+    pkeys.pkey_set(key, pkeys.PKEY_UNRESTRICTED)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with key.deny():
+            holding.set()
+            release.wait(60)
+
+    def in_child() -> None:
+        assert _access(page) == (True, True)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert holding.wait(60) and _access(page) == (False, False)
+        result = run_in_child(in_child)
+        assert result.exitcode == 0, result.stderr
+    finally:
+        release.set()
+        holder.join()
+    assert _access(page) == (True, True)
+    pkeys.pkey_set(key, pkeys.PKEY_DISABLE_ACCESS)
