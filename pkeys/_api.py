@@ -73,13 +73,22 @@ def key_number(pkey: object) -> int:
     return check_key_range(pkey)
 
 
+def key_and_identity(pkey: object) -> tuple[int, int]:
+    """``(number, identity)`` of a Key: its identity goes with its number,
+    so the shim refuses the call once the number is another key's.  Of
+    anything else :func:`key_number` takes: identity 0, whatever key has
+    the number."""
+    number = key_number(pkey)
+    return number, pkey._identity if isinstance(pkey, key_type) else 0  # type: ignore[attr-defined]
+
+
 def caller_key(pkey: object) -> tuple[int, int]:
     """``(number, identity)`` of a key the caller may tag memory with or
     free: a Key, key 0, or an allocated number that is not one of the
     virtual-key pool's.  Those belong to protected buffers, which free them
     when they close; memory the caller tagged with one would keep it."""
     if isinstance(pkey, key_type):
-        return key_number(pkey), pkey._identity  # type: ignore[attr-defined]
+        return key_and_identity(pkey)
     number = check_key_range(pkey)
     if number == 0:
         return 0, 0
@@ -179,11 +188,9 @@ def pkey_free(pkey: KeyLike) -> None:
 def _pkey_get_any(pkey: KeyLike) -> PkeyRights:
     """pkey_get for what its C fast path (csrc/scope_rights.c: an int or
     an open Key, rights in 0..3) leaves: conversions, checks, errors."""
-    identity = 0  # a Key's goes with its number (see _pkey_set_any)
+    identity = 0
     if type(pkey) is not int:
-        if isinstance(pkey, key_type):
-            identity = pkey._identity  # type: ignore[attr-defined]
-        pkey = key_number(pkey)
+        pkey, identity = key_and_identity(pkey)
     try:
         rights = _get(pkey, identity)
     except OverflowError:
@@ -198,13 +205,9 @@ def _pkey_set_any(pkey: KeyLike, access_rights: int, *, threads: str = "current"
     checks, errors."""
     if threads != "current":
         return _set_for(pkey, access_rights, threads)
-    # A Key's identity goes with its number: the shim refuses the change
-    # once the number is another key's (an int means whatever key has it).
     identity = 0
     if type(pkey) is not int:
-        if isinstance(pkey, key_type):
-            identity = pkey._identity  # type: ignore[attr-defined]
-        pkey = key_number(pkey)
+        pkey, identity = key_and_identity(pkey)
     if type(access_rights) is not int:
         access_rights = check_rights(access_rights)
     try:
@@ -242,8 +245,7 @@ _scope.configure_rights(
 def _set_for(pkey: object, access_rights: object, threads: object) -> None:
     if threads != "all":
         raise ArgumentError(f'threads must be "current" or "all", not {threads!r}')
-    identity = pkey._identity if isinstance(pkey, key_type) else 0  # type: ignore[attr-defined]
-    number = key_number(pkey)
+    number, identity = key_and_identity(pkey)
     if number == 0:
         raise_status(lib.PK_E_KEY_ZERO)
     set_all_threads(number, identity, check_rights(access_rights))
