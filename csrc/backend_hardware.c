@@ -126,7 +126,7 @@ static int hw_set(int pkey, uint32_t wanted, int rights, uint64_t pins)
     pk_grants_adopt(g, pkey, identity);
     PK_STEP();
     if (pk_grants_active(g, pkey)) {
-        g->base[pkey] = (uint8_t)rights;
+        pk_grants_set_base(g, pkey, (unsigned)rights);
     } else {
         hw_write_settled(old, pk_with_bits(old, pkey, (unsigned)rights), mark);
         /* A free in another thread may have raced with this write (see
@@ -168,7 +168,7 @@ static int hw_pkru_write(uint32_t value, uint64_t pins)
             continue;
         pk_grants_adopt(g, k, PK_LOAD(pk_key_identities[k]));
         if (pk_grants_active(g, k)) {
-            g->base[k] = (uint8_t)pk_bits_of(value, k);
+            pk_grants_set_base(g, k, pk_bits_of(value, k));
             next = pk_with_bits(next, k, pk_grants_composed(g, k));
         }
     }
@@ -183,24 +183,35 @@ static int64_t hw_scope_enter(uint32_t keys, int kind, const uint32_t *identitie
 {
     struct grants *g = pk_my_grants();
     uint32_t mark = pk_revocations_mark(), old, next, epoch;
+    uint32_t changes = PK_LOAD(pk_identity_changes);  /* before the check below */
     int64_t token;
     int status;
     (void)pins;
-    /* Every key, before anything is counted: a refused entry changes nothing
-     * (see pk_grants_enter). */
-    if ((status = pk_identity_check(keys, identities)) != PK_OK)
+    if ((status = pk_keys_check(keys)) != PK_OK)
         return status;
     pk_exposure_note(kind == PK_GRANT_DENY ? 0u : keys);
     PK_STEP();
     old = pk_rdpkru_unchecked();
     PK_STEP();
-    next = pk_grants_enter(g, keys, kind, identities, old, &epoch);
+    status = pk_grants_enter_current(g, keys, kind, identities, old, &epoch, &next);
+    if (status == PK_GRANTS_ADOPT) {
+        /* Every key checked before anything is counted: counting adopts a
+         * key's revocation, so a refused entry must count nothing (see
+         * pk_grants_enter). */
+        if ((status = pk_identity_check(keys, identities)) == PK_OK)
+            next = pk_grants_enter(g, keys, kind, identities, old, &epoch);
+    }
+    if (status != PK_OK)
+        return status;
     token = pk_make_token(epoch);
     PK_STEP();
     hw_write_settled(old, next, mark);
     /* A pkey_free in another thread may have raced with this grant: once
-     * the register is written, check again and take it back. */
-    if (pk_identity_check(keys, identities) != PK_OK) {
+     * the register is written, check again and take it back.  If no
+     * identity changed since before the first check, none of these did;
+     * and a free whose change comes after this read signals this thread
+     * after this write (hw_free_key retires, then revokes). */
+    if (PK_LOAD(pk_identity_changes) != changes && pk_identity_check(keys, identities) != PK_OK) {
         pk_grants_count(g, keys, kind, identities, -1, 0);
         old = pk_rdpkru_unchecked();
         hw_write(old, pk_grants_compose(g, keys, old));
@@ -220,12 +231,10 @@ static int hw_scope_exit(uint32_t keys, int kind, const uint32_t *identities, in
     if ((uint32_t)((uint64_t)token >> 32) != pk_thread_serial())
         return PK_E_WRONG_THREAD;
     PK_STEP();
-    if (!pk_grants_exit_check(g, keys, kind, identities, (uint32_t)token, &live))
-        return PK_E_UNBALANCED;
-    PK_STEP();
     old = pk_rdpkru_unchecked();
     PK_STEP();
-    next = pk_grants_withdraw(g, live, kind, identities, old);
+    if (!pk_grants_exit(g, keys, kind, identities, (uint32_t)token, old, &live, &next))
+        return PK_E_UNBALANCED;
     if (keys & ~live) {  /* freed or revoked while the scope was open: rare */
         next = pk_grants_close_freed(g, keys & ~live, kind, identities, next);
         next = pk_grants_close_revoked(g, keys & ~live, identities, next);
@@ -256,7 +265,7 @@ static int hw_birth_snapshot(struct pk_birth *out)
             g->epoch[k] != PK_LOAD(pk_revoked_at[k]) || !pk_grants_active(g, k))
             continue;
         out->keys |= 1u << k;
-        out->bits = pk_with_bits(out->bits, k, g->base[k]);
+        out->bits = pk_with_bits(out->bits, k, pk_grants_base(g, k));
         out->identities[k] = identity;
     }
     return out->keys != 0;

@@ -82,7 +82,7 @@ static int sw_alloc(unsigned int flags, unsigned int rights, uint32_t identity)
         if (allocated & (1u << k))
             continue;
         base_pkru = pk_with_bits(base_pkru, k, rights & 3u);
-        memset(process_grants.count[k], 0, sizeof process_grants.count[k]);
+        pk_grants_clear(&process_grants, k);
         process_grants.identity[k] = identity;
         /* A fresh key guards no region, so this only moves the register. */
         commit(0);
@@ -96,7 +96,7 @@ static int sw_free_key(int pkey, double timeout, struct pk_broadcast *result, ui
     (void)timeout, (void)result, (void)pins;
     pk_identity_retire(pkey);
     base_pkru = pk_with_bits(base_pkru, pkey, PK_AD);
-    memset(process_grants.count[pkey], 0, sizeof process_grants.count[pkey]);
+    pk_grants_clear(&process_grants, pkey);
     process_grants.identity[pkey] = 0;
     commit(0); /* no region left, so nothing to pin */
     return PK_OK;
@@ -131,11 +131,12 @@ static int sw_set_all(int pkey, unsigned int rights, double timeout,
         return PK_E_NEED_PINS;
     memcpy(saved_counts, process_grants.count[pkey], sizeof saved_counts);
     base_pkru = pk_with_bits(base_pkru, pkey, rights);
-    memset(process_grants.count[pkey], 0, sizeof process_grants.count[pkey]);
+    pk_grants_clear(&process_grants, pkey);
     status = commit(pins);
     if (status != PK_OK) {
         base_pkru = saved_base;
         memcpy(process_grants.count[pkey], saved_counts, sizeof saved_counts);
+        pk_grants_recount(&process_grants, pkey);
         return status;
     }
     pk_revocation_stamp(pkey, rights);
@@ -255,6 +256,7 @@ static int sw_after_fork_in_child(uint64_t pins)
             if (process_grants.count[k][g] > mine)
                 process_grants.count[k][g] = mine;
         }
+        pk_grants_recount(&process_grants, k);
     }
     status = commit(pins);
     if (status != PK_OK) {

@@ -7,6 +7,7 @@
 #include <string.h>
 
 uint32_t pk_key_identities[PK_NKEYS];
+uint32_t pk_identity_changes;
 static uint32_t allocated_keys;   /* written under the state mutex, read without */
 static uint32_t last_identity;    /* under the state mutex */
 
@@ -31,18 +32,21 @@ void pk_identity_assign(int pkey, uint32_t identity)
     last_identity = identity;
     PK_STORE(pk_revoked_at[pkey], 0u);
     PK_STORE(pk_key_identities[pkey], identity);
+    __atomic_add_fetch(&pk_identity_changes, 1, __ATOMIC_SEQ_CST);
     __atomic_or_fetch(&allocated_keys, 1u << pkey, __ATOMIC_SEQ_CST);
 }
 
 void pk_identity_retire(int pkey)
 {
     PK_STORE(pk_key_identities[pkey], 0u);
+    __atomic_add_fetch(&pk_identity_changes, 1, __ATOMIC_SEQ_CST);
     __atomic_and_fetch(&allocated_keys, ~(1u << pkey), __ATOMIC_SEQ_CST);
 }
 
 void pk_identity_restore(int pkey, uint32_t identity)
 {
     PK_STORE(pk_key_identities[pkey], identity);
+    __atomic_add_fetch(&pk_identity_changes, 1, __ATOMIC_SEQ_CST);
     __atomic_or_fetch(&allocated_keys, 1u << pkey, __ATOMIC_SEQ_CST);
 }
 
@@ -90,10 +94,18 @@ int64_t pk_make_token(uint32_t epoch) { return ((int64_t)pk_thread_serial() << 3
 
 /* ---- the algebra -------------------------------------------------------- */
 
-
-
-
-
+/* Byte b with its bit i moved to bit 2i (pk_spread). */
+#define PK_SPREAD_BYTE(b)                                                              \
+    (((b) & 1) | ((b) & 2) << 1 | ((b) & 4) << 2 | ((b) & 8) << 3 | ((b) & 16) << 4 |  \
+     ((b) & 32) << 5 | ((b) & 64) << 6 | ((b) & 128) << 7)
+#define PK_SPREAD_4(b) PK_SPREAD_BYTE(b), PK_SPREAD_BYTE((b) + 1), PK_SPREAD_BYTE((b) + 2), \
+                       PK_SPREAD_BYTE((b) + 3)
+#define PK_SPREAD_16(b) PK_SPREAD_4(b), PK_SPREAD_4((b) + 4), PK_SPREAD_4((b) + 8), \
+                        PK_SPREAD_4((b) + 12)
+#define PK_SPREAD_64(b) PK_SPREAD_16(b), PK_SPREAD_16((b) + 16), PK_SPREAD_16((b) + 32), \
+                        PK_SPREAD_16((b) + 48)
+const uint16_t pk_spread_table[256] = {PK_SPREAD_64(0), PK_SPREAD_64(64), PK_SPREAD_64(128),
+                                       PK_SPREAD_64(192)};
 
 /* Keys freed while this thread held a grant on them: the freeing thread
  * could deny only its own register, so this one closes the number here
@@ -106,8 +118,7 @@ uint32_t pk_grants_close_freed(struct grants *g, uint32_t keys, int kind,
     PK_FOR_EACH_KEY(k, keys) {
         if (g->identity[k] != identities[k] || PK_LOAD(pk_key_identities[k]) == identities[k])
             continue;
-        if (g->count[k][kind])
-            g->count[k][kind]--;
+        pk_grants_withdraw_key(g, k, kind);
         if (!pk_grants_active(g, k))
             pkru = pk_with_bits(pkru, k, PK_AD);
     }

@@ -45,12 +45,19 @@
 
 /* 0: not allocated.  Written under the state mutex, read without it. */
 extern uint32_t pk_key_identities[PK_NKEYS];
+/* Bumped after each store to pk_key_identities: a reader that finds it
+ * unchanged across a stretch of code knows that no identity changed in
+ * that stretch (hw_scope_enter).  It would take 2^32 allocations and frees
+ * within that stretch to wrap it. */
+extern uint32_t pk_identity_changes;
 
 struct grants {
     uint32_t identity[PK_NKEYS];   /* the key the counts below belong to */
     uint32_t epoch[PK_NKEYS];      /* ...and the revocation they came after */
     uint32_t count[PK_NKEYS][3];   /* indexed by PK_GRANT_* */
-    uint8_t base[PK_NKEYS];        /* rights outside every grant, while any is active */
+    uint32_t active[3];            /* bit k of active[kind]: count[k][kind] != 0 */
+    uint32_t base;                 /* PKRU layout: each key's rights outside every grant,
+                                      while any is active */
 };
 
 /* This thread's grants: the ones in force on hardware, and on the software
@@ -81,20 +88,76 @@ static inline uint32_t pk_with_bits(uint32_t pkru, int k, unsigned bits)
     return (pkru & ~PK_KEY_MASK(k)) | (bits << PK_KEY_SHIFT(k));
 }
 
+/*
+ * The counts say how many grants of each kind a key has; the masks say
+ * which keys have any of each kind, so that a scope's register value is
+ * composed for all its keys at once (pk_grants_compose) instead of key by
+ * key.  Every writer of a count keeps its mask bit (the functions below;
+ * the software backend's direct edits call pk_grants_recount), and
+ * tests/model/grants_fused.c compares whole structs, masks included.
+ */
+static inline uint32_t pk_grants_any(const struct grants *g)
+{
+    return g->active[0] | g->active[1] | g->active[2];
+}
+
 static inline int pk_grants_active(const struct grants *g, int k)
 {
-    return (g->count[k][0] | g->count[k][1] | g->count[k][2]) != 0;
+    return (pk_grants_any(g) >> k) & 1u;
+}
+
+static inline unsigned pk_grants_base(const struct grants *g, int k)
+{
+    return pk_bits_of(g->base, k);
+}
+
+static inline void pk_grants_set_base(struct grants *g, int k, unsigned bits)
+{
+    g->base = pk_with_bits(g->base, k, bits);
 }
 
 static inline unsigned pk_grants_composed(const struct grants *g, int k)
 {
-    if (g->count[k][PK_GRANT_DENY])
+    if ((g->active[PK_GRANT_DENY] >> k) & 1u)
         return PK_AD;
-    if (g->count[k][PK_GRANT_READ_WRITE])
+    if ((g->active[PK_GRANT_READ_WRITE] >> k) & 1u)
         return 0;
-    if (g->count[k][PK_GRANT_READ_ONLY])
+    if ((g->active[PK_GRANT_READ_ONLY] >> k) & 1u)
         return PK_WD;
-    return g->base[k];
+    return pk_grants_base(g, k);
+}
+
+/* Key k's mask bits from its counts, after a caller wrote them directly. */
+static inline void pk_grants_recount(struct grants *g, int k)
+{
+    int kind;
+    for (kind = 0; kind < 3; kind++)
+        g->active[kind] = (g->active[kind] & ~(1u << k)) |
+                          (uint32_t)(g->count[k][kind] != 0) << k;
+}
+
+/* Key k with no grant of any kind. */
+static inline void pk_grants_clear(struct grants *g, int k)
+{
+    memset(g->count[k], 0, sizeof g->count[k]);
+    g->active[0] &= ~(1u << k);
+    g->active[1] &= ~(1u << k);
+    g->active[2] &= ~(1u << k);
+}
+
+/* One grant of `kind` on key k withdrawn, if it has one. */
+static inline void pk_grants_withdraw_key(struct grants *g, int k, int kind)
+{
+    if (g->count[k][kind] && !--g->count[k][kind])
+        g->active[kind] &= ~(1u << k);
+}
+
+/* Bit k of `keys` at bit 2k: a mask of keys as PKRU's access-disable bits
+ * (x2: write-disable; x3: both).  By table, a byte at a time. */
+extern const uint16_t pk_spread_table[256];
+static inline uint32_t pk_spread(uint32_t keys)
+{
+    return pk_spread_table[keys & 0xffu] | (uint32_t)pk_spread_table[(keys >> 8) & 0xffu] << 16;
 }
 
 /* ---- identities (allocation and free: state mutex held) ----------------- */
@@ -119,15 +182,23 @@ static inline int pk_identity_status(uint32_t current, uint32_t wanted)
 }
 /* PK_OK, PK_E_KEY_RANGE or PK_E_NOT_ALLOCATED (key 0 is always allocated). */
 int pk_identity_check_number(int pkey);
-/* Each key of `keys` still has the identity in `identities`: PK_OK,
- * PK_E_KEY_ZERO, PK_E_KEY_RANGE or PK_E_KEY_CLOSED. */
-static inline int pk_identity_check(uint32_t keys, const uint32_t *identities)
+/* `keys` names at least one key, none of them 0 or out of range: PK_OK,
+ * PK_E_KEY_ZERO or PK_E_KEY_RANGE. */
+static inline int pk_keys_check(uint32_t keys)
 {
-    int k;
     if (keys & 1u)
         return PK_E_KEY_ZERO;
     if (!keys || keys >> PK_NKEYS)
         return PK_E_KEY_RANGE;
+    return PK_OK;
+}
+/* Each key of `keys` still has the identity in `identities`: PK_OK,
+ * PK_E_KEY_ZERO, PK_E_KEY_RANGE or PK_E_KEY_CLOSED. */
+static inline int pk_identity_check(uint32_t keys, const uint32_t *identities)
+{
+    int k, status = pk_keys_check(keys);
+    if (status != PK_OK)
+        return status;
     PK_FOR_EACH_KEY(k, keys)
         if (!identities[k] || PK_LOAD(pk_key_identities[k]) != identities[k])
             return PK_E_KEY_CLOSED;
@@ -197,15 +268,26 @@ static inline int pk_grants_adopt(struct grants *g, int k, uint32_t identity)
     int same_key = g->identity[k] == identity;
     if (same_key && g->epoch[k] == stamp)
         return PK_ADOPT_SAME;
-    memset(g->count[k], 0, sizeof g->count[k]);
+    pk_grants_clear(g, k);
     g->identity[k] = identity;
     g->epoch[k] = stamp;
     if (!stamp)
         return PK_ADOPT_FRESH;
     /* Read after the stamp: a later revocation's rights, if one came in
      * between, are what this thread is about to get anyway. */
-    g->base[k] = (uint8_t)(PK_LOAD(pk_revoked_bits[k]) & 3u);
+    pk_grants_set_base(g, k, PK_LOAD(pk_revoked_bits[k]) & 3u);
     return same_key ? PK_ADOPT_REVOKED : PK_ADOPT_FIRST;
+}
+
+/* Key k adopted (pk_grants_adopt) for a grant about to be counted: if it
+ * will be the first, its base recorded from `pkru`. */
+static inline void pk_grants_open_key(struct grants *g, int k, uint32_t identity, uint32_t pkru)
+{
+    int found = pk_grants_adopt(g, k, identity);
+    if (found == PK_ADOPT_FIRST) /* both bits are restrictions: OR is the stricter */
+        g->base |= pkru & PK_KEY_MASK(k);
+    else if (found != PK_ADOPT_REVOKED && !pk_grants_active(g, k))
+        pk_grants_set_base(g, k, pk_bits_of(pkru, k));
 }
 
 /* Add (+1) or withdraw (-1) one grant of `kind` to key k in `g`.  Entering
@@ -213,15 +295,13 @@ static inline int pk_grants_adopt(struct grants *g, int k, uint32_t identity)
 static inline void pk_grants_count_key(struct grants *g, int k, int kind, uint32_t identity,
                                        int delta, uint32_t pkru)
 {
-    int found = pk_grants_adopt(g, k, identity);
     if (delta > 0) {
-        if (found == PK_ADOPT_FIRST) /* both bits are restrictions: OR is the stricter */
-            g->base[k] = (uint8_t)(g->base[k] | pk_bits_of(pkru, k));
-        else if (found != PK_ADOPT_REVOKED && !pk_grants_active(g, k))
-            g->base[k] = (uint8_t)pk_bits_of(pkru, k);
+        pk_grants_open_key(g, k, identity, pkru);
         g->count[k][kind]++;
-    } else if (g->count[k][kind]) {
-        g->count[k][kind]--;
+        g->active[kind] |= 1u << k;
+    } else {
+        pk_grants_adopt(g, k, identity);
+        pk_grants_withdraw_key(g, k, kind);
     }
 }
 
@@ -234,13 +314,17 @@ static inline void pk_grants_count(struct grants *g, uint32_t keys, int kind,
         pk_grants_count_key(g, k, kind, identities[k], delta, pkru);
 }
 
-/* `pkru` with each key of `keys` given what its grants compose to. */
+/* `pkru` with each key of `keys` given what its grants compose to: the
+ * strongest kind with a grant (deny, then read-write, then read-only),
+ * else the base. */
 static inline uint32_t pk_grants_compose(const struct grants *g, uint32_t keys, uint32_t pkru)
 {
-    int k;
-    PK_FOR_EACH_KEY(k, keys)
-        pkru = pk_with_bits(pkru, k, pk_grants_composed(g, k));
-    return pkru;
+    uint32_t deny = g->active[PK_GRANT_DENY] & keys;
+    uint32_t read_write = g->active[PK_GRANT_READ_WRITE] & keys & ~deny;
+    uint32_t read_only = g->active[PK_GRANT_READ_ONLY] & keys & ~deny & ~read_write;
+    uint32_t outside = keys & ~(deny | read_write | read_only);
+    return (pkru & ~(pk_spread(keys) * 3u)) | pk_spread(deny) * PK_AD |
+           pk_spread(read_only) * PK_WD | (g->base & pk_spread(outside) * 3u);
 }
 
 /* The keys whose grant from a token of `epoch` is still counted in `g`:
@@ -299,52 +383,134 @@ static inline int pk_grants_balanced(const struct grants *g, uint32_t keys, int 
  * and the return value pk_grants_compose() of `pkru`.  The caller has
  * checked every key's identity first: counting adopts a key's revocation
  * (pk_grants_adopt), so an entry refused after counting one key would leave
- * that revocation adopted and not applied to the register. */
+ * that revocation adopted and not applied to the register.
+ *
+ * Every key now has a grant of `kind`, so none takes its base, and the
+ * register value is composed from the masks for all keys at once.  Unsafe
+ * assumption, written down: a count never wraps (2^32 grants of one kind on
+ * one key in one thread, each with its own token in memory). */
 static inline uint32_t pk_grants_enter(struct grants *g, uint32_t keys, int kind,
                                        const uint32_t *identities, uint32_t pkru,
                                        uint32_t *epoch)
 {
-    uint32_t next = pkru, latest = 0;
+    /* Keys with no grant before this one, among those whose counts stand:
+     * their base is the register's, set for all of them at once below
+     * (pk_grants_open_key, key by key). */
+    uint32_t had_grants = pk_grants_any(g), first_grant = 0, latest = 0, deny, read_only;
     int k;
     PK_FOR_EACH_KEY(k, keys) {
-        pk_grants_count_key(g, k, kind, identities[k], +1, pkru);
+        uint32_t identity = identities[k], counted_for = g->identity[k];
+        uint32_t counted_under = g->epoch[k];
+        if (counted_for == identity && counted_under == PK_LOAD(pk_revoked_at[k]))
+            first_grant |= 1u << k;  /* pk_grants_adopt: the same */
+        else
+            pk_grants_open_key(g, k, identity, pkru);
+        g->count[k][kind]++;
         if ((int32_t)(g->epoch[k] - latest) > 0)
             latest = g->epoch[k];
-        next = pk_with_bits(next, k, pk_grants_composed(g, k));
     }
+    first_grant = pk_spread(first_grant & ~had_grants) * 3u;
+    g->base = (g->base & ~first_grant) | (pkru & first_grant);
+    g->active[kind] |= keys;
     *epoch = latest;
-    return next;
+    deny = g->active[PK_GRANT_DENY] & keys;
+    read_only = keys & ~deny & ~g->active[PK_GRANT_READ_WRITE];
+    return (pkru & ~(pk_spread(keys) * 3u)) | pk_spread(deny) * PK_AD |
+           pk_spread(read_only) * PK_WD;
 }
 
-/* *live = pk_grants_live(); the return value pk_grants_balanced() of the
- * live keys.  Changes nothing. */
-static inline int pk_grants_exit_check(const struct grants *g, uint32_t keys, int kind,
-                                       const uint32_t *identities, uint32_t epoch,
-                                       uint32_t *live)
+/*
+ * The common entry, in one pass: each key's identity checked (the
+ * loop of pk_identity_check, for `keys` that pk_keys_check passed) and its
+ * counts found standing in `g` (pk_grants_adopt would change nothing),
+ * then pk_grants_enter.  Returns PK_OK, with *epoch and *next as
+ * pk_grants_enter gives them; or, with `g` as it was, PK_E_KEY_CLOSED, or
+ * PK_GRANTS_ADOPT where some key must be adopted anew: the caller then
+ * checks every identity and calls pk_grants_enter.  A key is counted as
+ * soon as it passes, and the counts are taken back if a later one fails:
+ * nothing but this thread reads `g` (revoke.c's handler does not).
+ */
+#define PK_GRANTS_ADOPT 1
+static inline int pk_grants_enter_current(struct grants *g, uint32_t keys, int kind,
+                                          const uint32_t *identities, uint32_t pkru,
+                                          uint32_t *epoch, uint32_t *next)
 {
-    int k, balanced = 1;
-    *live = keys;
+    uint32_t had_grants = pk_grants_any(g), latest = 0, first_grant, deny, read_only;
+    int k, status;
     PK_FOR_EACH_KEY(k, keys) {
-        if (!pk_grants_live_key(g, k, identities[k], epoch))
-            *live &= ~(1u << k);
-        else if (!pk_grants_balanced_key(g, k, kind, identities[k]))
-            balanced = 0;
+        uint32_t identity = identities[k], counted_for = g->identity[k];
+        uint32_t counted_under = g->epoch[k];
+        if (!identity || PK_LOAD(pk_key_identities[k]) != identity) {
+            status = PK_E_KEY_CLOSED;
+            goto undo;
+        }
+        if (counted_for != identity || counted_under != PK_LOAD(pk_revoked_at[k])) {
+            status = PK_GRANTS_ADOPT;
+            goto undo;
+        }
+        g->count[k][kind]++;
+        if ((int32_t)(counted_under - latest) > 0)
+            latest = counted_under;
     }
-    return balanced;
+    first_grant = pk_spread(keys & ~had_grants) * 3u;
+    g->base = (g->base & ~first_grant) | (pkru & first_grant);
+    g->active[kind] |= keys;
+    *epoch = latest;
+    deny = g->active[PK_GRANT_DENY] & keys;
+    read_only = keys & ~deny & ~g->active[PK_GRANT_READ_WRITE];
+    *next = (pkru & ~(pk_spread(keys) * 3u)) | pk_spread(deny) * PK_AD |
+            pk_spread(read_only) * PK_WD;
+    return PK_OK;
+undo:
+    /* the keys before k (lowest first) were counted */
+    PK_FOR_EACH_KEY(k, keys & ((1u << k) - 1u))
+        g->count[k][kind]--;
+    return status;
 }
 
-/* pk_grants_count(-1), then the return value pk_grants_compose() of `pkru`. */
-static inline uint32_t pk_grants_withdraw(struct grants *g, uint32_t keys, int kind,
-                                          const uint32_t *identities, uint32_t pkru)
+/*
+ * A scope's exit: *live = pk_grants_live(), and if pk_grants_balanced() of
+ * the live keys, pk_grants_count(-1) of them, *next = pk_grants_compose()
+ * of them in `pkru`, and 1.  Else 0, with `g` as it was.
+ *
+ * Each live key was counted under its key's current identity and stamp,
+ * so adopting it again (as pk_grants_count does) would find its counts
+ * standing, and is skipped.  A revocation stamped during this pass is not
+ * adopted: the exit takes effect before it, and its signal (or
+ * hw_write_settled, if the handler ran meanwhile) applies it to the
+ * register.  A key found unbalanced after others were withdrawn gives
+ * theirs back: the pass changes nothing but counts until it knows.
+ */
+static inline int pk_grants_exit(struct grants *g, uint32_t keys, int kind,
+                                 const uint32_t *identities, uint32_t epoch, uint32_t pkru,
+                                 uint32_t *live, uint32_t *next)
 {
-    uint32_t cleared = 0, composed = 0;
+    uint32_t found = keys, emptied = 0;
     int k;
     PK_FOR_EACH_KEY(k, keys) {
-        pk_grants_count_key(g, k, kind, identities[k], -1, 0);
-        cleared |= PK_KEY_MASK(k);
-        composed |= pk_grants_composed(g, k) << PK_KEY_SHIFT(k);
+        /* pk_grants_live_key, with the plain values read before the atomic
+         * loads (which the compiler does not move them across) */
+        uint32_t identity = identities[k], counted_for = g->identity[k];
+        uint32_t counted_under = g->epoch[k], left, stamp = PK_LOAD(pk_revoked_at[k]);
+        if (PK_LOAD(pk_key_identities[k]) != identity || (int32_t)(stamp - epoch) > 0 ||
+            counted_under != stamp) {
+            found &= ~(1u << k);
+            continue;
+        }
+        if (counted_for != identity || !g->count[k][kind])
+            goto unbalanced;
+        left = --g->count[k][kind];
+        emptied |= (uint32_t)!left << k;
     }
-    return (pkru & ~cleared) | composed;
+    g->active[kind] &= ~emptied;
+    *live = found;
+    *next = pk_grants_compose(g, found, pkru);
+    return 1;
+unbalanced:
+    /* the live keys before k (lowest first) were withdrawn */
+    PK_FOR_EACH_KEY(k, found & ((1u << k) - 1u))
+        g->count[k][kind]++;
+    return 0;
 }
 
 /* At a scope's end, for keys freed (close_freed) or revoked (close_revoked)

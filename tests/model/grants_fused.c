@@ -1,6 +1,6 @@
 /*
  * TEST ONLY.  The hardware backend's one-pass scope functions
- * (pk_grants_enter, pk_grants_exit_check, pk_grants_withdraw in
+ * (pk_grants_enter, pk_grants_enter_current and pk_grants_exit in
  * csrc/grants.h) against the sequences of core functions they stand for,
  * over every combination of a small domain of states: two keys, each with
  * its global identity and revocation stamp, this thread's identity, epoch,
@@ -44,7 +44,8 @@ static void set_key(struct grants *g, uint32_t *identities, uint32_t *pkru, int 
     g->epoch[k] = d->epoch;
     for (i = 0; i < 3; i++)
         g->count[k][i] = (d->counts >> i) & 1u;
-    g->base[k] = d->base;
+    pk_grants_recount(g, k);
+    pk_grants_set_base(g, k, d->base);
     identities[k] = d->scope_identity;
     *pkru = pk_with_bits(*pkru, k, d->register_bits);
 }
@@ -79,6 +80,31 @@ static void check(const struct grants *start, const uint32_t *identities, uint32
     for (kind = 0; kind < 3; kind++) {
         struct grants seq = *start, one = *start;
         uint32_t next_seq, next_one, epoch_seq, epoch_one;
+        {
+            /* the common entry: the same as the sequence, or refused (the
+             * identity check fails, or a key must be adopted) with nothing
+             * changed */
+            struct grants fast = *start;
+            uint32_t epoch_fast = 0, next_fast = 0;
+            int status = pk_grants_enter_current(&fast, keys, kind, identities, pkru,
+                                                 &epoch_fast, &next_fast);
+            int checked = pk_identity_check(keys, identities);
+            cases++;
+            if (status == PK_OK) {
+                struct grants seq_fast = *start;
+                uint32_t epoch_seq_fast;
+                pk_grants_count(&seq_fast, keys, kind, identities, +1, pkru);
+                epoch_seq_fast = pk_grants_counted_under(&seq_fast, keys);
+                if (checked != PK_OK || memcmp(&seq_fast, &fast, sizeof fast) ||
+                    pk_grants_compose(&seq_fast, keys, pkru) != next_fast ||
+                    epoch_seq_fast != epoch_fast)
+                    mismatch("common entry", keys, kind, 0);
+            } else if (memcmp(start, &fast, sizeof fast) ||
+                       (status == PK_E_KEY_CLOSED && checked == PK_OK) ||
+                       (status != PK_E_KEY_CLOSED && status != PK_GRANTS_ADOPT)) {
+                mismatch("refused common entry", keys, kind, 0);
+            }
+        }
         if (pk_identity_check(keys, identities) == PK_OK) {
             pk_grants_count(&seq, keys, kind, identities, +1, pkru);
             epoch_seq = pk_grants_counted_under(&seq, keys);
@@ -92,22 +118,25 @@ static void check(const struct grants *start, const uint32_t *identities, uint32
         }
         for (epoch_seq = 4; epoch_seq <= 6; epoch_seq++) {
             struct grants exit_seq = *start, exit_one = *start;
-            uint32_t live_seq = pk_grants_live(&exit_seq, keys, identities, epoch_seq), live_one;
+            uint32_t live_seq = pk_grants_live(&exit_seq, keys, identities, epoch_seq);
+            uint32_t live_one = 0, next_one = 0;
             int balanced_seq = pk_grants_balanced(&exit_seq, live_seq, kind, identities);
-            int balanced_one = pk_grants_exit_check(&exit_one, keys, kind, identities, epoch_seq,
-                                                    &live_one);
+            int balanced_one = pk_grants_exit(&exit_one, keys, kind, identities, epoch_seq, pkru,
+                                              &live_one, &next_one);
             cases++;
-            if (live_seq != live_one || balanced_seq != balanced_one ||
-                memcmp(&exit_seq, &exit_one, sizeof exit_seq)) {
-                mismatch("exit check", keys, kind, epoch_seq);
+            if (balanced_seq != balanced_one) {
+                mismatch("exit balance", keys, kind, epoch_seq);
                 continue;
             }
-            if (!balanced_seq)
+            if (!balanced_seq) {  /* refused: nothing changed */
+                if (memcmp(&exit_seq, &exit_one, sizeof exit_seq))
+                    mismatch("refused exit", keys, kind, epoch_seq);
                 continue;
+            }
             pk_grants_count(&exit_seq, live_seq, kind, identities, -1, 0);
             next_seq = pk_grants_compose(&exit_seq, live_seq, pkru);
-            next_one = pk_grants_withdraw(&exit_one, live_one, kind, identities, pkru);
-            if (memcmp(&exit_seq, &exit_one, sizeof exit_seq) || next_seq != next_one)
+            if (live_seq != live_one || memcmp(&exit_seq, &exit_one, sizeof exit_seq) ||
+                next_seq != next_one)
                 mismatch("withdrawal", keys, kind, epoch_seq);
         }
     }

@@ -43,7 +43,7 @@
 #define INIT_PKRU 0x55555554u
 
 enum { ENTER_MARK, ENTER_READ, ENTER_COUNT, ENTER_TOKEN, ENTER_WRITE,
-       EXIT_MARK, EXIT_LIVE, EXIT_READ, EXIT_COUNT, EXIT_WRITE,
+       EXIT_MARK, EXIT_READ, EXIT_COUNT, EXIT_WRITE,
        SETTLE_MOVED, SETTLE_READ, SETTLE_WRITE, OP_DONE };
 
 struct thread {
@@ -182,7 +182,7 @@ static int thread_step(struct state *s, int i)
     case EXIT_MARK: /* pk_revocations_mark() */
         t->handled_since_mark = 0;
         t->mark = t->handled_count;
-        t->step = op == 'E' ? ENTER_READ : EXIT_LIVE;
+        t->step = op == 'E' ? ENTER_READ : EXIT_READ;
         break;
     case ENTER_READ:
         t->old = t->reg;
@@ -192,7 +192,7 @@ static int thread_step(struct state *s, int i)
         int first = !pk_grants_active(&t->g, KEY) || t->g.epoch[KEY] != pk_revoked_at[KEY];
         pk_grants_count(&t->g, 1u << KEY, PK_GRANT_READ_WRITE, ids, +1, t->old);
         if (mutant && first)
-            t->g.base[KEY] = (uint8_t)pk_bits_of(t->old, KEY);
+            pk_grants_set_base(&t->g, KEY, pk_bits_of(t->old, KEY));
         t->step = ENTER_TOKEN;
         break;
     }
@@ -204,24 +204,22 @@ static int thread_step(struct state *s, int i)
         t->reg = pk_grants_compose(&t->g, 1u << KEY, t->old);
         t->step = SETTLE_MOVED;
         break;
-    case EXIT_LIVE:
-        t->token = t->tokens[t->depth - 1];
-        t->live = pk_grants_live(&t->g, 1u << KEY, ids, (uint32_t)t->token);
-        if (!pk_grants_balanced(&t->g, t->live, PK_GRANT_READ_WRITE, ids)) {
-            t->refused = 1;
-            t->tokens[--t->depth] = 0;
-            t->step = OP_DONE;
-            break;
-        }
-        t->step = EXIT_READ;
-        break;
     case EXIT_READ:
         t->old = t->reg;
         t->step = EXIT_COUNT;
         break;
     case EXIT_COUNT:
-        pk_grants_count(&t->g, t->live, PK_GRANT_READ_WRITE, ids, -1, 0);
-        t->next = pk_grants_compose(&t->g, t->live, t->old);
+        /* as hw_scope_exit: one pass that finds the live keys and withdraws
+         * their grants without adopting them again (a revocation stamped
+         * since is the signal's to apply), or refuses */
+        t->token = t->tokens[t->depth - 1];
+        if (!pk_grants_exit(&t->g, 1u << KEY, PK_GRANT_READ_WRITE, ids, (uint32_t)t->token,
+                            t->old, &t->live, &t->next)) {
+            t->refused = 1;
+            t->tokens[--t->depth] = 0;
+            t->step = OP_DONE;
+            break;
+        }
         t->next = pk_grants_close_freed(&t->g, (1u << KEY) & ~t->live, PK_GRANT_READ_WRITE, ids,
                                         t->next);
         t->step = EXIT_WRITE;
@@ -358,7 +356,7 @@ int main(int argc, char **argv)
         for (i = 0; i < n_threads; i++)
             printf("thread %d: pc %d step %d depth %d reg %#x base %u count %u epoch %u\n", i,
                    first_bad.t[i].pc, first_bad.t[i].step, first_bad.t[i].depth,
-                   first_bad.t[i].reg, first_bad.t[i].g.base[KEY],
+                   first_bad.t[i].reg, pk_grants_base(&first_bad.t[i].g, KEY),
                    first_bad.t[i].g.count[KEY][0], first_bad.t[i].g.epoch[KEY]);
         printf("revoker: pc %d done %d stamp %u\n", first_bad.rev_pc, first_bad.revocations_done,
                first_bad.revoked_at);
