@@ -753,6 +753,7 @@ static PyObject *allow_keys(PyObject *module, PyObject *const *args, Py_ssize_t 
 {
     Py_ssize_t i;
     int write = 1;
+    uint32_t keys = 0;
     ScopeObject *made;
     (void)module;
     /* Filled in place: identities of keys not in `keys` are never read
@@ -761,11 +762,13 @@ static PyObject *allow_keys(PyObject *module, PyObject *const *args, Py_ssize_t 
         return NULL;
     for (i = 0; i < nargs; i++) {
         KeyObject *key = (KeyObject *)args[i];
-        if (!pk_is_key(args[i]) || key->pkey < 0)
+        int pkey;
+        if (!pk_is_key(args[i]) || (pkey = key->pkey) < 0)
             break;  /* a number, or a closed Key: the general path says which */
-        made->scope.keys |= 1u << key->pkey;
-        made->scope.identities[key->pkey] = key->identity;
+        keys |= 1u << pkey;
+        made->scope.identities[pkey] = key->identity;
     }
+    made->scope.keys = keys;
     if ((kwnames && pk_write_argument(args, nargs, kwnames, nargs, "allow", &write) < 0) ||
         i < nargs || nargs == 0) {
         PyObject *keys;
