@@ -131,18 +131,26 @@ uint32_t pk_grants_close_freed(struct grants *g, uint32_t keys, int kind,
  * the frame of a signal handler it was running: so the scope's end applies
  * the revocation's rights itself, unless a grant this thread counted since
  * is active, and never leaves the key open outside every scope until the
- * signal comes. */
+ * signal comes.
+ *
+ * Unless this thread has looked at the key since the revocation (its
+ * counts were adopted under the stamp already): then it has written the
+ * key's rights since -- a scope's end, pkey_set, wrpkru -- and those stand.
+ * Applying the revocation's rights over them reopened a key that this
+ * thread had closed after a revocation to "open" (found by an adversary). */
 uint32_t pk_grants_close_revoked(struct grants *g, uint32_t keys, const uint32_t *identities,
                                  uint32_t pkru)
 {
     int k;
     PK_FOR_EACH_KEY(k, keys) {
+        int found;
         if (PK_LOAD(pk_key_identities[k]) != identities[k])
             continue;
-        pk_grants_adopt(g, k, identities[k]);
-        pkru = pk_with_bits(pkru, k,
-                            pk_grants_active(g, k) ? pk_grants_composed(g, k)
-                                                   : PK_LOAD(pk_revoked_bits[k]) & 3u);
+        found = pk_grants_adopt(g, k, identities[k]);
+        if (pk_grants_active(g, k))
+            pkru = pk_with_bits(pkru, k, pk_grants_composed(g, k));
+        else if (found != PK_ADOPT_SAME)
+            pkru = pk_with_bits(pkru, k, PK_LOAD(pk_revoked_bits[k]) & 3u);
     }
     return pkru;
 }

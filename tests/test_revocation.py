@@ -360,6 +360,27 @@ def test_revoking_one_key_leaves_another_key_of_a_later_thread_alone(key, page):
     assert rights == pkeys.PKEY_DISABLE_ACCESS and fault is not None
 
 
+@pytest.mark.parametrize("close", ["pkey_set", "wrpkru"])
+@pytest.mark.parametrize("write", [True, False], ids=["allow", "read-only"])
+def test_a_key_closed_after_a_revocation_stays_closed_when_the_old_scope_ends(key, page,
+                                                                            close, write):
+    # A scope open across a revocation to "open", then this thread closes the
+    # key: the old scope's end re-grants nothing, and the rights set after the
+    # revocation stand (its end applied the revocation's rights over them).
+    key.protect(page)
+    scope = key.allow(write=write)
+    with scope:
+        pkeys.pkey_set(key, 0, threads="all")
+        if close == "pkey_set" or not HARDWARE:
+            pkeys.pkey_set(key, pkeys.PKEY_DISABLE_ACCESS)
+        else:
+            pkeys.wrpkru(pkeys.rdpkru() | pkeys.PKEY_DISABLE_ACCESS << 2 * key.pkey)
+        assert pkeys.pkey_get(key) == pkeys.PKEY_DISABLE_ACCESS
+    assert pkeys.pkey_get(key) == pkeys.PKEY_DISABLE_ACCESS
+    fault = pkeys.probe(page)
+    assert fault is not None and fault.kind is DENIED_KIND, fault
+
+
 def test_a_scope_begun_after_a_revocation_survives_other_revocations(key, page):
     key.protect(page)
     key.revoke()
