@@ -334,9 +334,12 @@ static inline uint32_t pk_grants_compose(const struct grants *g, uint32_t keys, 
 static inline int pk_grants_live_key(const struct grants *g, int k, uint32_t identity,
                                      uint32_t epoch)
 {
+    /* this thread's own value first: the compiler does not move a plain
+     * read across the atomic loads (no handler writes `g`) */
+    uint32_t counted_under = g->epoch[k];
     uint32_t stamp = PK_LOAD(pk_revoked_at[k]);  /* once: both tests see one stamp */
     return PK_LOAD(pk_key_identities[k]) == identity && (int32_t)(stamp - epoch) <= 0 &&
-           g->epoch[k] == stamp;
+           counted_under == stamp;
 }
 
 static inline uint32_t pk_grants_live(const struct grants *g, uint32_t keys,
@@ -385,38 +388,21 @@ static inline int pk_grants_balanced(const struct grants *g, uint32_t keys, int 
  * (pk_grants_adopt), so an entry refused after counting one key would leave
  * that revocation adopted and not applied to the register.
  *
- * Every key now has a grant of `kind`, so none takes its base, and the
- * register value is composed from the masks for all keys at once.  Unsafe
- * assumption, written down: a count never wraps (2^32 grants of one kind on
- * one key in one thread, each with its own token in memory). */
+ * Unsafe assumption, written down: a count never wraps (2^32 grants of one
+ * kind on one key in one thread, each with its own token in memory). */
 static inline uint32_t pk_grants_enter(struct grants *g, uint32_t keys, int kind,
                                        const uint32_t *identities, uint32_t pkru,
                                        uint32_t *epoch)
 {
-    /* Keys with no grant before this one, among those whose counts stand:
-     * their base is the register's, set for all of them at once below
-     * (pk_grants_open_key, key by key). */
-    uint32_t had_grants = pk_grants_any(g), first_grant = 0, latest = 0, deny, read_only;
+    uint32_t latest = 0;
     int k;
     PK_FOR_EACH_KEY(k, keys) {
-        uint32_t identity = identities[k], counted_for = g->identity[k];
-        uint32_t counted_under = g->epoch[k];
-        if (counted_for == identity && counted_under == PK_LOAD(pk_revoked_at[k]))
-            first_grant |= 1u << k;  /* pk_grants_adopt: the same */
-        else
-            pk_grants_open_key(g, k, identity, pkru);
-        g->count[k][kind]++;
+        pk_grants_count_key(g, k, kind, identities[k], +1, pkru);
         if ((int32_t)(g->epoch[k] - latest) > 0)
             latest = g->epoch[k];
     }
-    first_grant = pk_spread(first_grant & ~had_grants) * 3u;
-    g->base = (g->base & ~first_grant) | (pkru & first_grant);
-    g->active[kind] |= keys;
     *epoch = latest;
-    deny = g->active[PK_GRANT_DENY] & keys;
-    read_only = keys & ~deny & ~g->active[PK_GRANT_READ_WRITE];
-    return (pkru & ~(pk_spread(keys) * 3u)) | pk_spread(deny) * PK_AD |
-           pk_spread(read_only) * PK_WD;
+    return pk_grants_compose(g, keys, pkru);
 }
 
 /*
@@ -435,7 +421,7 @@ static inline int pk_grants_enter_current(struct grants *g, uint32_t keys, int k
                                           const uint32_t *identities, uint32_t pkru,
                                           uint32_t *epoch, uint32_t *next)
 {
-    uint32_t had_grants = pk_grants_any(g), latest = 0, first_grant, deny, read_only;
+    uint32_t had_grants = pk_grants_any(g), latest = 0, first_grant;
     int k, status;
     PK_FOR_EACH_KEY(k, keys) {
         uint32_t identity = identities[k], counted_for = g->identity[k];
@@ -452,14 +438,13 @@ static inline int pk_grants_enter_current(struct grants *g, uint32_t keys, int k
         if ((int32_t)(counted_under - latest) > 0)
             latest = counted_under;
     }
+    /* the keys that had no grant take their base from the register, all
+     * at once (pk_grants_open_key, key by key) */
     first_grant = pk_spread(keys & ~had_grants) * 3u;
     g->base = (g->base & ~first_grant) | (pkru & first_grant);
     g->active[kind] |= keys;
     *epoch = latest;
-    deny = g->active[PK_GRANT_DENY] & keys;
-    read_only = keys & ~deny & ~g->active[PK_GRANT_READ_WRITE];
-    *next = (pkru & ~(pk_spread(keys) * 3u)) | pk_spread(deny) * PK_AD |
-            pk_spread(read_only) * PK_WD;
+    *next = pk_grants_compose(g, keys, pkru);
     return PK_OK;
 undo:
     /* the keys before k (lowest first) were counted */
@@ -488,12 +473,9 @@ static inline int pk_grants_exit(struct grants *g, uint32_t keys, int kind,
     uint32_t found = keys, emptied = 0;
     int k;
     PK_FOR_EACH_KEY(k, keys) {
-        /* pk_grants_live_key, with the plain values read before the atomic
-         * loads (which the compiler does not move them across) */
-        uint32_t identity = identities[k], counted_for = g->identity[k];
-        uint32_t counted_under = g->epoch[k], left, stamp = PK_LOAD(pk_revoked_at[k]);
-        if (PK_LOAD(pk_key_identities[k]) != identity || (int32_t)(stamp - epoch) > 0 ||
-            counted_under != stamp) {
+        /* read before pk_grants_live_key's atomic loads */
+        uint32_t identity = identities[k], counted_for = g->identity[k], left;
+        if (!pk_grants_live_key(g, k, identity, epoch)) {
             found &= ~(1u << k);
             continue;
         }

@@ -753,7 +753,7 @@ static PyObject *allow_keys(PyObject *module, PyObject *const *args, Py_ssize_t 
 {
     Py_ssize_t i;
     int write = 1;
-    uint32_t keys = 0;
+    uint32_t key_bits = 0;
     ScopeObject *made;
     (void)module;
     /* Filled in place: identities of keys not in `keys` are never read
@@ -765,10 +765,10 @@ static PyObject *allow_keys(PyObject *module, PyObject *const *args, Py_ssize_t 
         int pkey;
         if (!pk_is_key(args[i]) || (pkey = key->pkey) < 0)
             break;  /* a number, or a closed Key: the general path says which */
-        keys |= 1u << pkey;
+        key_bits |= 1u << pkey;
         made->scope.identities[pkey] = key->identity;
     }
-    made->scope.keys = keys;
+    made->scope.keys = key_bits;
     if ((kwnames && pk_write_argument(args, nargs, kwnames, nargs, "allow", &write) < 0) ||
         i < nargs || nargs == 0) {
         PyObject *keys;
